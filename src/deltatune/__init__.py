@@ -1,0 +1,19 @@
+"""deltatune: fine-tune pre-trained transformers fully or with PEFT, and account for it honestly."""
+
+__version__ = "0.1.0"
+
+from .core.accounting import ParameterReport, parameter_report
+from .core.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
+from .core.method import MethodConfig, config_from_dict, registered
+from .core.verbs import (active_adapters, adapter_state_dict, apply, delete_adapter,
+                         disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge)
+from .io.adapter_files import load_adapter, read_adapter, save_adapter
+from .methods.lora import LoraConfig, LoRALinear
+
+__all__ = [
+    "AdapterFileError", "ConfigError", "DeltatuneError", "LoRALinear", "LoraConfig", "MergeError",
+    "MethodConfig", "ParameterReport", "TargetError", "active_adapters", "adapter_state_dict",
+    "apply", "config_from_dict", "delete_adapter", "disable_adapters", "load_adapter", "merge",
+    "merge_and_unload", "parameter_report", "read_adapter", "registered", "save_adapter",
+    "set_adapter", "unload", "unmerge",
+]

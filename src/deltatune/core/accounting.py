@@ -1,0 +1,99 @@
+"""Honest parameter accounting: what trains, what the saved file holds, what changes.
+
+- ``total``: every parameter in the model as it now is (base, adapters, copies of heads).
+- ``trainable``: parameters with ``requires_grad``.
+- ``stored``: what ``save_adapter`` writes (adapter tensors plus ``modules_to_save``).
+- ``not_stored``: trained but not in the file (e.g. prefix tuning's re-parameterisation MLP).
+- ``changed``: base parameters that differ from the original once merged (d x k per merged
+  LoRA layer): the third count the PEFT literature asks for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .method import deltas_of, method_for
+from .verbs import adapter_state_dict, require_state, trainable_parameters
+
+
+@dataclass
+class ParameterReport:
+    total: int
+    trainable: int
+    stored: int
+    not_stored: int
+    changed: int
+    stored_bytes: int
+    per_module: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    @property
+    def stored_percent(self) -> float:
+        return 100.0 * self.stored / self.total if self.total else 0.0
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.update(trainable_percent=self.trainable_percent, stored_percent=self.stored_percent)
+        return data
+
+    def __str__(self) -> str:
+        return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
+                f"trainable%: {self.trainable_percent:.4f}\n"
+                f"stored params: {self.stored:,} ({_size(self.stored_bytes)}) || "
+                f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def parameter_report(model: nn.Module, adapter_name: str | None = None) -> ParameterReport:
+    """Count the parameters of ``model`` and of one adapter (default: the first active one).
+
+    A model without adapters reports everything trainable and stored, as full fine-tuning would.
+    """
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    state = getattr(model, "_deltatune_state", None)
+    if state is None or not state.configs:
+        nbytes = sum(p.numel() * p.element_size() for p in params.values())
+        return ParameterReport(total, trainable, total, 0, total, nbytes)
+    name = adapter_name or (state.active[0] if state.active else next(iter(state.configs)))
+    require_state(model)
+    stored = adapter_state_dict(model, name)
+    method = method_for(state.configs[name])
+    not_stored = method.not_stored(model, name)
+    changed = sum(delta.changed_numel(layer.base_layer) for _, layer, delta in deltas_of(model, name))
+    changed += sum(p.numel() for p in method.extra_trainable(model, name).values())
+    return ParameterReport(
+        total=total,
+        trainable=trainable,
+        stored=sum(t.numel() for t in stored.values()),
+        not_stored=sum(p.numel() for p in not_stored.values()),
+        changed=changed,
+        stored_bytes=sum(t.numel() * t.element_size() for t in stored.values()),
+        per_module=_per_module(trainable_parameters(model, name), stored),
+    )
+
+
+def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, dict[str, int]]:
+    """Trainable and stored counts per adapted module (the part of a name before '.deltas.')."""
+    rows: dict[str, dict[str, int]] = {}
+    for key, param in trainable.items():
+        module = key.split(".deltas.")[0] if ".deltas." in key else key.rpartition(".")[0]
+        rows.setdefault(module, {"trainable": 0, "stored": 0})["trainable"] += param.numel()
+    for key, tensor in stored.items():
+        module = next((m for m in rows if key.startswith(m + ".")), key.rpartition(".")[0])
+        rows.setdefault(module, {"trainable": 0, "stored": 0})["stored"] += tensor.numel()
+    return rows

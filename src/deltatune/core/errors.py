@@ -1,0 +1,31 @@
+"""Errors for users: what went wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+
+class DeltatuneError(Exception):
+    """Base error. ``str()`` gives the problem and, when known, the fix on its own line."""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  fix: {self.hint}"
+
+
+class ConfigError(DeltatuneError, ValueError):
+    """A configuration value or key is invalid."""
+
+
+class TargetError(ConfigError):
+    """A ``target_modules`` entry matches nothing, or matches a module the method cannot adapt."""
+
+
+class AdapterFileError(DeltatuneError):
+    """An adapter file is missing, corrupted, or belongs to another base model."""
+
+
+class MergeError(DeltatuneError):
+    """A merge, unmerge or disable request that cannot be carried out."""

@@ -1,0 +1,167 @@
+"""Adapter files: ``adapter_model.safetensors`` (only stored tensors) + ``adapter_config.json``.
+
+The weights file also carries the config in its safetensors metadata, so it is complete on
+its own: if a save is interrupted between the two files, the loader trusts the weights file.
+Weights are read with safetensors only; deltatune never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from ..core.errors import AdapterFileError, ConfigError, DeltatuneError
+from ..core.method import config_from_dict, deltas_of
+from ..core.verbs import (adapter_state_dict, apply, delete_adapter, load_adapter_state_dict,
+                          require_adapter)
+from .atomic import atomic_write, atomic_write_text
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "deltatune"
+
+
+def base_fingerprint(model: nn.Module, adapter_name: str) -> str:
+    """A hash of the names and shapes of the base weights an adapter touches."""
+    shapes = []
+    for name, layer, _ in deltas_of(model, adapter_name):
+        shapes += [(f"{name}.{k}", tuple(p.shape)) for k, p in layer.base_layer.named_parameters()]
+    return "sha256:" + hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()[:16]
+
+
+def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
+    config = require_adapter(model, adapter_name).configs[adapter_name]
+    base_config = getattr(model, "config", None)
+    return {
+        "format": FORMAT,
+        "deltatune_version": __version__,
+        "method": config.method,
+        "config": config.to_dict(),
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+        "base_model_type": getattr(base_config, "model_type", None),
+        "base_fingerprint": base_fingerprint(model, adapter_name),
+    }
+
+
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+    """Write one adapter's stored tensors and config into the directory ``path``.
+
+    Each file is replaced atomically: a crash mid-save leaves the previous adapter loadable.
+
+    Returns:
+        The directory.
+
+    Raises:
+        ConfigError: no such adapter. AdapterFileError: ``path`` exists and is not a directory.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise AdapterFileError(f"cannot save the adapter to '{path}': it is a file, not a directory.",
+                               "choose a directory path.")
+    description = _describe(model, adapter_name)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        metadata = {"format": "pt", "deltatune": json.dumps(description)}
+        atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        atomic_write_text(path / CONFIG_NAME, json.dumps(description, indent=2) + "\n")
+    except OSError as error:
+        raise AdapterFileError(f"could not write the adapter to '{path}': {error.strerror or error}.",
+                               "free disk space or choose a writable directory; any previous "
+                               "adapter there is intact.") from error
+    return path
+
+
+def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model.
+
+    Returns:
+        (description, tensors).
+
+    Raises:
+        AdapterFileError: missing, corrupted, pickled or inconsistent files.
+    """
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    if not path.is_dir():
+        raise AdapterFileError(f"adapter directory '{path}' does not exist.",
+                               f"pass the directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    if not weights.is_file():
+        pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = (f"'{pickled[0]}' is a pickle file, which deltatune never loads: convert it to "
+                "safetensors with the tool that wrote it." if pickled else f"save the adapter again.")
+        raise AdapterFileError(f"'{path}' has no {WEIGHTS_NAME}.", hint)
+    try:
+        tensors = load_file(weights)
+        with safe_open(weights, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise AdapterFileError(f"'{weights}' is not a valid safetensors file ({error}).",
+                               "the file is truncated or corrupted: save or copy it again.") from error
+    description = _read_description(path / CONFIG_NAME, metadata)
+    return description, tensors
+
+
+def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
+    embedded = json.loads(metadata["deltatune"]) if "deltatune" in metadata else None
+    on_disk = None
+    if config_path.is_file():
+        try:
+            on_disk = json.loads(config_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            if embedded is None:
+                raise AdapterFileError(f"'{config_path}' is not valid JSON ({error}).",
+                                       "restore the file or save the adapter again.") from error
+    if embedded is not None:
+        if on_disk is not None and on_disk != embedded:
+            warnings.warn(f"{config_path} differs from the config saved inside the weights file "
+                          "(an interrupted save?); using the one saved with the weights.", stacklevel=3)
+        return embedded
+    if on_disk is None:
+        raise AdapterFileError(f"'{config_path}' is missing.", "save the adapter again.")
+    if on_disk.get("format") != FORMAT:
+        raise AdapterFileError(f"'{config_path}' is not a deltatune adapter config.",
+                               "peft-format directories are read by the peft converter.")
+    return on_disk
+
+
+def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Inject the adapter saved at ``path`` into ``model`` and load its tensors.
+
+    Raises:
+        AdapterFileError: the files are damaged or were made for another base model; the model
+            is left as it was.
+        ConfigError: the stored config names an unknown method or has invalid values.
+    """
+    description, tensors = read_adapter(path)
+    try:
+        config = config_from_dict(description["config"], where=f"{path}/{CONFIG_NAME}:config")
+    except (KeyError, TypeError, ConfigError) as error:
+        raise AdapterFileError(f"the config in '{path}' is not usable: {error}",
+                               "save the adapter again with this version of deltatune.") from error
+    apply(model, config, adapter_name)
+    try:
+        load_adapter_state_dict(model, tensors, adapter_name)
+        _check_fingerprint(model, adapter_name, description)
+    except DeltatuneError:
+        delete_adapter(model, adapter_name)
+        raise
+    return model
+
+
+def _check_fingerprint(model: nn.Module, adapter_name: str, description: dict[str, Any]) -> None:
+    expected = description.get("base_fingerprint")
+    if expected and expected != base_fingerprint(model, adapter_name):
+        raise AdapterFileError(
+            f"the adapter was saved for another base model ({description.get('base_model_name_or_path') or 'unknown'}, "
+            f"fingerprint {expected}): the shapes of the modules it adapts differ here.",
+            "load it into the base model it was trained on.")

@@ -1,0 +1,178 @@
+"""LoRA: a low-rank update beside each frozen weight (Hu et al., 2021).
+
+    h = W0 x + (alpha / r) * B A dropout(x)        W0: d x k frozen,  B: d x r,  A: r x k
+
+       x ──► W0 ─────────────┐
+       └──► dropout ─► A ─► B ─► x (alpha/r) ─► (+) ─► h
+
+B starts at zero and A from Kaiming-uniform, so a fresh adapter leaves the outputs unchanged.
+Trainable parameters per adapted layer: r * (d + k). Mergeable: W = W0 + (alpha/r) B A costs
+exactly what W0 costs at inference, and unmerging subtracts it again. ``use_rslora`` scales
+by alpha / sqrt(r) instead (Kalajdzievski, 2023), which keeps updates stable at large ranks.
+Works on ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored transposed) and
+``nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.errors import ConfigError
+from ..core.layer import AdapterState, Delta, DeltaLayer
+from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field,
+                           register)
+from ..core.targets import resolve_targets
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
+
+
+@dataclass
+class LoraConfig(MethodConfig):
+    r: int = help_field(8, "Rank of the update B A.")
+    lora_alpha: float = help_field(16, "Scale numerator: the update is multiplied by lora_alpha / r.")
+    lora_dropout: float = help_field(0.0, "Dropout on the adapter's input, in [0, 1).")
+    target_modules: str | list[str] = help_field(
+        ["query", "value"], "Modules to adapt: names, dotted suffixes, 're:<regex>', or 'all-linear'.")
+    bias: Literal["none", "all", "lora_only"] = help_field(
+        "none", "Which base biases also train: none, all, or those of the adapted layers.")
+    use_rslora: bool = help_field(False, "Scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).")
+    init: Literal["kaiming", "gaussian"] = help_field(
+        "kaiming", "How A starts (B always starts at zero): kaiming-uniform or N(0, 1/r).")
+
+    def validate(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora.r = {self.r} is invalid: the rank must be at least 1.",
+                              "use r: 8 (typical values 4 to 64).")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora.lora_dropout = {self.lora_dropout} is outside [0, 1).",
+                              "use a value such as 0.05 or 0.1.")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: LoRA would adapt nothing.",
+                              "name modules, e.g. ['query', 'value'], or use 'all-linear'.")
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+
+class LoraDelta(Delta):
+    """``(alpha/r) B A dropout(x)`` added to the output of one linear, Conv1D or embedding layer."""
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0,
+                 init: str = "kaiming"):
+        super().__init__()
+        self.scaling = scaling
+        self.is_embedding = isinstance(base, nn.Embedding)
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.is_embedding:
+            # peft's layout: A (r x vocab) starts at zero, B random, so A x B = 0 at start too.
+            self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
+            self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
+            self._embedding_args = {"padding_idx": base.padding_idx, "max_norm": base.max_norm,
+                                    "norm_type": base.norm_type,
+                                    "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
+            return
+        in_features, out_features = _linear_shape(base)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        if self.is_embedding:
+            update = F.embedding(x, self.lora_embedding_A.T, **self._embedding_args) @ self.lora_embedding_B.T
+        else:
+            x = self.dropout(x.to(self.lora_A.weight.dtype))
+            update = self.lora_B(self.lora_A(x))
+        return out + (update * self.scaling).to(out.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha/r) B A in the base weight's own layout."""
+        if self.is_embedding:
+            return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+        weight = self.lora_B.weight @ self.lora_A.weight * self.scaling
+        return weight.T if self.fan_in_fan_out else weight
+
+    def merge(self, base: nn.Module) -> None:
+        base.weight.data += self.delta_weight().to(base.weight.dtype)
+
+    def unmerge(self, base: nn.Module) -> None:
+        base.weight.data -= self.delta_weight().to(base.weight.dtype)
+
+    def changed_numel(self, base: nn.Module) -> int:
+        return base.weight.numel()
+
+
+def _linear_shape(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    return base.in_features, base.out_features
+
+
+def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
+    return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init)
+
+
+@register
+class Lora(Method):
+    name = "lora"
+    config_class = LoraConfig
+    family = "re-parameterisation"
+    mergeable = True
+    count_formula = "r * (d_in + d_out) per adapted layer"
+
+    def plan(self, model: nn.Module) -> list[str]:
+        names = resolve_targets(model, self.config.target_modules, SUPPORTED, "LoRA",
+                                linear_types=(nn.Linear, Conv1D))
+        overlap = set(names) & set(self.config.modules_to_save)
+        if overlap:
+            raise ConfigError(f"'{sorted(overlap)[0]}' is both a LoRA target and in modules_to_save.",
+                              "a module is either adapted or trained in full, not both.")
+        check_not_nested(model, names)
+        return names
+
+    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
+        add_deltas(model, plan, adapter_name, state, lambda base, _: make_lora_delta(base, self.config))
+
+    def extra_trainable(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+        if self.config.bias == "none":
+            return {}
+        params = {n: p for n, p in model.named_parameters() if n.endswith("bias") and ".deltas." not in n}
+        if self.config.bias == "lora_only":
+            adapted = {f"{n}.base_layer.bias" for n, m in model.named_modules()
+                       if isinstance(m, DeltaLayer) and adapter_name in m.deltas}
+            params = {n: p for n, p in params.items() if n in adapted}
+        return params
+
+    def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        # Biases are stored under the base module's own name, as peft stores them.
+        return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
+
+
+class LoRALinear(DeltaLayer):
+    """A single ``nn.Linear`` with a LoRA update, for building models from scratch.
+
+    >>> layer = LoRALinear(64, 32, rank=4, lora_alpha=8)
+    >>> layer(torch.randn(2, 64)).shape
+    torch.Size([2, 32])
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 8, lora_alpha: float = 16,
+                 lora_dropout: float = 0.0, bias: bool = True):
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                            target_modules=["linear"])
+        super().__init__(nn.Linear(in_features, out_features, bias=bias))
+        self.base_layer.requires_grad_(False)
+        self.add_delta("default", make_lora_delta(self.base_layer, config))
