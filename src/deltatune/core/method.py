@@ -212,6 +212,7 @@ def add_deltas(model: nn.Module, names: list[str], adapter_name: str, state: Ada
         ref = next(layer.base_layer.parameters(), None)
         if ref is not None:
             delta.to(device=ref.device)
+        delta.train(layer.base_layer.training)  # a new module must not turn dropout on in an eval model
         layer.add_delta(adapter_name, delta)
 
 

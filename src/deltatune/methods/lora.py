@@ -16,6 +16,7 @@ Works on ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored transpose
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -29,6 +30,9 @@ from ..core.layer import AdapterState, Delta, DeltaLayer
 from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field,
                            register)
 from ..core.targets import resolve_targets
+from ..hf.anatomy import anatomy_of
+
+__all__ = ["LoraConfig", "LoRALinear"]
 
 SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
 
@@ -38,8 +42,9 @@ class LoraConfig(MethodConfig):
     r: int = help_field(8, "Rank of the update B A.")
     lora_alpha: float = help_field(16, "Scale numerator: the update is multiplied by lora_alpha / r.")
     lora_dropout: float = help_field(0.0, "Dropout on the adapter's input, in [0, 1).")
-    target_modules: str | list[str] = help_field(
-        ["query", "value"], "Modules to adapt: names, dotted suffixes, 're:<regex>', or 'all-linear'.")
+    target_modules: str | list[str] | None = help_field(
+        None, "Modules to adapt: names, dotted suffixes, 're:<regex>', or 'all-linear'. "
+              "Default: the architecture's query and value projections.")
     bias: Literal["none", "all", "lora_only"] = help_field(
         "none", "Which base biases also train: none, all, or those of the adapted layers.")
     use_rslora: bool = help_field(False, "Scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).")
@@ -53,7 +58,7 @@ class LoraConfig(MethodConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora.lora_dropout = {self.lora_dropout} is outside [0, 1).",
                               "use a value such as 0.05 or 0.1.")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             raise ConfigError("lora.target_modules is empty: LoRA would adapt nothing.",
                               "name modules, e.g. ['query', 'value'], or use 'all-linear'.")
 
@@ -134,7 +139,11 @@ class Lora(Method):
     count_formula = "r * (d_in + d_out) per adapted layer"
 
     def plan(self, model: nn.Module) -> list[str]:
-        names = resolve_targets(model, self.config.target_modules, SUPPORTED, "LoRA",
+        entries = self.config.target_modules
+        if entries is None:
+            roles = anatomy_of(model, "LoRA's default target_modules")
+            entries = list(dict.fromkeys(roles.query + roles.value))
+        names = resolve_targets(model, entries, SUPPORTED, "LoRA",
                                 linear_types=(nn.Linear, Conv1D))
         overlap = set(names) & set(self.config.modules_to_save)
         if overlap:
@@ -144,6 +153,9 @@ class Lora(Method):
         return names
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
+        if self.config.bias != "none":
+            warnings.warn(f"lora bias='{self.config.bias}' trains base biases in place (as peft does): "
+                          "disable_adapters() and other adapters see the trained biases.", stacklevel=3)
         add_deltas(model, plan, adapter_name, state, lambda base, _: make_lora_delta(base, self.config))
 
     def extra_trainable(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -1,0 +1,46 @@
+"""The case table: every method x family combination the shared invariants run on.
+
+A row's knobs say what to expect (identity at init, mergeable); the shared tests never branch
+on the method's type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import deltatune as dt
+from tiny import HEADS
+
+ALL = ["bert", "roberta", "distilbert", "gpt2", "llama", "t5"]
+
+
+@dataclass
+class Case:
+    id: str
+    config: Callable[[str], dt.MethodConfig]  # family -> config
+    families: list[str] = field(default_factory=lambda: list(ALL))
+    identity_at_init: bool = True  # a fresh adapter leaves outputs unchanged
+    mergeable: bool = False
+    exact_when_disabled: bool = True  # False where the method trains base weights in place
+
+
+def _heads(family: str) -> list[str]:
+    return HEADS[family]
+
+
+CASES = [
+    Case("lora", lambda f: dt.LoraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
+    Case("lora-all-linear", lambda f: dt.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1),
+         mergeable=True),
+    Case("lora-rslora-bias", lambda f: dt.LoraConfig(r=4, use_rslora=True, bias="lora_only"),
+         families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False),
+]
+
+
+def case_params(families_filter: Callable[[Case], bool] = lambda c: True):
+    """(case, family) pairs for pytest.mark.parametrize, with readable ids."""
+    import pytest
+
+    return [pytest.param(case, family, id=f"{case.id}-{family}")
+            for case in CASES if families_filter(case) for family in case.families]

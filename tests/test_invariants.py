@@ -1,0 +1,103 @@
+"""Shared invariants every method must keep, on every family in the case table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from cases import case_params
+from tiny import build, inputs, output, perturb
+
+
+def adapted(case, family):
+    model = build(family)
+    batch = inputs(family)
+    base = output(model, batch)
+    dt.apply(model, case.config(family))
+    return model, batch, base
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: c.identity_at_init))
+def test_fresh_adapter_leaves_outputs_unchanged(case, family):
+    model, batch, base = adapted(case, family)
+    torch.testing.assert_close(output(model, batch), base, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("case,family", case_params())
+def test_a_step_changes_only_the_trainable_set(case, family):
+    model, batch, _ = adapted(case, family)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "the adapter trains nothing"
+    model(**batch).logits.float().pow(2).mean().backward()
+    reached = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert reached <= trainable
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: c.exact_when_disabled))
+def test_disabled_adapter_gives_base_outputs_exactly(case, family):
+    model, batch, base = adapted(case, family)
+    perturb(model)
+    assert not torch.allclose(output(model, batch), base, atol=1e-4)
+    with dt.disable_adapters(model):
+        assert torch.equal(output(model, batch), base)
+
+
+@pytest.mark.parametrize("case,family", case_params())
+def test_save_load_round_trip(case, family, tmp_path):
+    model, batch, _ = adapted(case, family)
+    perturb(model)
+    expected = output(model, batch)
+    dt.save_adapter(model, tmp_path / "adapter")
+    fresh = build(family)
+    dt.load_adapter(fresh, tmp_path / "adapter")
+    torch.testing.assert_close(output(fresh, batch), expected, atol=1e-5, rtol=0)
+    stored = dt.parameter_report(model).stored_bytes
+    size = (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert stored <= size <= stored * 1.01 + 16 * 1024
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: c.mergeable))
+def test_merge_unmerge_and_unload_agree(case, family):
+    model, batch, _ = adapted(case, family)
+    perturb(model)
+    expected = output(model, batch)
+    base_weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
+    dt.merge(model)
+    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    with pytest.raises(dt.MergeError, match="already merged|merge again"):
+        dt.merge(model)
+    dt.unmerge(model)
+    for name, weight in base_weights.items():
+        torch.testing.assert_close(model.get_parameter(name), weight, atol=1e-6, rtol=0)
+    plain = dt.merge_and_unload(model)
+    assert not any(type(m).__module__.startswith("deltatune") for m in plain.modules())
+    torch.testing.assert_close(output(plain, batch), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: not c.mergeable))
+def test_non_mergeable_methods_refuse_to_merge(case, family):
+    model, _, _ = adapted(case, family)
+    with pytest.raises(dt.MergeError, match="cannot be merged"):
+        dt.merge(model)
+
+
+@pytest.mark.parametrize("case,family", case_params())
+def test_report_counts_match_the_saved_tensors(case, family):
+    model, _, _ = adapted(case, family)
+    report = dt.parameter_report(model)
+    tensors = dt.adapter_state_dict(model)
+    assert report.stored == sum(t.numel() for t in tensors.values())
+    assert report.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert report.trainable == report.stored + report.not_stored - _frozen_but_stored(model, tensors)
+
+
+def _frozen_but_stored(model, tensors) -> int:
+    """Stored tensors that are not trainable parameters (e.g. folded prefixes computed on save)."""
+    trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
+    return sum(t.numel() for t in tensors.values() if id(t) not in trainable_ids)

@@ -1,0 +1,91 @@
+"""Tiny random-init models of every supported family, built from transformers configs."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
+                          DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM, RobertaConfig,
+                          RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration)
+
+transformers.logging.set_verbosity_error()
+
+VOCAB = 101
+HIDDEN = 32
+LAYERS = 2
+
+
+def bert(num_labels: int = 3):
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=num_labels))
+
+
+def roberta(num_labels: int = 3):
+    return RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=70, num_labels=num_labels, pad_token_id=1))
+
+
+def distilbert(num_labels: int = 3):
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=HIDDEN, n_layers=LAYERS, n_heads=4, hidden_dim=64,
+        max_position_embeddings=64, num_labels=num_labels))
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
+                                      n_positions=64, bos_token_id=0, eos_token_id=0))
+
+
+def llama():
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=LAYERS,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+def t5():
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=VOCAB, d_model=HIDDEN, d_kv=8, d_ff=64, num_layers=LAYERS, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+
+
+FAMILIES = {"bert": bert, "roberta": roberta, "distilbert": distilbert, "gpt2": gpt2,
+            "llama": llama, "t5": t5}
+HEADS = {"bert": ["classifier"], "roberta": ["classifier"], "distilbert": ["pre_classifier", "classifier"],
+         "gpt2": [], "llama": [], "t5": []}
+
+
+def build(family: str, seed: int = 0):
+    """A tiny model in eval mode (dropout off) with fixed weights."""
+    torch.manual_seed(seed)
+    return FAMILIES[family]().eval()
+
+
+def inputs(family: str, batch: int = 2, length: int = 7, seed: int = 1) -> dict:
+    """Model inputs with a padded row, so attention masks matter."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[-1, -2:] = 0
+    batch_inputs = {"input_ids": ids, "attention_mask": mask}
+    if family == "t5":
+        batch_inputs["decoder_input_ids"] = torch.randint(2, VOCAB, (batch, 4), generator=g)
+    return batch_inputs
+
+
+def output(model, batch: dict) -> torch.Tensor:
+    """Logits without autograd: attention kernels differ with and without grad in the last bits."""
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def perturb(model, scale: float = 0.1, seed: int = 2) -> None:
+    """Give every trainable parameter non-zero random values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=g))
