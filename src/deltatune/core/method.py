@@ -51,9 +51,9 @@ class MethodConfig:
         hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if not _type_ok(value, hints[f.name]):
+            if not type_ok(value, hints[f.name]):
                 raise ConfigError(f"{self.method}.{f.name} = {value!r} has the wrong type.",
-                                  f"expected {_type_name(hints[f.name])}.")
+                                  f"expected {type_name(hints[f.name])}.")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -70,17 +70,17 @@ class MethodConfig:
         return cls(**values)
 
 
-def _type_ok(value: Any, tp: Any) -> bool:
+def type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if tp is Any:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, t) for t in typing.get_args(tp))
+        return any(type_ok(value, t) for t in typing.get_args(tp))
     if origin is Literal:
         return value in typing.get_args(tp)
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1] or (Any,)
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+        return isinstance(value, (list, tuple)) and all(type_ok(v, item) for v in value)
     if origin is dict:
         return isinstance(value, dict)
     if tp is float:
@@ -92,9 +92,11 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, type):  # int, not "<class 'int'>"
+        return tp.__name__
     return str(tp).replace("typing.", "")
 
 
@@ -109,6 +111,8 @@ class Method:
     config_class: ClassVar[type[MethodConfig]]
     family: ClassVar[str]
     mergeable: ClassVar[bool] = False
+    #: True when training changes the base weights themselves (nothing to switch back to).
+    in_place: ClassVar[bool] = False
     #: the trainable-parameter count, as a formula (shown by ``deltatune methods``).
     count_formula: ClassVar[str] = ""
     #: why merging is impossible, for non-mergeable methods.

@@ -59,7 +59,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     _refuse_if_merged(model, "add an adapter")
     method = method_for(config)
     plan = method.plan(model)
-    saved = _plan_modules_to_save(model, config)
+    saved = [] if method.family == "full" else _plan_modules_to_save(model, config)
     method.inject(model, adapter_name, state, plan)
     add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
     state.configs[adapter_name] = config
@@ -119,6 +119,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly what the base model computes."""
     state = require_state(model)
     _refuse_if_merged(model, "disable adapters")
+    for name in state.active:
+        if method_for(state.configs[name]).in_place:
+            raise MergeError(f"adapter '{name}' changed the base weights in place; there is no "
+                             "base model left to switch back to.", "load a fresh base model instead.")
     previous, state.disabled = state.disabled, True
     try:
         yield model

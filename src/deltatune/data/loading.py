@@ -1,0 +1,65 @@
+"""Tables in, checked splits out: local files or bundled sets, loaded with ``datasets``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, load_dataset
+
+from ..core.errors import ConfigError
+from .bundled import read_bundled
+
+FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_file(path: str) -> Dataset:
+    """One local data file as a Dataset (CSV, TSV, JSON, JSONL or Parquet).
+
+    Raises:
+        ConfigError: missing file or unknown extension.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"data file '{path}' does not exist.", "check data.train_file / validation_file / test_file.")
+    kind = FORMATS.get(file.suffix.lower())
+    if kind is None:
+        raise ConfigError(f"data file '{path}' has an unknown extension '{file.suffix}'.",
+                          f"use one of: {', '.join(FORMATS)}.")
+    options = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
+    try:
+        return load_dataset(kind, data_files=str(file), split="train", **options)
+    except Exception as error:  # datasets raises many types for malformed files
+        raise ConfigError(f"could not read '{path}' as {kind}: {error}") from error
+
+
+def load_splits(data) -> DatasetDict:
+    """train / validation / test splits from the data config, carved with ``data.seed`` where missing."""
+    train = read_file(data.train_file) if data.train_file else Dataset.from_list(read_bundled(data.source))
+    splits = {"train": train.shuffle(seed=data.seed)}
+    for name, file, size in (("test", data.test_file, data.test_size),
+                             ("validation", data.validation_file, data.validation_size)):
+        if file:
+            splits[name] = read_file(file)
+        else:
+            carved = splits["train"].train_test_split(test_size=size, seed=data.seed, shuffle=False)
+            splits["train"], splits[name] = carved["train"], carved["test"]
+    _limit(splits, "train", data.max_train_samples)
+    for name in ("validation", "test"):
+        _limit(splits, name, data.max_eval_samples)
+    for name, split in splits.items():
+        if len(split) == 0:
+            raise ConfigError(f"the {name} split is empty.", "give more rows, or smaller validation/test sizes.")
+    return DatasetDict(splits)
+
+
+def _limit(splits: dict, name: str, limit: int | None) -> None:
+    if limit is not None and len(splits[name]) > limit:
+        splits[name] = splits[name].select(range(limit))
+
+
+def require_columns(split: Dataset, columns: list[str], split_name: str) -> None:
+    missing = [c for c in columns if c not in split.column_names]
+    if missing:
+        raise ConfigError(f"the {split_name} data has no column '{missing[0]}'.",
+                          f"its columns are: {', '.join(split.column_names)}; map yours with "
+                          "data.text_column / data.label_column.")

@@ -1,0 +1,85 @@
+"""Sequence classification (single sentences or sentence pairs): accuracy and macro-F1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+from sklearn.metrics import accuracy_score, f1_score
+from torch import nn
+from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+
+from ..core.errors import ConfigError
+from ..core.targets import HEAD_NAMES
+from ..data.loading import require_columns
+
+
+class SequenceClassification:
+    name = "classification"
+    primary_metric = "accuracy"
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.labels: list[str] = [str(label) for label in config.data.labels or []]
+
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+        data = config.data
+        columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
+        for name, split in splits.items():
+            require_columns(split, columns, name)
+        if not self.labels:
+            self.labels = sorted({str(v) for v in splits["train"][data.label_column]}, key=_natural)
+        if len(self.labels) < 2:
+            raise ConfigError(f"the training data has {len(self.labels)} label(s): {self.labels}.",
+                              "classification needs at least two labels; check data.label_column.")
+        index = {label: i for i, label in enumerate(self.labels)}
+        for name, split in splits.items():
+            unknown = sorted({str(v) for v in split[data.label_column]} - set(index))
+            if unknown:
+                raise ConfigError(f"the {name} data has label '{unknown[0]}', which is not in the label "
+                                  f"set {self.labels}.", "add it to data.labels, or fix the data.")
+
+        def encode(batch: dict[str, list]) -> dict[str, list]:
+            pair = batch[data.text_pair_column] if data.text_pair_column else None
+            texts = [t or "" for t in batch[data.text_column]]
+            out = tokenizer(texts, pair, truncation=True, max_length=config.model.max_length)
+            out["labels"] = [index[str(v)] for v in batch[data.label_column]]
+            out["length"] = [len(ids) for ids in out["input_ids"]]
+            return out
+
+        return DatasetDict({name: split.map(encode, batched=True, remove_columns=split.column_names)
+                            for name, split in splits.items()})
+
+    def load_model(self, path: str) -> nn.Module:
+        return AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
+            label2id={label: i for i, label in enumerate(self.labels)})
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+    def collator(self, tokenizer: Any):
+        pad = DataCollatorWithPadding(tokenizer)
+
+        def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+            return pad([{k: v for k, v in e.items() if k != "length"} for e in examples])
+
+        return collate
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        predictions = logits.argmax(-1)
+        return {"accuracy": float(accuracy_score(labels, predictions)),
+                "f1": float(f1_score(labels, predictions, average="macro"))}
+
+    def predict(self, logits: np.ndarray) -> list[dict[str, Any]]:
+        probabilities = torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
+        return [{"label": self.labels[int(p.argmax())],
+                 "probabilities": {label: round(float(x), 6) for label, x in zip(self.labels, p)}}
+                for p in probabilities]
+
+
+def _natural(label: str) -> tuple:
+    """Integer labels sort as numbers (2 before 10); names sort alphabetically."""
+    return (0, int(label), "") if label.lstrip("-").isdigit() else (1, 0, label)

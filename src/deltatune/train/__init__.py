@@ -1,0 +1,1 @@
+"""Training: run configs, the loop, checkpoints and logs."""

@@ -1,0 +1,116 @@
+"""Resumable checkpoints that hold only what trains, written without pickle.
+
+``checkpoints/step-000120/``:
+- ``trainable.safetensors``: the trainable parameters, by their name in the model;
+- ``optimizer.safetensors``: AdamW's moments per parameter name;
+- ``rng.safetensors``: torch's RNG state;
+- ``state.json``: step, data position, best metric, scheduler, optimizer hyper-parameters,
+  Python's RNG, and a hash of the run config (resuming another config is refused).
+
+A checkpoint directory is written under a temporary name and renamed when whole; older ones
+are deleted only after that, so a kill at any moment leaves a loadable checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..core.errors import DeltatuneError
+from ..io.atomic import fsync_dir
+
+PREFIX = "step-"
+
+
+def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: set[Path] = frozenset()) -> Path:
+    """Write checkpoint ``step`` whole, then delete older ones except ``keep``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+    try:
+        names = {id(p): n for n, p in model.named_parameters()}
+        params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(params, tmp / "trainable.safetensors")
+        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        state = {**state, "step": step, "param_groups": _groups(optimizer), "python_rng": _py_rng()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        fsync_dir(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        fsync_dir(folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(folder)[:-1]:
+        if old not in keep:
+            shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Whole checkpoints, oldest first (temporary directories are never listed)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)
+                  and (p / "state.json").is_file())
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG; return the saved training state."""
+    try:
+        state = json.loads((path / "state.json").read_text())
+        params = load_file(path / "trainable.safetensors")
+        moments = load_file(path / "optimizer.safetensors")
+        rng = load_file(path / "rng.safetensors")
+    except (OSError, ValueError) as error:
+        raise DeltatuneError(f"checkpoint '{path}' cannot be read ({error}).",
+                             "delete it to resume from the one before, or start again.") from error
+    own = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in params.items():
+            own[name].copy_(value)
+    _restore_optimizer(optimizer, moments, {id(p): n for n, p in own.items()}, state["param_groups"])
+    torch.set_rng_state(rng["torch"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return state
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for param, values in optimizer.state.items():
+        for key, value in values.items():
+            tensors[f"{names[id(param)]}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    return tensors
+
+
+def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                       names: dict[int, str], groups: list[dict]) -> None:
+    for group, saved in zip(optimizer.param_groups, groups):
+        group.update({k: v for k, v in saved.items()})
+        for param in group["params"]:
+            prefix = f"{names[id(param)]}::"
+            values = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if values:
+                optimizer.state[param] = {k: v.to(param.device) for k, v in values.items()}
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k != "params" and isinstance(v, (int, float, bool, list, tuple, type(None)))}
+            for g in optimizer.param_groups]
+
+
+def _py_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]

@@ -1,0 +1,162 @@
+"""One run's configuration: model, task, data, method and training, one-to-one with YAML.
+
+Unknown keys and wrong types are refused naming the key's path (``training.lerning_rate``)
+and the allowed keys or type. ``--set training.epochs=3`` overrides any value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from ..core.errors import ConfigError
+from ..core.method import MethodConfig, config_from_dict, help_field, type_name, type_ok
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = help_field("minilm-l6", "A bundled model name (minilm-l6) or a local "
+                                   "directory that from_pretrained can load.")
+    max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.")
+
+
+@dataclass
+class TaskConfig:
+    type: str = help_field("classification", "The task: classification.")
+
+
+@dataclass
+class DataConfig:
+    source: str | None = help_field("rotten-tomatoes", "A bundled data set (rotten-tomatoes, "
+                                    "tweets, sms-spam, bbc-news); ignored when train_file is set.")
+    train_file: str | None = help_field(None, "Local CSV, TSV, JSON, JSONL or Parquet file.")
+    validation_file: str | None = help_field(None, "Held-out file; carved from train when absent.")
+    test_file: str | None = help_field(None, "Test file; carved from train when absent.")
+    text_column: str = help_field("text", "Column with the text.")
+    text_pair_column: str | None = help_field(None, "Second text column for sentence pairs.")
+    label_column: str = help_field("label", "Column with the label (a name or an integer).")
+    labels: list[str] | None = help_field(None, "The label set, in order; default: sorted labels seen in train.")
+    validation_size: float = help_field(0.1, "Fraction of train carved as validation when no file is given.")
+    test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.")
+    max_train_samples: int | None = help_field(None, "Keep at most this many training rows.")
+    max_eval_samples: int | None = help_field(None, "Keep at most this many validation and test rows.")
+    seed: int = help_field(42, "Seed for shuffling and carving splits.")
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = help_field("runs/default", "Run folder: metrics, report, adapter, checkpoints.")
+    epochs: float = help_field(1, "Passes over the training data.")
+    max_steps: int | None = help_field(None, "Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = help_field(16, "Examples per step per process (before accumulation).")
+    eval_batch_size: int = help_field(64, "Examples per evaluation batch.")
+    learning_rate: float = help_field(5e-4, "Peak AdamW learning rate.")
+    weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norms).")
+    lr_scheduler: Literal["linear", "cosine", "constant"] = help_field("linear", "Decay after warm-up.")
+    warmup_steps: int = help_field(0, "Steps of linear warm-up from 0 to learning_rate.")
+    gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.")
+    max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = help_field("no", "Autocast precision where supported.")
+    seed: int = help_field(42, "Seed for initialisation, dropout and batch order.")
+    eval_steps: int | None = help_field(None, "Evaluate every N steps; default: every epoch.")
+    logging_steps: int = help_field(10, "Log the training loss every N steps.")
+    save_steps: int | None = help_field(None, "Write a resumable checkpoint every N steps (and at each evaluation).")
+    early_stopping_patience: int | None = help_field(None, "Stop after N evaluations without improvement.")
+    metric_for_best_model: str = help_field("accuracy", "Validation metric that picks the best checkpoint.")
+    group_by_length: bool = help_field(True, "Batch examples of similar length to spend less time on padding.")
+    progress: bool = help_field(True, "Show a progress bar.")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=lambda: config_from_dict({"method": "lora"}))
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        data["method"] = self.method.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
+        sections = {name: _section(kind, data.get(name) or {}, name)
+                    for name, kind in (("model", ModelConfig), ("task", TaskConfig),
+                                       ("data", DataConfig), ("training", TrainingConfig))}
+        method = config_from_dict(data.get("method") or {"method": "lora"}, "method")
+        return cls(method=method, **sections)
+
+
+def _check_keys(data: Any, known: list[str], where: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"'{where or 'the config'}' must be a mapping of keys to values, got {data!r}.")
+    for key in data:
+        if key not in known:
+            path = f"{where}.{key}" if where else key
+            close = difflib.get_close_matches(str(key), known, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            raise ConfigError(f"unknown key '{path}'.", f"{guess}allowed keys{' in ' + where if where else ''}: "
+                                                        f"{', '.join(known)}.")
+
+
+def _section(kind: type, data: dict[str, Any], where: str) -> Any:
+    _check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
+    hints = typing.get_type_hints(kind)
+    for key, value in data.items():
+        if isinstance(value, str) and hints[key] in (float, float | None, int | None, int):
+            value = _number(value, f"{where}.{key}")  # YAML reads 5e-4 as a string
+            data = {**data, key: value}
+        if not type_ok(value, hints[key]):
+            raise ConfigError(f"{where}.{key} = {value!r} has the wrong type.",
+                              f"expected {type_name(hints[key])}.")
+    return kind(**data)
+
+
+def _number(text: str, where: str) -> float | str:
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the defaults) and apply ``key.path=value`` overrides.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key or value is invalid.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"'{path}' is not valid YAML: {error}.") from error
+    for item in overrides:
+        _apply_override(data, item)
+    return RunConfig.from_dict(data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set '{item}' is not of the form key.path=value.", "e.g. --set training.epochs=2")
+    *parents, leaf = key.strip().split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set '{item}': '{part}' is not a section.")
+    node[leaf] = yaml.safe_load(raw)

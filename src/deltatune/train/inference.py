@@ -1,0 +1,81 @@
+"""Use a finished run: evaluate it on a split or a file, predict labels for new texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from datasets import Dataset, DatasetDict
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer
+
+from ..core.errors import ConfigError
+from ..data.loading import load_splits, read_file
+from ..io.adapter_files import CONFIG_NAME, load_adapter
+from ..tasks import task_for
+from .config import RunConfig
+from .loop import evaluate
+from .setup import resolve_model_path
+
+
+def find_run(path: str | Path) -> Path:
+    """The run folder of ``path``: the folder itself, or the run that holds this adapter."""
+    path = Path(path)
+    for folder in (path, path.parent):
+        if (folder / "run.yaml").is_file():
+            return folder
+    hint = "pass a folder written by 'deltatune train'"
+    if (path / CONFIG_NAME).is_file():
+        hint += " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)"
+    raise ConfigError(f"'{path}' is not a deltatune run folder (no run.yaml).", hint + ".")
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
+    """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode."""
+    folder = find_run(path)
+    config = RunConfig.from_dict(yaml.safe_load((folder / "run.yaml").read_text()))
+    model_path = resolve_model_path(config.model.name_or_path)
+    task = task_for(config)
+    model = task.load_model(model_path)
+    load_adapter(model, folder / "adapter")
+    return config, task, AutoTokenizer.from_pretrained(model_path), model.eval()
+
+
+def evaluate_run(path: str | Path, data_file: str | None = None) -> dict[str, float]:
+    """Metrics of a run's adapter on ``data_file``, or on the run's own test split."""
+    config, task, tokenizer, model = load_run(path)
+    if data_file:
+        splits = DatasetDict({"test": read_file(data_file)})
+    else:
+        splits = DatasetDict({"test": load_splits(config.data)["test"]})
+    data = task.prepare(splits, tokenizer, config)
+    loader = DataLoader(data["test"], batch_size=config.training.eval_batch_size,
+                        collate_fn=task.collator(tokenizer))
+    return evaluate(model, loader, task, Accelerator(cpu=True), "test")
+
+
+def predict_texts(path: str | Path, texts: list[str]) -> list[dict[str, Any]]:
+    """Label names and probabilities for each text."""
+    config, task, tokenizer, model = load_run(path)
+    rows = []
+    for start in range(0, len(texts), config.training.eval_batch_size):
+        chunk = texts[start:start + config.training.eval_batch_size]
+        batch = tokenizer(chunk, truncation=True, max_length=config.model.max_length,
+                          padding=True, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**batch).logits.float().numpy()
+        rows += [{"text": text, **pred} for text, pred in zip(chunk, task.predict(logits))]
+    return rows
+
+
+def read_texts(path: str, column: str) -> list[str]:
+    """Texts from a data file's column, or from a plain text file (one per line)."""
+    if Path(path).suffix.lower() == ".txt":
+        return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    table: Dataset = read_file(path)
+    if column not in table.column_names:
+        raise ConfigError(f"'{path}' has no column '{column}'.", f"its columns: {', '.join(table.column_names)}.")
+    return list(table[column])

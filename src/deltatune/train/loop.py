@@ -1,0 +1,302 @@
+"""The training loop: setup -> loop -> evaluate -> save. The same for every method and task."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..core.accounting import parameter_report
+from ..core.errors import DeltatuneError
+from ..core.verbs import adapter_state_dict, load_adapter_state_dict
+from ..io.adapter_files import WEIGHTS_NAME, save_adapter
+from ..io.atomic import atomic_write_text
+from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .config import RunConfig
+from .logs import MetricsLog, plot_curves
+from .setup import Run, setup
+
+
+class TrainingError(DeltatuneError):
+    """Training cannot go on (a non-finite loss, a checkpoint of another run)."""
+
+
+@dataclass
+class RunResult:
+    """What one run produced; ``report.json`` holds the same."""
+
+    output_dir: str
+    metrics: dict[str, float]
+    parameters: dict[str, Any]
+    adapter_bytes: int
+    train_seconds: float
+    step_seconds: float
+    peak_memory_mb: float
+    steps: int
+    best_step: int
+    stopped_early: bool = False
+    interrupted: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.update(self.metrics)  # eval_accuracy etc. at the top level, as transformers reports them
+        return data
+
+
+@dataclass
+class Progress:
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of this epoch consumed by finished optimizer steps
+    best_metric: float | None = None
+    best_step: int = 0
+    last_eval_step: int = -1
+    evals_without_improvement: int = 0
+    step_times: list[float] = field(default_factory=list)
+
+
+def config_hash(config: RunConfig) -> str:
+    """What must match for --resume: everything but where the run goes and how it shows progress."""
+    data = config.to_dict()
+    data["training"] = {k: v for k, v in data["training"].items() if k not in ("output_dir", "progress")}
+    data["data"].pop("labels", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train(config: RunConfig, resume: bool = False) -> RunResult:
+    """Fine-tune as configured and write the run folder.
+
+    Args:
+        config: the run's configuration.
+        resume: continue from the newest whole checkpoint in ``output_dir/checkpoints``.
+
+    Returns:
+        The run's metrics, parameter report and timings.
+
+    Raises:
+        ConfigError: bad configuration or data (before any training).
+        TrainingError: non-finite loss, or a checkpoint from another config.
+    """
+    folder = _prepare_folder(Path(config.training.output_dir), resume)
+    run = setup(config)
+    progress = _restore(run, folder) if resume else Progress()
+    log = MetricsLog(folder, enabled=run.accelerator.is_main_process, resume=resume)
+    _write_run_config(run, folder)
+    started = time.perf_counter()
+    interrupted = False
+    try:
+        _loop(run, progress, log, folder)
+    except KeyboardInterrupt:
+        interrupted = True
+        _checkpoint(run, progress, folder)
+    finally:
+        log.close()
+    return _finish(run, progress, folder, time.perf_counter() - started, interrupted)
+
+
+def _prepare_folder(folder: Path, resume: bool) -> Path:
+    if folder.exists() and not folder.is_dir():
+        raise TrainingError(f"output directory '{folder}' is a file.", "choose another training.output_dir.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise TrainingError(f"cannot write to output directory '{folder}': {error.strerror}.",
+                            "choose a writable training.output_dir.") from error
+    if resume and not list_checkpoints(folder / "checkpoints"):
+        raise TrainingError(f"--resume: '{folder}/checkpoints' holds no checkpoint.",
+                            "start the run without --resume, or set training.save_steps.")
+    return folder
+
+
+def _loop(run: Run, progress: Progress, log: MetricsLog, folder: Path) -> None:
+    training = run.config.training
+    bar = tqdm(total=run.total_steps, initial=progress.step, desc="train", unit="step",
+               disable=not (training.progress and run.accelerator.is_local_main_process))
+    run.model.train()
+    try:
+        while progress.step < run.total_steps:
+            if _run_epoch(run, progress, log, folder, bar):
+                return
+    finally:
+        bar.close()
+    if progress.last_eval_step != progress.step:
+        _evaluate_and_keep_best(run, progress, log, folder)
+
+
+def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar: tqdm) -> bool:
+    """Train from the saved position to the end of the epoch (or of training); True: stop early."""
+    training = run.config.training
+    accumulate = training.gradient_accumulation_steps
+    run.sampler.set_position(progress.epoch, progress.batch)
+    start, batches_left = progress.batch, len(run.sampler)
+    losses: list[float] = []
+    tick = time.perf_counter()
+    for i, batch in enumerate(run.train_loader):
+        loss = run.model(**batch).loss
+        _check_finite(loss, progress, folder)
+        run.accelerator.backward(loss / accumulate)
+        losses.append(loss.item())
+        if (i + 1) % accumulate and i + 1 < batches_left:
+            continue  # keep accumulating gradients
+        _optimizer_step(run)
+        progress.step, progress.batch = progress.step + 1, start + i + 1
+        progress.step_times.append(time.perf_counter() - tick)
+        bar.update(1)
+        bar.set_postfix(loss=f"{statistics.fmean(losses):.4f}", epoch=progress.epoch + 1)
+        if progress.step % training.logging_steps == 0:
+            epoch = progress.epoch + progress.batch / run.sampler.batches_per_epoch
+            log.write({"step": progress.step, "epoch": round(epoch, 4), "loss": statistics.fmean(losses),
+                       "learning_rate": run.scheduler.get_last_lr()[0]})
+            losses = []
+        if training.eval_steps and progress.step % training.eval_steps == 0:
+            if _evaluate_and_keep_best(run, progress, log, folder):
+                return True
+        elif training.save_steps and progress.step % training.save_steps == 0:
+            _checkpoint(run, progress, folder)
+        if progress.step >= run.total_steps:
+            return False
+        tick = time.perf_counter()
+    progress.epoch, progress.batch = progress.epoch + 1, 0
+    return not training.eval_steps and _evaluate_and_keep_best(run, progress, log, folder)
+
+
+def _optimizer_step(run: Run) -> None:
+    max_norm = run.config.training.max_grad_norm
+    if max_norm is not None:
+        run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _check_finite(loss: torch.Tensor, progress: Progress, folder: Path) -> None:
+    if torch.isfinite(loss).all():
+        return
+    checkpoints = list_checkpoints(folder / "checkpoints")
+    kept = f"the last good checkpoint is kept at {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+    raise TrainingError(f"the training loss became {loss.item()} at step {progress.step + 1} "
+                        f"(epoch {progress.epoch + 1}); {kept}.",
+                        "lower training.learning_rate, keep training.max_grad_norm set, or use "
+                        "mixed_precision: no; then run again with --resume.")
+
+
+def evaluate(model: torch.nn.Module, loader: Any, task: Any, accelerator: Any, prefix: str) -> dict[str, float]:
+    """Loss and task metrics over one loader, named ``<prefix>_<metric>`` (eval_accuracy, test_f1)."""
+    was_training = model.training
+    model.eval()
+    logits, labels, losses, sizes = [], [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**batch)
+            batch_logits, batch_labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
+            logits.append(batch_logits.float().cpu().numpy())
+            labels.append(batch_labels.cpu().numpy())
+            losses.append(out.loss.item())
+            sizes.append(len(batch["labels"]))
+    model.train(was_training)
+    metrics = task.metrics(np.concatenate(logits), np.concatenate(labels))
+    metrics["loss"] = float(np.average(losses, weights=sizes))
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def _evaluate_split(run: Run, split: str) -> dict[str, float]:
+    prefix = "eval" if split == "validation" else split
+    return evaluate(run.model, run.eval_loaders[split], run.task, run.accelerator, prefix)
+
+
+def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folder: Path) -> bool:
+    """Evaluate, save the adapter when it is the best so far, checkpoint; True means stop early."""
+    metrics = _evaluate_split(run, "validation")
+    progress.last_eval_step = progress.step
+    log.write({"step": progress.step, **metrics})
+    key = f"eval_{run.config.training.metric_for_best_model}"
+    if key not in metrics:
+        raise TrainingError(f"training.metric_for_best_model '{run.config.training.metric_for_best_model}' "
+                            "is not a metric of this task.",
+                            f"choose one of: {', '.join(k[5:] for k in metrics)}.")
+    value = metrics[key] if not key.endswith("loss") else -metrics[key]
+    if progress.best_metric is None or value > progress.best_metric:
+        progress.best_metric, progress.best_step = value, progress.step
+        progress.evals_without_improvement = 0
+        if run.accelerator.is_main_process:
+            save_adapter(run.accelerator.unwrap_model(run.model), folder / "adapter")
+    else:
+        progress.evals_without_improvement += 1
+    _checkpoint(run, progress, folder)
+    patience = run.config.training.early_stopping_patience
+    return patience is not None and progress.evals_without_improvement >= patience
+
+
+def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
+    if not run.accelerator.is_main_process:
+        return
+    state = {k: v for k, v in dataclasses.asdict(progress).items() if k != "step"}
+    state["config_hash"] = config_hash(run.config)
+    save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
+                    run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
+                    {**state, "scheduler": run.scheduler.state_dict()})
+    run.accelerator.wait_for_everyone()
+
+
+def _restore(run: Run, folder: Path) -> Progress:
+    path = list_checkpoints(folder / "checkpoints")[-1]
+    optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+    state = load_checkpoint(path, run.accelerator.unwrap_model(run.model), optimizer)
+    if state.get("config_hash") != config_hash(run.config):
+        raise TrainingError(f"checkpoint '{path}' was written by a run with another config.",
+                            "resume with the same config, or choose a new training.output_dir.")
+    run.scheduler.load_state_dict(state["scheduler"])
+    names = {f.name for f in dataclasses.fields(Progress)}
+    return Progress(**{k: v for k, v in state.items() if k in names})
+
+
+def _write_run_config(run: Run, folder: Path) -> None:
+    if run.accelerator.is_main_process:
+        atomic_write_text(folder / "run.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated memory on CUDA; peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _finish(run: Run, progress: Progress, folder: Path, seconds: float, interrupted: bool) -> RunResult:
+    model = run.accelerator.unwrap_model(run.model)
+    metrics: dict[str, float] = {}
+    if not interrupted:
+        if (folder / "adapter" / WEIGHTS_NAME).is_file():
+            from safetensors.torch import load_file
+
+            load_adapter_state_dict(model, load_file(folder / "adapter" / WEIGHTS_NAME))
+        metrics = {**_evaluate_split(run, "validation"), **_evaluate_split(run, "test")}
+    adapter_file = folder / "adapter" / WEIGHTS_NAME
+    result = RunResult(
+        output_dir=str(folder), metrics=metrics, parameters=parameter_report(model).to_dict(),
+        adapter_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
+        train_seconds=round(seconds, 3),
+        step_seconds=round(statistics.median(progress.step_times), 4) if progress.step_times else 0.0,
+        peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1), steps=progress.step,
+        best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not interrupted,
+        interrupted=interrupted, config=run.config.to_dict())
+    if run.accelerator.is_main_process:
+        result.parameters.pop("per_module", None)
+        atomic_write_text(folder / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        plot_curves(folder, run.config.training.metric_for_best_model)
+    return result

@@ -1,0 +1,105 @@
+"""Everything a run needs, built once from its config: data, model, adapter, optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from datasets import DatasetDict
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, get_scheduler
+
+from .. import assets
+from ..core.errors import ConfigError
+from ..core.verbs import apply
+from ..data.loading import load_splits
+from ..tasks import Task, task_for
+from .batches import ResumableBatchSampler
+from .config import RunConfig
+
+NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    folder: Path
+    accelerator: Accelerator
+    task: Task
+    tokenizer: Any
+    model: torch.nn.Module
+    data: DatasetDict
+    sampler: ResumableBatchSampler
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    steps_per_epoch: int
+    total_steps: int
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A bundled model name or a local directory; never the hub."""
+    if name_or_path in assets.MODELS:
+        return str(assets.model_path(name_or_path))
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model '{name_or_path}' is neither a bundled model ({', '.join(assets.MODELS)}) "
+                          "nor a local directory; deltatune never downloads from the hub.",
+                          "download the model elsewhere and set model.name_or_path to its local folder.")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.gguf")):
+        raise ConfigError(f"model directory '{path}' has no *.safetensors weights.",
+                          "point model.name_or_path at a folder written by save_pretrained (safetensors).")
+    return str(path)
+
+
+def build_model(config: RunConfig, task: Task, path: str) -> torch.nn.Module:
+    """The pre-trained model with the task head, adapted by the configured method."""
+    model = task.load_model(path)
+    method = config.method
+    heads = [h for h in task.head_modules(model) if h not in method.modules_to_save]
+    method = type(method).from_dict({**method.to_dict(), "modules_to_save": method.modules_to_save + heads})
+    return apply(model, method)
+
+
+def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
+    training = config.training
+    accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision)
+    set_seed(training.seed)
+    path = resolve_model_path(config.model.name_or_path)
+    task = task_for(config)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    data = task.prepare(load_splits(config.data), tokenizer, config)
+    config.data.labels = list(getattr(task, "labels", []) or []) or None
+    set_seed(training.seed)  # the head's initialisation does not depend on data loading
+    model = build_model(config, task, path)
+    collate = task.collator(tokenizer)
+    sampler = ResumableBatchSampler(data["train"]["length"], training.batch_size, training.seed,
+                                    training.group_by_length)
+    train_loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate)
+    eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate)
+                    for name in ("validation", "test")}
+    optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
+    steps_per_epoch = math.ceil(len(sampler) / training.gradient_accumulation_steps)
+    total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
+    scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
+                              num_training_steps=total)
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values())
+    return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
+               train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
+               steps_per_epoch, total)
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW over trainable parameters only; no decay on biases and norm weights."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name.endswith(NO_DECAY) else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
