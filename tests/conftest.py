@@ -2,3 +2,55 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+import random
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random-init BERT saved with the bundled model's real tokenizer (offline)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from deltatune import assets
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_path())
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+POSITIVE = ["great", "wonderful", "superb", "delightful", "excellent"]
+NEGATIVE = ["awful", "terrible", "boring", "dreadful", "horrible"]
+FILLER = ["the", "film", "was", "plot", "actors", "really", "quite", "and", "story", "music"]
+
+
+def sentiment_rows(n: int, seed: int = 0) -> list[dict]:
+    """An easy synthetic task: the label is which word list the one cue word comes from."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 5) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": "positive" if label else "negative"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sentiment_csv(tmp_path_factory):
+    import csv
+
+    path = tmp_path_factory.mktemp("data") / "sentiment.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(sentiment_rows(400))
+    return path

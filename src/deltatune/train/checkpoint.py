@@ -31,8 +31,12 @@ PREFIX = "step-"
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: set[Path] = frozenset()) -> Path:
-    """Write checkpoint ``step`` whole, then delete older ones except ``keep``."""
+                    state: dict[str, Any], rng: torch.Tensor | None = None,
+                    keep: set[Path] = frozenset()) -> Path:
+    """Write checkpoint ``step`` whole, then delete older ones except ``keep``.
+
+    ``rng`` is torch's RNG state as of that step (default: now).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
@@ -41,7 +45,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(params, tmp / "trainable.safetensors")
         save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
-        save_file({"torch": torch.get_rng_state()}, tmp / "rng.safetensors")
+        save_file({"torch": torch.get_rng_state() if rng is None else rng}, tmp / "rng.safetensors")
         state = {**state, "step": step, "param_groups": _groups(optimizer), "python_rng": _py_rng()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         fsync_dir(tmp)
@@ -66,10 +70,23 @@ def list_checkpoints(folder: Path) -> list[Path]:
                   and (p / "state.json").is_file())
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG; return the saved training state."""
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    config_hash: str) -> dict[str, Any]:
+    """Restore parameters, optimizer and RNG; return the saved training state.
+
+    Raises:
+        DeltatuneError: unreadable files, or a checkpoint written under another config (checked
+            before anything is restored).
+    """
     try:
         state = json.loads((path / "state.json").read_text())
+    except (OSError, ValueError) as error:
+        raise DeltatuneError(f"checkpoint '{path}' cannot be read ({error}).",
+                             "delete it to resume from the one before, or start again.") from error
+    if state.get("config_hash") != config_hash:
+        raise DeltatuneError(f"checkpoint '{path}' was written by a run with another config.",
+                             "resume with the same config, or choose a new training.output_dir.")
+    try:
         params = load_file(path / "trainable.safetensors")
         moments = load_file(path / "optimizer.safetensors")
         rng = load_file(path / "rng.safetensors")

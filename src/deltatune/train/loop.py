@@ -65,6 +65,8 @@ class Progress:
     last_eval_step: int = -1
     evals_without_improvement: int = 0
     step_times: list[float] = field(default_factory=list)
+    #: torch's RNG state after the last optimizer step: an interrupt mid-step resumes from there.
+    rng: Any = field(default=None, repr=False)
 
 
 def config_hash(config: RunConfig) -> str:
@@ -155,6 +157,7 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
             continue  # keep accumulating gradients
         _optimizer_step(run)
         progress.step, progress.batch = progress.step + 1, start + i + 1
+        progress.rng = torch.get_rng_state()
         progress.step_times.append(time.perf_counter() - tick)
         bar.update(1)
         bar.set_postfix(loss=f"{statistics.fmean(losses):.4f}", epoch=progress.epoch + 1)
@@ -245,21 +248,18 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
 def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     if not run.accelerator.is_main_process:
         return
-    state = {k: v for k, v in dataclasses.asdict(progress).items() if k != "step"}
+    state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng")}
     state["config_hash"] = config_hash(run.config)
     save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
                     run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
-                    {**state, "scheduler": run.scheduler.state_dict()})
+                    {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng)
     run.accelerator.wait_for_everyone()
 
 
 def _restore(run: Run, folder: Path) -> Progress:
     path = list_checkpoints(folder / "checkpoints")[-1]
     optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
-    state = load_checkpoint(path, run.accelerator.unwrap_model(run.model), optimizer)
-    if state.get("config_hash") != config_hash(run.config):
-        raise TrainingError(f"checkpoint '{path}' was written by a run with another config.",
-                            "resume with the same config, or choose a new training.output_dir.")
+    state = load_checkpoint(path, run.accelerator.unwrap_model(run.model), optimizer, config_hash(run.config))
     run.scheduler.load_state_dict(state["scheduler"])
     names = {f.name for f in dataclasses.fields(Progress)}
     return Progress(**{k: v for k, v in state.items() if k in names})

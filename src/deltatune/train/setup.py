@@ -81,7 +81,10 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     collate = task.collator(tokenizer)
     sampler = ResumableBatchSampler(data["train"]["length"], training.batch_size, training.seed,
                                     training.group_by_length)
-    train_loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate)
+    # Its own generator: starting an iterator must not draw from the global RNG that dropout
+    # uses, or a resumed run would see different dropout masks.
+    train_loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate,
+                              generator=torch.Generator().manual_seed(training.seed))
     eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate)
                     for name in ("validation", "test")}
     optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)

@@ -1,0 +1,93 @@
+"""The training pipeline end to end: the bundled pre-trained MiniLM on an easy synthetic task."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from deltatune import DeltatuneError
+from deltatune.train.config import load_config
+from deltatune.train.loop import TrainingError, train
+
+
+def tiny_config(tmp_path, csv, *extra):
+    return load_config(None, [
+        "model.name_or_path=minilm-l6", "model.max_length=32", f"data.train_file={csv}",
+        "data.validation_size=0.15", "data.test_size=0.15", f"training.output_dir={tmp_path / 'run'}",
+        "training.batch_size=16", "training.learning_rate=5e-3", "training.epochs=1",
+        "training.logging_steps=5", "training.progress=false", "method.method=lora", "method.r=4",
+        *extra])
+
+
+def test_training_beats_chance_and_writes_the_run_folder(tmp_path, sentiment_csv):
+    result = train(tiny_config(tmp_path, sentiment_csv, "training.epochs=2"))
+    assert result.metrics["test_accuracy"] > 0.8  # chance is 0.5 on this balanced task
+    run = tmp_path / "run"
+    report = json.loads((run / "report.json").read_text())
+    assert report["eval_accuracy"] == result.metrics["eval_accuracy"]
+    assert report["parameters"]["stored"] == sum(
+        t.numel() for t in load_file(run / "adapter" / "adapter_model.safetensors").values())
+    assert report["adapter_bytes"] == (run / "adapter" / "adapter_model.safetensors").stat().st_size
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert losses[-1] < losses[0]
+    assert sum("eval_accuracy" in line for line in lines) == 2  # one evaluation per epoch
+    assert (run / "curves.png").stat().st_size > 0 and (run / "run.yaml").is_file()
+
+
+def test_the_task_head_always_trains_and_is_saved(tmp_path, sentiment_csv):
+    train(tiny_config(tmp_path, sentiment_csv, "training.max_steps=2", "method.target_modules=[query]"))
+    keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").keys()
+    assert {"classifier.weight", "classifier.bias"} <= set(keys)
+
+
+def test_resume_finishes_with_the_same_weights(tmp_path, sentiment_csv, monkeypatch):
+    extra = ["training.epochs=2", "training.save_steps=3", "method.lora_dropout=0.1"]
+    straight = train(tiny_config(tmp_path / "a", sentiment_csv, *extra))
+
+    import deltatune.train.loop as loop
+
+    real_step, calls = loop._optimizer_step, {"n": 0}
+
+    def interrupt_at_step_7(run):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        real_step(run)
+
+    monkeypatch.setattr(loop, "_optimizer_step", interrupt_at_step_7)
+    config = tiny_config(tmp_path / "b", sentiment_csv, *extra)
+    assert train(config).interrupted
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    resumed = train(config, resume=True)
+    assert resumed.steps == straight.steps
+    a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, sentiment_csv):
+    train(tiny_config(tmp_path, sentiment_csv, "training.max_steps=2"))
+    other = tiny_config(tmp_path, sentiment_csv, "training.max_steps=2", "method.r=8")
+    with pytest.raises(DeltatuneError, match="another config"):
+        train(other, resume=True)
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path,
+                                                                     sentiment_csv, monkeypatch):
+    import deltatune.train.loop as loop
+
+    real_check, calls = loop._check_finite, {"n": 0}
+
+    def nan_at_batch_5(loss, progress, folder):
+        calls["n"] += 1
+        real_check(loss * float("nan") if calls["n"] == 5 else loss, progress, folder)
+
+    monkeypatch.setattr(loop, "_check_finite", nan_at_batch_5)
+    config = tiny_config(tmp_path, sentiment_csv, "training.save_steps=2")
+    with pytest.raises(TrainingError, match=r"became nan at step 5 .*step-00000004"):
+        train(config)
