@@ -55,7 +55,8 @@ class SequenceClassification:
     def load_model(self, path: str) -> nn.Module:
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
-            label2id={label: i for i, label in enumerate(self.labels)})
+            label2id={label: i for i, label in enumerate(self.labels)},
+            **self.config.model.config_overrides)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return [name for name, _ in model.named_children() if name in HEAD_NAMES]

@@ -24,6 +24,8 @@ class ModelConfig:
     name_or_path: str = help_field("minilm-l6", "A bundled model name (minilm-l6) or a local "
                                    "directory that from_pretrained can load.")
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.")
+    config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
+                                        "config, e.g. {hidden_dropout_prob: 0.0}.")
 
 
 @dataclass

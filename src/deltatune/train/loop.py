@@ -145,7 +145,8 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
     training = run.config.training
     accumulate = training.gradient_accumulation_steps
     run.sampler.set_position(progress.epoch, progress.batch)
-    start, batches_left = progress.batch, len(run.sampler)
+    # progress.batch counts batches of the whole sampler; each process iterates its share.
+    start, batches_left, processes = progress.batch, len(run.train_loader), run.accelerator.num_processes
     losses: list[float] = []
     tick = time.perf_counter()
     for i, batch in enumerate(run.train_loader):
@@ -156,7 +157,7 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
         if (i + 1) % accumulate and i + 1 < batches_left:
             continue  # keep accumulating gradients
         _optimizer_step(run)
-        progress.step, progress.batch = progress.step + 1, start + i + 1
+        progress.step, progress.batch = progress.step + 1, start + (i + 1) * processes
         progress.rng = torch.get_rng_state()
         progress.step_times.append(time.perf_counter() - tick)
         bar.update(1)
@@ -246,6 +247,7 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
 
 
 def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
+    run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return
     state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng")}
@@ -253,7 +255,6 @@ def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
                     run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
                     {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng)
-    run.accelerator.wait_for_everyone()
 
 
 def _restore(run: Run, folder: Path) -> Progress:

@@ -69,7 +69,9 @@ def build_model(config: RunConfig, task: Task, path: str) -> torch.nn.Module:
 
 def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     training = config.training
-    accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision)
+    # cpu=True where there is no GPU: accelerate then runs torchrun's processes as DDP over gloo.
+    accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision,
+                                             cpu=not torch.cuda.is_available())
     set_seed(training.seed)
     path = resolve_model_path(config.model.name_or_path)
     task = task_for(config)
@@ -88,12 +90,13 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate)
                     for name in ("validation", "test")}
     optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
-    steps_per_epoch = math.ceil(len(sampler) / training.gradient_accumulation_steps)
+    model, optimizer, train_loader, *loaders = accelerator.prepare(
+        model, optimizer, train_loader, *eval_loaders.values())
+    # After prepare: with several processes each one sees its share of the batches.
+    steps_per_epoch = math.ceil(len(train_loader) / training.gradient_accumulation_steps)
     total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=total)
-    model, optimizer, train_loader, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values())
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
                steps_per_epoch, total)
