@@ -54,14 +54,15 @@ class DataConfig:
 @dataclass
 class TrainingConfig:
     output_dir: str = help_field("runs/default", "Run folder: metrics, report, adapter, checkpoints.")
-    epochs: float = help_field(1, "Passes over the training data.")
+    epochs: float = help_field(2, "Passes over the training data.")
     max_steps: int | None = help_field(None, "Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = help_field(16, "Examples per step per process (before accumulation).")
+    batch_size: int = help_field(32, "Examples per step per process (before accumulation).")
     eval_batch_size: int = help_field(64, "Examples per evaluation batch.")
-    learning_rate: float = help_field(5e-4, "Peak AdamW learning rate.")
+    learning_rate: float = help_field(1e-3, "Peak AdamW learning rate (1e-3 suits LoRA; use ~5e-5 "
+                                      "for full fine-tuning).")
     weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norms).")
     lr_scheduler: Literal["linear", "cosine", "constant"] = help_field("linear", "Decay after warm-up.")
-    warmup_steps: int = help_field(0, "Steps of linear warm-up from 0 to learning_rate.")
+    warmup_steps: int = help_field(30, "Steps of linear warm-up from 0 to learning_rate.")
     gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.")
     max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.")
     mixed_precision: Literal["no", "bf16", "fp16"] = help_field("no", "Autocast precision where supported.")
