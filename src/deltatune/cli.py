@@ -56,6 +56,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="write predictions as JSONL here instead of printing")
     predict.set_defaults(run=_predict)
 
+    compare = sub.add_parser("compare", help="train every method on identical work and compare them")
+    compare.add_argument("config", nargs="?", help="comparison YAML (default: all methods, bundled task)")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    compare.add_argument("--output-dir", help="report folder (output_dir)")
+    compare.set_defaults(run=_compare)
+
     methods = sub.add_parser("methods", help="list the registered methods by PEFT family")
     methods.set_defaults(run=_methods)
 
@@ -96,6 +102,18 @@ def _train(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         print(f"  {key:<16} {value:.4f}")
     print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare.config import load_compare_config
+    from .compare.report import markdown_table
+    from .compare.runner import compare
+
+    overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
+    config = load_compare_config(args.config, overrides)
+    rows = compare(config)
+    print("\n" + markdown_table(rows))
     return 0
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .layer import AdapterState, Delta, DeltaLayer
+from .targets import resolve_targets
 
 FAMILIES = ("additive", "selective", "re-parameterisation", "full")
 
@@ -115,6 +116,8 @@ class Method:
     in_place: ClassVar[bool] = False
     #: the trainable-parameter count, as a formula (shown by ``deltatune methods``).
     count_formula: ClassVar[str] = ""
+    #: a learning rate that suits the method with AdamW (used by ``compare`` unless overridden).
+    default_learning_rate: ClassVar[float] = 1e-3
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
 
@@ -229,3 +232,21 @@ def check_not_nested(model: nn.Module, names: list[str]) -> None:
                 raise ConfigError(f"'{name}' overlaps '{other}', which another adapter already wraps.",
                                   "adapters may share a module but not nest: target other modules "
                                   "or delete_adapter() the other adapter first.")
+
+
+def check_not_saved(model: nn.Module, names: list[str], config: MethodConfig) -> None:
+    """Refuse targets that are, contain or sit inside a module of ``config.modules_to_save``.
+
+    A trained copy runs instead of its original, so an adapter inside it would never run and
+    one around it would nest two wrappers. Checked in ``plan``, before anything changes.
+    """
+    if not config.modules_to_save:
+        return
+    saved = resolve_targets(model, config.modules_to_save, (nn.Module,), config.method,
+                            field_name="modules_to_save")
+    for name in names:
+        clash = next((s for s in saved if s == name or name.startswith(s + ".")
+                      or s.startswith(name + ".")), None)
+        if clash:
+            raise ConfigError(f"'{name}' is a {config.method} target and overlaps '{clash}' in "
+                              "modules_to_save.", "a module is either adapted or trained in full, not both.")

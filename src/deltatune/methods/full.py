@@ -31,6 +31,7 @@ class FullFineTuning(Method):
     config_class = FullFineTuningConfig
     family = "full"
     in_place = True
+    default_learning_rate = 5e-5
     count_formula = "all parameters of the model"
     merge_refusal = "full fine-tuning already changed the base weights; there is nothing to merge"
 

@@ -52,6 +52,7 @@ class LayerTuning(Method):
     config_class = LayerTuningConfig
     family = "selective"
     mergeable = True
+    default_learning_rate = 1e-4
     count_formula = "top_k x (parameters of one block) + final norm"
 
     def plan(self, model: nn.Module) -> list[str]:

@@ -1,0 +1,99 @@
+"""A comparison's configuration: one shared run config plus the grid to sweep.
+
+```yaml
+model: {name_or_path: minilm-l6}
+data: {source: rotten-tomatoes, max_train_samples: 2000}
+training: {epochs: 1, batch_size: 32}
+methods: [full, lora, {method: adapter, bottleneck: 32, learning_rate: 2.0e-3}]
+seeds: [42]
+train_sizes: [64, 256, 1024]   # optional: the low-data regime
+models: [minilm-l6, /path/to/another]   # optional: scale
+output_dir: runs/compare
+```
+Each method trains with its own documented default learning rate unless its entry sets one.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core.errors import ConfigError
+from ..core.method import config_from_dict, method_class, registered
+from ..train.config import RunConfig, _apply_override, _check_keys
+
+GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
+             "isolate"]
+
+
+@dataclass
+class CompareConfig:
+    base: dict[str, Any]  # model / task / data / training sections, as in a run config
+    methods: list[dict[str, Any]]  # {"method": name, ...overrides, "learning_rate"?: float}
+    seeds: list[int] = field(default_factory=lambda: [42])
+    train_sizes: list[int | None] = field(default_factory=lambda: [None])
+    models: list[str | None] = field(default_factory=lambda: [None])
+    output_dir: str = "runs/compare"
+    latency_batches: int = 4
+    forgetting_texts: int = 128
+    #: each run in a fresh process, so its peak memory is its own; false is faster, but then
+    #: peak memory is the whole comparison's so far.
+    isolate: bool = True
+
+    def run_config(self, method: dict[str, Any], seed: int, size: int | None, model: str | None,
+                   folder: Path) -> RunConfig:
+        """The run config of one cell of the grid."""
+        data = copy.deepcopy(self.base)
+        entry = dict(method)
+        learning_rate = entry.pop("learning_rate", method_class(entry["method"]).default_learning_rate)
+        data["method"] = entry
+        data.setdefault("training", {}).update(seed=seed, learning_rate=learning_rate,
+                                               output_dir=str(folder), progress=False)
+        if size is not None:
+            data.setdefault("data", {})["max_train_samples"] = size
+        if model is not None:
+            data.setdefault("model", {})["name_or_path"] = model
+        return RunConfig.from_dict(data)
+
+
+def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> CompareConfig:
+    """Read a comparison YAML (or the defaults: every registered method on the bundled task)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    for item in overrides:
+        _apply_override(data, item)
+    _check_keys(data, ["model", "task", "data", "training", *GRID_KEYS], "")
+    base = {k: data[k] for k in ("model", "task", "data", "training") if k in data}
+    methods = [_method_entry(m) for m in data.get("methods") or default_methods()]
+    config = CompareConfig(base=base, methods=methods, **{k: data[k] for k in GRID_KEYS[1:] if k in data})
+    _validate(config)
+    return config
+
+
+def default_methods() -> list[str]:
+    """Full fine-tuning first (the baseline), then every PEFT method by name."""
+    return ["full"] + sorted(name for name in registered() if name != "full")
+
+
+def _method_entry(entry: Any) -> dict[str, Any]:
+    entry = {"method": entry} if isinstance(entry, str) else dict(entry)
+    checked = {k: v for k, v in entry.items() if k != "learning_rate"}
+    config_from_dict(checked, where=f"methods[{entry.get('method')}]")  # fail now, not mid-way
+    return entry
+
+
+def _validate(config: CompareConfig) -> None:
+    for seed_list, name in ((config.seeds, "seeds"), (config.train_sizes, "train_sizes"), (config.models, "models")):
+        if not isinstance(seed_list, list) or not seed_list:
+            raise ConfigError(f"'{name}' must be a non-empty list.", f"e.g. {name}: [{'42' if name == 'seeds' else '...'}]")
+    names = [m["method"] for m in config.methods]
+    if len(set(names)) != len(names):
+        raise ConfigError("a method appears twice in 'methods'.", "list each method once.")
+    RunConfig.from_dict(copy.deepcopy(config.base))  # the shared sections are valid on their own
