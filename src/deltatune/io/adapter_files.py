@@ -23,6 +23,7 @@ from ..core.errors import AdapterFileError, ConfigError, DeltatuneError
 from ..core.method import config_from_dict, deltas_of
 from ..core.verbs import (adapter_state_dict, apply, delete_adapter, load_adapter_state_dict,
                           require_adapter)
+from . import peft_format
 from .atomic import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -48,12 +49,16 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "config": config.to_dict(),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "base_model_type": getattr(base_config, "model_type", None),
+        "base_model_class": type(model).__name__,
         "base_fingerprint": base_fingerprint(model, adapter_name),
     }
 
 
-def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default",
+                 format: str = "deltatune") -> Path:
     """Write one adapter's stored tensors and config into the directory ``path``.
+
+    ``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` loads (LoRA, IA3, prompt).
 
     Each file is replaced atomically: a crash mid-save leaves the previous adapter loadable.
 
@@ -69,16 +74,28 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                "choose a directory path.")
     description = _describe(model, adapter_name)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter_state_dict(model, adapter_name).items()}
+    write_adapter(path, description, tensors, format)
+    return path
+
+
+def write_adapter(path: Path, description: dict[str, Any], tensors: dict[str, torch.Tensor],
+                  format: str = "deltatune") -> None:
+    """Write a described adapter in deltatune's or peft's layout, each file atomically."""
+    if format not in ("deltatune", "peft"):
+        raise ConfigError(f"unknown adapter format '{format}'.", "use 'deltatune' or 'peft'.")
+    metadata = {"format": "pt", "deltatune": json.dumps(description)}
+    config = description
+    if format == "peft":
+        config, tensors = peft_format.to_peft(description, tensors)
+        metadata = {"format": "pt"}
     try:
         path.mkdir(parents=True, exist_ok=True)
-        metadata = {"format": "pt", "deltatune": json.dumps(description)}
         atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-        atomic_write_text(path / CONFIG_NAME, json.dumps(description, indent=2) + "\n")
+        atomic_write_text(path / CONFIG_NAME, json.dumps(config, indent=2) + "\n")
     except OSError as error:
         raise AdapterFileError(f"could not write the adapter to '{path}': {error.strerror or error}.",
                                "free disk space or choose a writable directory; any previous "
                                "adapter there is intact.") from error
-    return path
 
 
 def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -108,6 +125,9 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
         raise AdapterFileError(f"'{weights}' is not a valid safetensors file ({error}).",
                                "the file is truncated or corrupted: save or copy it again.") from error
     description = _read_description(path / CONFIG_NAME, metadata)
+    if description.get("format") == "peft":
+        tensors = peft_format.tensors_from_peft(tensors)
+        peft_format.drop_unsaved_modules(description["config"], tensors)
     return description, tensors
 
 
@@ -121,6 +141,8 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
             if embedded is None:
                 raise AdapterFileError(f"'{config_path}' is not valid JSON ({error}).",
                                        "restore the file or save the adapter again.") from error
+            warnings.warn(f"{config_path} is not valid JSON ({error}); using the config saved "
+                          "inside the weights file.", stacklevel=3)
     if embedded is not None:
         if on_disk is not None and on_disk != embedded:
             warnings.warn(f"{config_path} differs from the config saved inside the weights file "
@@ -128,9 +150,12 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
         return embedded
     if on_disk is None:
         raise AdapterFileError(f"'{config_path}' is missing.", "save the adapter again.")
+    if peft_format.is_peft_config(on_disk):
+        return {"format": "peft", "config": peft_format.config_from_peft(on_disk),
+                "base_model_name_or_path": on_disk.get("base_model_name_or_path")}
     if on_disk.get("format") != FORMAT:
-        raise AdapterFileError(f"'{config_path}' is not a deltatune adapter config.",
-                               "peft-format directories are read by the peft converter.")
+        raise AdapterFileError(f"'{config_path}' is neither a deltatune nor a peft adapter config.",
+                               "point to a directory written by deltatune.save_adapter or peft's save_pretrained.")
     return on_disk
 
 
@@ -150,12 +175,27 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                "save the adapter again with this version of deltatune.") from error
     apply(model, config, adapter_name)
     try:
-        load_adapter_state_dict(model, tensors, adapter_name)
+        load_adapter_state_dict(model, _resolve_any_module(tensors, model, adapter_name), adapter_name)
         _check_fingerprint(model, adapter_name, description)
     except DeltatuneError:
         delete_adapter(model, adapter_name)
         raise
     return model
+
+
+def _resolve_any_module(tensors: dict[str, torch.Tensor], model: nn.Module,
+                        adapter_name: str) -> dict[str, torch.Tensor]:
+    """Give keys stored without their module (peft's prompt) the one module that has them here."""
+    if not any(k.startswith(peft_format.ANY_MODULE) for k in tensors):
+        return tensors
+    expected = adapter_state_dict(model, adapter_name)
+    resolved = {}
+    for key, value in tensors.items():
+        if key.startswith(peft_format.ANY_MODULE):
+            suffix = "." + key[len(peft_format.ANY_MODULE):]
+            key = next((k for k in expected if k.endswith(suffix)), key)
+        resolved[key] = value
+    return resolved
 
 
 def _check_fingerprint(model: nn.Module, adapter_name: str, description: dict[str, Any]) -> None:
