@@ -7,13 +7,14 @@ from .core.errors import AdapterFileError, ConfigError, DeltatuneError, MergeErr
 from .core.method import MethodConfig, config_from_dict, registered
 from .core.verbs import (active_adapters, adapter_state_dict, apply, delete_adapter,
                          disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge)
+from .hf.trainer import TrainerCallback
 from .io.adapter_files import load_adapter, read_adapter, save_adapter
 from .methods import *  # noqa: F401,F403  (every method's config class, e.g. LoraConfig)
 from .methods import __all__ as _method_names
 
 __all__ = [*_method_names,
     "AdapterFileError", "ConfigError", "DeltatuneError", "MergeError",
-    "MethodConfig", "ParameterReport", "TargetError", "active_adapters", "adapter_state_dict",
+    "MethodConfig", "ParameterReport", "TrainerCallback", "TargetError", "active_adapters", "adapter_state_dict",
     "apply", "config_from_dict", "delete_adapter", "disable_adapters", "load_adapter", "merge",
     "merge_and_unload", "parameter_report", "read_adapter", "registered", "save_adapter",
     "set_adapter", "unload", "unmerge",

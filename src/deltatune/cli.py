@@ -62,6 +62,22 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", help="report folder (output_dir)")
     compare.set_defaults(run=_compare)
 
+    convert = sub.add_parser("convert", help="convert an adapter between deltatune and peft formats")
+    convert.add_argument("source")
+    convert.add_argument("target")
+    convert.add_argument("--to", choices=["peft", "deltatune"], required=True)
+    convert.set_defaults(run=_convert)
+
+    inspect = sub.add_parser("inspect", help="print an adapter's method, config, base and tensors")
+    inspect.add_argument("path")
+    inspect.set_defaults(run=_inspect)
+
+    export = sub.add_parser("export", help="merge an adapter into its base and save a plain model")
+    export.add_argument("adapter")
+    export.add_argument("output")
+    export.add_argument("--base", help="the base model folder (default: the one recorded in the adapter)")
+    export.set_defaults(run=_export)
+
     methods = sub.add_parser("methods", help="list the registered methods by PEFT family")
     methods.set_defaults(run=_methods)
 
@@ -114,6 +130,27 @@ def _compare(args: argparse.Namespace) -> int:
     config = load_compare_config(args.config, overrides)
     rows = compare(config)
     print("\n" + markdown_table(rows))
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .io.convert import convert
+
+    print(f"wrote {convert(args.source, args.target, args.to)} ({args.to} format)")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .io.convert import inspect_adapter
+
+    print(inspect_adapter(args.path))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .io.export import export_merged
+
+    print(f"wrote a plain transformers model to {export_merged(args.adapter, args.output, args.base)}")
     return 0
 
 

@@ -1,0 +1,40 @@
+"""Adapter files without a model: convert between formats, describe what a file holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .adapter_files import read_adapter, write_adapter
+
+
+def convert(source: str | Path, target: str | Path, to: str) -> Path:
+    """Rewrite the adapter at ``source`` into ``target`` in the ``to`` format ('peft' or 'deltatune').
+
+    Raises:
+        AdapterFileError: unreadable source, or a method the target format cannot express.
+    """
+    description, tensors = read_adapter(source)
+    description = {"format": "deltatune", "method": description["config"]["method"],
+                   **{k: v for k, v in description.items() if k != "format"}}
+    write_adapter(Path(target), description, tensors, format=to)
+    return Path(target)
+
+
+def inspect_adapter(path: str | Path) -> str:
+    """A readable description: method, config, base model, fingerprint, tensors and sizes."""
+    description, tensors = read_adapter(path)
+    config: dict[str, Any] = description["config"]
+    total = sum(t.numel() for t in tensors.values())
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    lines = [f"adapter:     {path} ({description.get('format', 'deltatune')} format)",
+             f"method:      {config['method']}",
+             f"base model:  {description.get('base_model_name_or_path') or 'unknown'} "
+             f"({description.get('base_model_class') or description.get('base_model_type') or '?'})",
+             f"fingerprint: {description.get('base_fingerprint') or '-'}",
+             "config:      " + ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method"),
+             f"tensors:     {len(tensors)}, {total:,} parameters, {nbytes:,} bytes"]
+    width = max((len(k) for k in tensors), default=0)
+    lines += [f"  {k:<{width}}  {str(tuple(t.shape)):<14} {str(t.dtype).replace('torch.', '')}"
+              for k, t in sorted(tensors.items())]
+    return "\n".join(lines)
