@@ -95,7 +95,10 @@ class RunConfig:
         sections = {name: _section(kind, data.get(name) or {}, name)
                     for name, kind in (("model", ModelConfig), ("task", TaskConfig),
                                        ("data", DataConfig), ("training", TrainingConfig))}
-        method = config_from_dict(data.get("method") or {"method": "lora"}, "method")
+        method = data.get("method") or {}
+        if isinstance(method, dict):
+            method = {"method": "lora", **method}  # LoRA unless the section names another method
+        method = config_from_dict(method, "method")
         return cls(method=method, **sections)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import json
 import resource
 import statistics
@@ -91,8 +92,10 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
         ConfigError: bad configuration or data (before any training).
         TrainingError: non-finite loss, or a checkpoint from another config.
     """
-    folder = _prepare_folder(Path(config.training.output_dir), resume)
-    run = setup(config)
+    folder = Path(config.training.output_dir)
+    _check_folder(folder, resume)
+    run = setup(config)  # every config and data error surfaces here, before anything is written
+    folder.mkdir(parents=True, exist_ok=True)
     progress = _restore(run, folder) if resume else Progress()
     log = MetricsLog(folder, enabled=run.accelerator.is_main_process, resume=resume)
     _write_run_config(run, folder)
@@ -108,21 +111,15 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
     return _finish(run, progress, folder, time.perf_counter() - started, interrupted)
 
 
-def _prepare_folder(folder: Path, resume: bool) -> Path:
-    if folder.exists() and not folder.is_dir():
-        raise TrainingError(f"output directory '{folder}' is a file.", "choose another training.output_dir.")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise TrainingError(f"cannot write to output directory '{folder}': {error.strerror}.",
-                            "choose a writable training.output_dir.") from error
+def _check_folder(folder: Path, resume: bool) -> None:
+    """The run folder can be created and written, without creating it yet."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        what = "is a file" if existing == folder else f"is under '{existing}', which is not a writable folder"
+        raise TrainingError(f"output directory '{folder}' {what}.", "choose another training.output_dir.")
     if resume and not list_checkpoints(folder / "checkpoints"):
         raise TrainingError(f"--resume: '{folder}/checkpoints' holds no checkpoint.",
                             "start the run without --resume, or set training.save_steps.")
-    return folder
 
 
 def _loop(run: Run, progress: Progress, log: MetricsLog, folder: Path) -> None:

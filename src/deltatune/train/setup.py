@@ -80,6 +80,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     config.data.labels = list(getattr(task, "labels", []) or []) or None
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
+    _check_max_length(config, model)
     collate = task.collator(tokenizer)
     sampler = ResumableBatchSampler(data["train"]["length"], training.batch_size, training.seed,
                                     training.group_by_length)
@@ -100,6 +101,13 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
                steps_per_epoch, total)
+
+
+def _check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit and config.model.max_length > limit:
+        raise ConfigError(f"model.max_length = {config.model.max_length} is longer than this model allows "
+                          f"({limit} positions).", f"use a max_length of at most {limit}.")
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
