@@ -25,6 +25,14 @@ class Case:
     exact_when_disabled: bool = True  # False where the method trains base weights in place
 
 
+# DistilBERT's attention takes no key/value cache: prefix tuning refuses it (tests/methods/test_prefix.py).
+PREFIX_FAMILIES = [f for f in ALL if f != "distilbert"]
+
+
+# LLaMA and T5 have no bias terms: BitFit refuses them (tests/methods/test_bitfit.py).
+BIAS_FAMILIES = [f for f in ALL if f not in ("llama", "t5")]
+
+
 def _heads(family: str) -> list[str]:
     return HEADS[family]
 
@@ -37,6 +45,22 @@ CASES = [
          families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False),
     Case("full", lambda f: dt.FullFineTuningConfig(modules_to_save=_heads(f)), exact_when_disabled=False),
     Case("layer", lambda f: dt.LayerTuningConfig(top_k=1, modules_to_save=_heads(f)), mergeable=True),
+    Case("prompt", lambda f: dt.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=_heads(f)),
+         identity_at_init=False),
+    Case("prompt-random", lambda f: dt.PromptTuningConfig(num_virtual_tokens=3, init="random"),
+         families=["bert", "llama"], identity_at_init=False),
+    Case("prefix", lambda f: dt.PrefixTuningConfig(num_virtual_tokens=3, hidden=16, modules_to_save=_heads(f)),
+         families=PREFIX_FAMILIES, identity_at_init=False),
+    Case("prefix-plain", lambda f: dt.PrefixTuningConfig(num_virtual_tokens=3, reparameterize=False),
+         families=PREFIX_FAMILIES, identity_at_init=False),
+    Case("adapter-houlsby", lambda f: dt.AdapterConfig(bottleneck=8, modules_to_save=_heads(f))),
+    Case("adapter-pfeiffer", lambda f: dt.AdapterConfig(bottleneck=4, placement="pfeiffer", activation="relu")),
+    Case("adapter-parallel", lambda f: dt.AdapterConfig(bottleneck=8, placement="parallel", scaling=2.0,
+                                                        init="kaiming", modules_to_save=_heads(f))),
+    Case("ia3", lambda f: dt.IA3Config(modules_to_save=_heads(f)), mergeable=True),
+    Case("ia3-all-linear-random", lambda f: dt.IA3Config(target_modules="all-linear", init_ia3_weights=False),
+         identity_at_init=False, mergeable=True),
+    Case("bitfit", lambda f: dt.BitFitConfig(modules_to_save=_heads(f)), families=BIAS_FAMILIES, mergeable=True),
 ]
 
 

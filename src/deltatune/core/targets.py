@@ -60,9 +60,20 @@ def is_head(name: str, model: nn.Module) -> bool:
 
 def _closest(entry: str, names: Sequence[str], n: int = 5) -> list[str]:
     pattern = entry[3:] if entry.startswith("re:") else entry
-    suffixes = sorted({".".join(name.split(".")[-k:]) for name in names for k in (1, 2, 3)
-                       if not name.split(".")[-k].isdigit()})
+    # k is capped by the name's length: top-level names ("bert", "classifier") have one part.
+    suffixes = sorted({".".join(parts[-k:]) for parts in (name.split(".") for name in names)
+                       for k in (1, 2, 3) if k <= len(parts) and not parts[-k].isdigit()})
     return difflib.get_close_matches(pattern, suffixes, n=n, cutoff=0.4)
+
+
+def _check_regex(entry: str, field_name: str) -> None:
+    if not entry.startswith("re:"):
+        return
+    try:
+        re.compile(entry[3:])
+    except re.error as error:
+        raise TargetError(f"{field_name} entry '{entry}' is not a valid regular expression ({error}).",
+                          r"write a Python regex over whole module names, e.g. 're:.*\.(query|value)'.") from error
 
 
 def resolve_targets(
@@ -99,6 +110,7 @@ def resolve_targets(
     entries = [entries] if isinstance(entries, str) else list(entries)
     selected: set[str] = set()
     for entry in entries:
+        _check_regex(entry, field_name)
         hits = [(n, m) for n, m in named if matches(n, entry)]
         if not hits:
             names = [n for n, _ in named]

@@ -144,7 +144,8 @@ def merge(model: nn.Module) -> None:
     """Fold the active adapters into the base weights; outputs stay the same, the deltas stop running.
 
     Raises:
-        MergeError: already merged, or an active method cannot merge (the message says why).
+        MergeError: already merged, or an active method cannot merge (the message says why);
+            nothing stays merged when this is raised.
     """
     state = require_state(model)
     _refuse_if_merged(model, "merge again")
@@ -155,9 +156,16 @@ def merge(model: nn.Module) -> None:
                              "serve it unmerged, or train a mergeable method (lora, ia3).")
     _refuse_if_tied(model, state.active)
     with torch.no_grad():
-        for name in state.active:
-            for _, layer, _ in deltas_of(model, name):
-                layer.merge(name)
+        try:
+            for name in state.active:
+                for _, layer, _ in deltas_of(model, name):
+                    layer.merge(name)
+        except MergeError:
+            # All or nothing: a delta that refuses its values (e.g. IA3 with a zero scale) must
+            # not leave the layers before it merged.
+            for _, layer in iter_layers(model):
+                layer.unmerge()
+            raise
 
 
 def _refuse_if_tied(model: nn.Module, adapter_names: list[str]) -> None:

@@ -145,10 +145,16 @@ class Lora(Method):
             entries = list(dict.fromkeys(roles.query + roles.value))
         names = resolve_targets(model, entries, SUPPORTED, "LoRA",
                                 linear_types=(nn.Linear, Conv1D))
-        overlap = set(names) & set(self.config.modules_to_save)
-        if overlap:
-            raise ConfigError(f"'{sorted(overlap)[0]}' is both a LoRA target and in modules_to_save.",
-                              "a module is either adapted or trained in full, not both.")
+        # Compare resolved names: entries like 'query' or 'attention' select whole families of
+        # modules, and a copy around (or inside) an adapted module would hide its update.
+        saved = resolve_targets(model, self.config.modules_to_save, (nn.Module,), "LoRA",
+                                field_name="modules_to_save") if self.config.modules_to_save else []
+        for name in names:
+            clash = next((s for s in saved if s == name or name.startswith(s + ".")
+                          or s.startswith(name + ".")), None)
+            if clash:
+                raise ConfigError(f"'{name}' is a LoRA target and overlaps '{clash}' in modules_to_save.",
+                                  "a module is either adapted or trained in full, not both.")
         check_not_nested(model, names)
         return names
 
@@ -162,9 +168,14 @@ class Lora(Method):
         if self.config.bias == "none":
             return {}
         params = {n: p for n, p in model.named_parameters() if n.endswith("bias") and ".deltas." not in n}
+        mine = {n: m.deltas[adapter_name] for n, m in model.named_modules()
+                if isinstance(m, DeltaLayer) and adapter_name in m.deltas}
+        # A module this adapter replaces by a trained copy (modules_to_save) keeps its own biases
+        # frozen: they no longer reach the output, and the copy's bias is stored under their key.
+        copied = tuple(f"{n}.base_layer." for n, d in mine.items() if d.replaces_base)
+        params = {n: p for n, p in params.items() if not n.startswith(copied)}
         if self.config.bias == "lora_only":
-            adapted = {f"{n}.base_layer.bias" for n, m in model.named_modules()
-                       if isinstance(m, DeltaLayer) and adapter_name in m.deltas}
+            adapted = {f"{n}.base_layer.bias" for n, d in mine.items() if isinstance(d, LoraDelta)}
             params = {n: p for n, p in params.items() if n in adapted}
         return params
 

@@ -1,0 +1,300 @@
+"""Prompt tuning: learned "soft prompt" embeddings in front of the input (Lester et al., 2021).
+
+    embeds = [ P ; E(x) ]      P: num_virtual_tokens x d, trained;  E: the frozen input embedding
+
+       input_ids ──► E ──────────────┐
+       P (n x d) ───────────────► concat ──► frozen model ──► drop the n prompt positions
+
+The only trainable tensor is P: ``num_virtual_tokens * d`` parameters (d = embedding width),
+independent of depth. Not mergeable: P lengthens the sequence, and no base weight can hold it.
+A fresh prompt changes the outputs (there is no "zero" prompt).
+
+How it reaches the model without a task-specific wrapper: P lives in a :class:`PromptDelta`
+attached to the input embedding module (which it leaves unchanged), and hooks on the root
+model, while a prompt adapter is active and not disabled,
+
+- embed ``input_ids`` themselves and pass ``inputs_embeds = [P ; E(x)]`` instead;
+- put ones in front of ``attention_mask``, zeros in front of ``token_type_ids``, ``-100`` in
+  front of ``labels`` shaped like the input (token and language-model labels), and give
+  ``position_ids`` the prompt's positions 0..n-1 (the user's move up by n);
+- afterwards cut the prompt positions out of token-level outputs (``logits`` with a sequence
+  axis, ``start_logits``/``end_logits``, hidden states), so ``logits.shape[:2]`` is
+  ``input_ids.shape`` again. Sequence-level logits ``[batch, labels]`` are left alone.
+
+With a causal LM the last prompt position predicts the first user token, so the loss has one
+term more than the base model's (as in peft). During ``generate`` the prompt is added once:
+calls whose cache already holds tokens only widen the mask and move the positions.
+
+Encoder-decoder models (T5) share one embedding between encoder and decoder, so the prompt is
+added by a pre-hook on the *encoder* (which ``generate`` also calls directly), and the root
+hook only widens the ``attention_mask`` the decoder uses to attend to the encoder. Decoder
+logits are never trimmed. Outputs are trimmed only when the model returns a ``ModelOutput``
+(``return_dict=True``, the default).
+
+``init``: ``vocab`` copies random rows of the embedding matrix (torch's RNG, so seed it);
+``random`` draws from N(0, std of the embedding matrix); ``text`` uses the embeddings of
+``init_text`` repeated or cut to ``num_virtual_tokens``. Its token ids come from
+``init_token_ids`` when given, otherwise from a tokenizer saved locally at the model's
+``config._name_or_path``; ``apply`` then records them in ``init_token_ids``, so the saved
+config reloads without the tokenizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..core.errors import ConfigError
+from ..core.layer import AdapterState, Delta, DeltaLayer
+from ..core.method import Method, MethodConfig, add_deltas, check_not_nested, help_field, register
+
+__all__ = ["PromptTuningConfig"]
+
+HOOKS_ATTR = "_deltatune_prompt_hooks"
+# Output fields with a sequence axis at dim 1 that the prompt lengthened.
+TOKEN_OUTPUTS = {"logits": 3, "last_hidden_state": 3, "start_logits": 2, "end_logits": 2}
+
+
+@dataclass
+class PromptTuningConfig(MethodConfig):
+    num_virtual_tokens: int = help_field(20, "Length n of the learned prompt put before the input.")
+    init: Literal["vocab", "random", "text"] = help_field(
+        "vocab", "How the prompt starts: rows of the embedding matrix sampled at random (vocab), "
+                 "N(0, embedding std) (random), or the embeddings of init_text (text).")
+    init_text: str | None = help_field(
+        None, "Text whose token embeddings start the prompt (init: text).")
+    init_token_ids: list[int] | None = help_field(
+        None, "Token ids of init_text; without them apply() tokenizes init_text with the tokenizer "
+              "saved at the model's config._name_or_path and records the ids here.")
+
+    def validate(self) -> None:
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"prompt.num_virtual_tokens = {self.num_virtual_tokens} is invalid: "
+                              "the prompt needs at least one token.", "use 20 (typical: 8 to 100).")
+        if self.init == "text" and not self.init_text:
+            raise ConfigError(f"prompt.init_text = {self.init_text!r}: init 'text' needs the text.",
+                              "set init_text, e.g. 'Classify the sentiment of this review:'.")
+        if self.init != "text" and (self.init_text is not None or self.init_token_ids is not None):
+            raise ConfigError(f"prompt.init = {self.init!r} ignores init_text and init_token_ids.",
+                              "set init: text, or remove init_text and init_token_ids.")
+        if self.init_token_ids is not None and (not self.init_token_ids or min(self.init_token_ids) < 0):
+            raise ConfigError(f"prompt.init_token_ids = {self.init_token_ids!r} is invalid: it needs "
+                              "at least one id, none negative.", "leave it unset to tokenize init_text.")
+
+
+class PromptDelta(Delta):
+    """Holds one adapter's prompt P; the embedding it is attached to computes what it did."""
+
+    def __init__(self, prompt: torch.Tensor):
+        super().__init__()
+        self.prompt = nn.Parameter(prompt.detach().float().clone())
+
+
+@dataclass
+class PromptPlan:
+    embedding_name: str
+    init: torch.Tensor
+    token_ids: list[int] | None
+
+
+@register
+class PromptTuning(Method):
+    name = "prompt"
+    config_class = PromptTuningConfig
+    family = "additive"
+    count_formula = "num_virtual_tokens * d (d = embedding width)"
+    merge_refusal = "the prompt adds input positions, which no base weight can hold"
+
+    def plan(self, model: nn.Module) -> PromptPlan:
+        name, embedding = input_embedding(model)
+        check_not_nested(model, [name])
+        ids = self._token_ids(model, embedding.num_embeddings) if self.config.init == "text" else None
+        return PromptPlan(name, initial_prompt(embedding.weight.detach(), self.config.init,
+                                               self.config.num_virtual_tokens, ids), ids)
+
+    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: PromptPlan) -> None:
+        name = plan.embedding_name
+        add_deltas(model, [name], adapter_name, state, lambda base, _: PromptDelta(plan.init))
+        if plan.token_ids is not None:
+            self.config.init_token_ids = plan.token_ids  # the saved config then needs no tokenizer
+        hooks = getattr(model, HOOKS_ATTR, None) or PromptHooks(model, model.get_submodule(name))
+        hooks.users.add(adapter_name)
+        setattr(model, HOOKS_ATTR, hooks)
+
+    def remove(self, model: nn.Module, adapter_name: str) -> None:
+        hooks = getattr(model, HOOKS_ATTR, None)
+        if hooks is not None:
+            hooks.users.discard(adapter_name)
+            if not hooks.users:
+                hooks.remove()
+                delattr(model, HOOKS_ATTR)
+
+    def _token_ids(self, model: nn.Module, vocab: int) -> list[int]:
+        ids = self.config.init_token_ids or tokenize(model, self.config.init_text)
+        if not ids:
+            raise ConfigError(f"prompt.init_text = {self.config.init_text!r} has no tokens.",
+                              "use text with words in it.")
+        if max(ids) >= vocab:
+            raise ConfigError(f"prompt.init_token_ids has id {max(ids)}, beyond the model's "
+                              f"vocabulary of {vocab}.", "use ids from this model's tokenizer.")
+        return list(ids)
+
+
+def input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
+    """The input embedding's module name (found by identity) and the embedding itself."""
+    getter = getattr(model, "get_input_embeddings", None)
+    module = getter() if getter else None
+    name = next((n for n, m in model.named_modules() if m is module and module is not None), None)
+    base = module.base_layer if isinstance(module, DeltaLayer) else module
+    if name is None or not isinstance(base, nn.Embedding):
+        raise ConfigError(f"prompt tuning needs the input embedding of {type(model).__name__}, and "
+                          "get_input_embeddings() gives none.", "use a transformers model.")
+    return name, base
+
+
+def tokenize(model: nn.Module, text: str) -> list[int]:
+    """Token ids of ``text`` from a tokenizer saved locally where the model came from."""
+    from transformers import AutoTokenizer
+
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"prompt.init_text needs a tokenizer, and none is saved at '{path}' "
+                          f"({error}).", "pass the text's ids as init_token_ids, e.g. "
+                          "tokenizer(text, add_special_tokens=False)['input_ids'].") from error
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def initial_prompt(weight: torch.Tensor, init: str, n: int, token_ids: list[int] | None) -> torch.Tensor:
+    """The prompt's starting value, n x d, from the embedding matrix ``weight`` (vocab x d)."""
+    weight = weight.float()
+    if init == "random":
+        return torch.randn(n, weight.shape[1], device=weight.device) * weight.std()
+    if init == "text":
+        ids = (token_ids * math.ceil(n / len(token_ids)))[:n]
+        return weight[torch.tensor(ids, device=weight.device)].clone()
+    return weight[torch.randint(0, weight.shape[0], (n,))].clone()
+
+
+class PromptHooks:
+    """The hooks that put the active prompts in front of the input: one set per model, shared by
+    its prompt adapters (several active prompts are concatenated)."""
+
+    def __init__(self, model: nn.Module, embedding: DeltaLayer):
+        self.embedding = embedding
+        self.users: set[str] = set()
+        self.made: tuple[torch.Tensor, int] | None = None  # (inputs_embeds built, prompt length)
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            encoder = model.get_encoder()
+            self.handles = [model.register_forward_pre_hook(self.widen_encoder_mask, with_kwargs=True),
+                            encoder.register_forward_pre_hook(self.before_encoder, with_kwargs=True)]
+        else:
+            self.handles = [model.register_forward_pre_hook(self.before_model, with_kwargs=True),
+                            model.register_forward_hook(self.after_model, with_kwargs=True)]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def prompt(self) -> torch.Tensor | None:
+        prompts = [d.prompt for d in self.embedding.active_deltas() if isinstance(d, PromptDelta)]
+        return torch.cat(prompts) if prompts else None
+
+    def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prompt = self.prompt()
+        if prompt is None:
+            return None
+        kw, n = keywords(model, args, kwargs), prompt.shape[0]
+        cache = kw.get("cache", kw.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:  # generating: the cache holds the prompt
+            _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=False))
+        else:
+            embeds = self._embed(kw)
+            kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None
+            self.made = (kw["inputs_embeds"], n)
+            _update(kw, "labels", lambda t: _padded(t, n, -100, like=embeds.shape[:2]))
+            _update(kw, "token_type_ids", lambda t: _padded(t, n, 0))
+            _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=True))
+        _update(kw, "attention_mask", lambda m: _padded(m, n, 1))
+        return (), kw
+
+    def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        made, self.made = self.made, None
+        if made is None or kwargs.get("inputs_embeds") is not made[0] or not hasattr(output, "keys"):
+            return None
+        length, n = made[0].shape[1], made[1]
+        for key in list(output.keys()):
+            value = output[key]
+            if key == "hidden_states" and isinstance(value, tuple):
+                output[key] = tuple(h[:, n:] if h.shape[1] == length else h for h in value)
+            elif key in TOKEN_OUTPUTS and value.dim() >= TOKEN_OUTPUTS[key] and value.shape[1] == length:
+                output[key] = value[:, n:]
+        return output
+
+    def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        prompt = self.prompt()
+        if prompt is None:
+            return None
+        kw = keywords(encoder, args, kwargs)
+        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, self._embed(kw)), None
+        kw["attention_mask"] = _padded_to(kw.get("attention_mask"), kw["inputs_embeds"].shape[1])
+        return (), kw
+
+    def widen_encoder_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """The decoder attends to the encoder's output, which is n positions longer."""
+        prompt = self.prompt()
+        kw = keywords(model, args, kwargs)
+        mask, encoded = kw.get("attention_mask"), kw.get("encoder_outputs")
+        if prompt is None or mask is None:
+            return None
+        length = encoded[0].shape[1] if encoded is not None else mask.shape[1] + prompt.shape[0]
+        kw["attention_mask"] = _padded_to(mask, length)
+        return (), kw
+
+    def _embed(self, kw: dict) -> torch.Tensor:
+        if kw.get("inputs_embeds") is not None:
+            return kw["inputs_embeds"]
+        return self.embedding(kw["input_ids"])
+
+
+def keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """All call arguments by name, so hooks can rewrite them whichever way they were passed."""
+    names = list(inspect.signature(module.forward).parameters)
+    return {**dict(zip(names, args)), **kwargs}
+
+
+def _prepend(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    return torch.cat([prompt.to(embeds.dtype).expand(len(embeds), -1, -1), embeds], dim=1)
+
+
+def _update(kw: dict, key: str, change: Any) -> None:
+    """Rewrite an argument the caller passed; leave absent ones absent."""
+    if kw.get(key) is not None:
+        kw[key] = change(kw[key])
+
+
+def _padded(tensor: torch.Tensor, n: int, value: int, like: torch.Size | None = None) -> torch.Tensor:
+    """``n`` columns of ``value`` in front of a [batch, seq] tensor (when shaped ``like``, if given)."""
+    if tensor.dim() != 2 or (like is not None and tensor.shape != like):
+        return tensor
+    return torch.cat([tensor.new_full((tensor.shape[0], n), value), tensor], dim=1)
+
+
+def _padded_to(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    if mask is None or mask.shape[1] >= length:
+        return mask
+    return _padded(mask, length - mask.shape[1], 1)
+
+
+def _shifted(positions: torch.Tensor, n: int, with_prompt: bool) -> torch.Tensor:
+    """The user's positions move up by n; the prompt, when it is in this call, takes 0..n-1."""
+    if not with_prompt:
+        return positions + n
+    front = torch.arange(n, device=positions.device).expand(*positions.shape[:-1], n)
+    return torch.cat([front, positions + n], dim=-1)
