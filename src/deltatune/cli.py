@@ -118,7 +118,7 @@ def _train(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         print(f"  {key:<16} {value:.4f}")
     print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
-    return 0
+    return 130 if result.interrupted else 0
 
 
 def _compare(args: argparse.Namespace) -> int:

@@ -107,6 +107,7 @@ class PromptTuning(Method):
     name = "prompt"
     config_class = PromptTuningConfig
     family = "additive"
+    default_learning_rate = 3e-2  # a handful of input vectors: they need far larger steps than weights
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
 
