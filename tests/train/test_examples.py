@@ -10,14 +10,16 @@ from deltatune.train.config import load_config
 from deltatune.train.loop import train
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
-BUNDLED = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name != "my_data.yaml")
+BUNDLED = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name not in ("my_data.yaml", "compare.yaml"))
 SLICE = ["data.max_train_samples=48", "data.max_eval_samples=24", "training.max_steps=3",
          "training.batch_size=16", "training.progress=false", "model.max_length=48"]
 
 
 def test_every_example_is_a_valid_config():
+    from deltatune.compare.config import load_compare_config
+
     for path in EXAMPLES.glob("*.yaml"):
-        load_config(path)
+        (load_compare_config if path.name == "compare.yaml" else load_config)(path)
 
 
 @pytest.mark.slow

@@ -26,6 +26,14 @@ from ..core.errors import ConfigError
 from ..core.method import config_from_dict, method_class, registered
 from ..train.config import RunConfig, _apply_override, _check_keys
 
+# `deltatune compare` with no config (and `make run`): every method on 2,000 Rotten Tomatoes
+# snippets, one epoch each; under 10 minutes on 2 CPU cores.
+DEFAULT = {
+    "model": {"name_or_path": "minilm-l6", "max_length": 64},
+    "data": {"source": "rotten-tomatoes", "max_train_samples": 2000, "max_eval_samples": 500},
+    "training": {"epochs": 1, "batch_size": 32, "warmup_steps": 6},
+}
+
 GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
              "isolate"]
 
@@ -62,7 +70,7 @@ class CompareConfig:
 
 def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> CompareConfig:
     """Read a comparison YAML (or the defaults: every registered method on the bundled task)."""
-    data: dict[str, Any] = {}
+    data: dict[str, Any] = copy.deepcopy(DEFAULT) if path is None else {}
     if path is not None:
         if not Path(path).is_file():
             raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
