@@ -250,3 +250,15 @@ def check_not_saved(model: nn.Module, names: list[str], config: MethodConfig) ->
         if clash:
             raise ConfigError(f"'{name}' is a {config.method} target and overlaps '{clash}' in "
                               "modules_to_save.", "a module is either adapted or trained in full, not both.")
+
+
+def release_hooks(model: nn.Module, attr: str, adapter_name: str) -> None:
+    """Hooks that one method's adapters share on a model (kept at ``model.<attr>``, with a
+    ``users`` set and a ``remove()``): the last adapter to leave removes them."""
+    hooks = getattr(model, attr, None)
+    if hooks is None:
+        return
+    hooks.users.discard(adapter_name)
+    if not hooks.users:
+        hooks.remove()
+        delattr(model, attr)

@@ -115,7 +115,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
     if not weights.is_file():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = (f"'{pickled[0]}' is a pickle file, which deltatune never loads: convert it to "
-                "safetensors with the tool that wrote it." if pickled else f"save the adapter again.")
+                "safetensors with the tool that wrote it." if pickled else "save the adapter again.")
         raise AdapterFileError(f"'{path}' has no {WEIGHTS_NAME}.", hint)
     try:
         tensors = load_file(weights)

@@ -23,18 +23,18 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field,
-                           register)
+from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, check_not_saved,
+                           help_field, register)
 from ..core.targets import resolve_targets
 from ..hf.anatomy import anatomy_of
+from ..hf.layers import LINEAR_TYPES, linear_shape, weight_is_transposed
 
 __all__ = ["LoraConfig", "LoRALinear"]
 
-SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)
+SUPPORTED = (*LINEAR_TYPES, nn.Embedding)
 
 
 @dataclass
@@ -75,7 +75,7 @@ class LoraDelta(Delta):
         super().__init__()
         self.scaling = scaling
         self.is_embedding = isinstance(base, nn.Embedding)
-        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D keeps its weight as (in, out)
+        self.fan_in_fan_out = weight_is_transposed(base)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if self.is_embedding:
             # peft's layout: A (r x vocab) starts at zero, B random, so A x B = 0 at start too.
@@ -85,7 +85,7 @@ class LoraDelta(Delta):
                                     "norm_type": base.norm_type,
                                     "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
             return
-        in_features, out_features = _linear_shape(base)
+        in_features, out_features = linear_shape(base)
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         if init == "gaussian":
@@ -120,12 +120,6 @@ class LoraDelta(Delta):
         return base.weight.numel()
 
 
-def _linear_shape(base: nn.Module) -> tuple[int, int]:
-    if isinstance(base, Conv1D):
-        return base.weight.shape[0], base.weight.shape[1]
-    return base.in_features, base.out_features
-
-
 def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
     return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init)
 
@@ -143,18 +137,8 @@ class Lora(Method):
         if entries is None:
             roles = anatomy_of(model, "LoRA's default target_modules")
             entries = list(dict.fromkeys(roles.query + roles.value))
-        names = resolve_targets(model, entries, SUPPORTED, "LoRA",
-                                linear_types=(nn.Linear, Conv1D))
-        # Compare resolved names: entries like 'query' or 'attention' select whole families of
-        # modules, and a copy around (or inside) an adapted module would hide its update.
-        saved = resolve_targets(model, self.config.modules_to_save, (nn.Module,), "LoRA",
-                                field_name="modules_to_save") if self.config.modules_to_save else []
-        for name in names:
-            clash = next((s for s in saved if s == name or name.startswith(s + ".")
-                          or s.startswith(name + ".")), None)
-            if clash:
-                raise ConfigError(f"'{name}' is a LoRA target and overlaps '{clash}' in modules_to_save.",
-                                  "a module is either adapted or trained in full, not both.")
+        names = resolve_targets(model, entries, SUPPORTED, "LoRA", linear_types=LINEAR_TYPES)
+        check_not_saved(model, names, self.config)
         check_not_nested(model, names)
         return names
 

@@ -43,7 +43,7 @@ from transformers.pytorch_utils import Conv1D
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
 from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, deltas_of, help_field,
-                           register)
+                           register, release_hooks)
 from ..core.targets import resolve_targets
 from ..hf.anatomy import anatomy_of, hidden_size, model_type
 
@@ -185,12 +185,7 @@ class PrefixTuning(Method):
         return params
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:
-        hooks = getattr(model, HOOKS_ATTR, None)
-        if hooks is not None:
-            hooks.users.discard(adapter_name)
-            if not hooks.users:
-                hooks.remove()
-                delattr(model, HOOKS_ATTR)
+        release_hooks(model, HOOKS_ATTR, adapter_name)
 
 
 def site(model: nn.Module, attention: str, keys: list[str], fused: bool) -> Site:

@@ -51,7 +51,8 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, add_deltas, check_not_nested, help_field, register
+from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field, register,
+                           release_hooks)
 
 __all__ = ["PromptTuningConfig"]
 
@@ -128,12 +129,7 @@ class PromptTuning(Method):
         setattr(model, HOOKS_ATTR, hooks)
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:
-        hooks = getattr(model, HOOKS_ATTR, None)
-        if hooks is not None:
-            hooks.users.discard(adapter_name)
-            if not hooks.users:
-                hooks.remove()
-                delattr(model, HOOKS_ATTR)
+        release_hooks(model, HOOKS_ATTR, adapter_name)
 
     def _token_ids(self, model: nn.Module, vocab: int) -> list[int]:
         ids = self.config.init_token_ids or tokenize(model, self.config.init_text)

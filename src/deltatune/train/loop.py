@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from ..core.accounting import parameter_report
 from ..core.errors import DeltatuneError
-from ..core.verbs import adapter_state_dict, load_adapter_state_dict
+from ..core.verbs import load_adapter_state_dict
 from ..io.adapter_files import WEIGHTS_NAME, save_adapter
 from ..io.atomic import atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
