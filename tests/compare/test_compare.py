@@ -41,7 +41,8 @@ def test_every_method_compared_and_the_report_matches_the_runs(tmp_path):
         assert 0.5 < row["latency_ratio"] < 5
         assert (row["merged_latency_ratio"] is not None) == registered()[row["method"]].mergeable
     by_method = {r["method"]: r for r in rows}
-    assert by_method["lora"]["stored_params"] < 0.01 * by_method["full"]["stored_params"]
+    # LoRA r=8 on query/value (73,728) + pooler and classifier (148,610) of a 22.7M model.
+    assert by_method["lora"]["stored_params"] == 222_338 < 0.01 * by_method["full"]["stored_params"]
     assert (tmp_path / "out" / "quality_vs_storage.png").is_file()
     assert "| lora |" in (tmp_path / "out" / "report.md").read_text()
 

@@ -41,7 +41,7 @@ def test_training_beats_chance_and_writes_the_run_folder(tmp_path, sentiment_csv
 def test_the_task_head_always_trains_and_is_saved(tmp_path, sentiment_csv):
     train(tiny_config(tmp_path, sentiment_csv, "training.max_steps=2", "method.target_modules=[query]"))
     keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").keys()
-    assert {"classifier.weight", "classifier.bias"} <= set(keys)
+    assert {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight"} <= set(keys)
 
 
 def test_resume_finishes_with_the_same_weights(tmp_path, sentiment_csv, monkeypatch):

@@ -59,7 +59,14 @@ class SequenceClassification:
             **self.config.model.config_overrides)
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+        """The classifier, and the body's pooler where the head reads it (BERT-style [CLS] pooling).
+
+        The pooler trains with the head: sentence-embedding checkpoints such as all-MiniLM were
+        trained with mean pooling and never taught their pooler to summarise [CLS] for a task.
+        """
+        heads = [name for name, _ in model.named_children() if name in HEAD_NAMES]
+        poolers = [name for name, _ in model.named_modules() if name.count(".") == 1 and name.endswith(".pooler")]
+        return poolers + heads
 
     def collator(self, tokenizer: Any):
         pad = DataCollatorWithPadding(tokenizer)
