@@ -224,8 +224,9 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
                 _replace(model, name, layer.base_layer)
     del state.configs[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
-    if not state.configs:
+    if not state.configs:  # a plain model again, trainable as from_pretrained gives it
         delattr(model, STATE_ATTR)
+        model.requires_grad_(True)
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -1,0 +1,329 @@
+"""The engine, method-agnostic: config errors, targeting, accounting, verbs and adapter files.
+
+LoRA is the vehicle (every behaviour here is the core's); the numbers are worked out by hand.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+from transformers.pytorch_utils import Conv1D
+
+import deltatune as dt
+from deltatune.core.targets import resolve_targets
+from deltatune.io import adapter_files
+from deltatune.methods.lora import SUPPORTED
+from tiny import build, inputs, output, perturb
+
+
+def structure(model: nn.Module) -> tuple:
+    """Everything an aborted apply must leave as it was: module names, types, state keys."""
+    return ([(n, type(m)) for n, m in model.named_modules()], sorted(model.state_dict()),
+            hasattr(model, "_deltatune_state"))
+
+
+def lora(**kw) -> dt.LoraConfig:
+    return dt.LoraConfig(**{"r": 4, "target_modules": ["query", "value"], **kw})
+
+
+# --- configs -----------------------------------------------------------------------------
+
+def test_error_str_has_message_and_fix_line():
+    assert str(dt.ConfigError("bad r.", "use 8.")) == "bad r.\n  fix: use 8."
+    assert str(dt.ConfigError("bad r.")) == "bad r."
+
+
+@pytest.mark.parametrize("values,expected", [
+    ({"method": "lora", "rank": 8}, ["unknown key 'method.rank'", "allowed keys:", "lora_alpha", "r,"]),
+    ({"r": 8}, ["needs a 'method' key"]),
+    ({"method": "lorax"}, ["unknown method 'lorax'", "lora"]),
+])
+def test_config_from_dict_errors_name_the_key(values, expected):
+    with pytest.raises(dt.ConfigError) as info:
+        dt.config_from_dict(values)
+    assert all(part in str(info.value) for part in expected), str(info.value)
+    assert "fix:" in str(info.value)
+
+
+# --- targeting ---------------------------------------------------------------------------
+
+Q0 = "bert.encoder.layer.0.attention.self.query"
+Q1 = "bert.encoder.layer.1.attention.self.query"
+V1 = "bert.encoder.layer.1.attention.self.value"
+
+
+@pytest.mark.parametrize("entries,expected", [
+    ([Q0], [Q0]),                                       # exact name
+    (["attention.self.query"], [Q0, Q1]),               # dotted suffix
+    (["query"], [Q0, Q1]),                              # one-part suffix
+    ([r"re:.*layer\.1\..*(query|value)"], [Q1, V1]),    # regex over the whole name
+    ("query", [Q0, Q1]),                                # a bare string is one entry
+])
+def test_target_forms(entries, expected):
+    assert resolve_targets(build("bert"), entries, SUPPORTED, "LoRA") == expected
+
+
+def test_all_linear_skips_heads_and_embeddings():
+    names = resolve_targets(build("bert"), "all-linear", SUPPORTED, "LoRA")
+    assert len(names) == 2 * 6 + 1  # q, k, v, attn out, intermediate, output per layer + pooler
+    assert "classifier" not in names and not any("embeddings" in n for n in names)
+    gpt2 = build("gpt2")
+    names = resolve_targets(gpt2, "all-linear", SUPPORTED, "LoRA", linear_types=(nn.Linear, Conv1D))
+    assert len(names) == 2 * 4 and "transformer.h.0.attn.c_attn" in names
+    assert all(isinstance(gpt2.get_submodule(n), Conv1D) for n in names)  # not lm_head, wte, wpe
+
+
+@pytest.mark.parametrize("config,expected", [
+    (lora(target_modules=["query", "valeu"]), ["'valeu'", "matches no module", "did you mean", "value"]),
+    (lora(target_modules=["uery"]), ["'uery'", "query"]),  # a suffix is whole name parts only
+    (lora(target_modules=["attention.self.quer"]), ["attention.self.query"]),
+    (lora(target_modules=["re:.*nothing"]), ["'re:.*nothing'", "matches no module"]),
+    (lora(target_modules=["re:query("]), ["'re:query('", "not a valid regular expression"]),
+    (lora(target_modules=["LayerNorm"]), ["'bert.embeddings.LayerNorm', a LayerNorm", "cannot adapt"]),
+    (lora(modules_to_save=["classifer"]), ["modules_to_save entry 'classifer'", "classifier"]),
+])
+def test_bad_targets_name_the_entry_and_leave_the_model_unchanged(config, expected):
+    model = build("bert")
+    before = structure(model)
+    with pytest.raises(dt.TargetError) as info:
+        dt.apply(model, config)
+    assert all(part in str(info.value) for part in expected), str(info.value)
+    assert structure(model) == before
+
+
+def test_a_bad_second_adapter_leaves_the_first_in_place():
+    model = build("bert")
+    dt.apply(model, lora(), "a")
+    before = structure(model)
+    with pytest.raises(dt.TargetError):
+        dt.apply(model, lora(target_modules=["key", "nothing"]), "b")
+    assert structure(model) == before and dt.active_adapters(model) == ["a"]
+
+
+# --- accounting --------------------------------------------------------------------------
+
+class Big(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4096, 4096)
+
+
+def test_counts_on_one_large_linear():
+    model = dt.apply(Big(), dt.LoraConfig(r=8, target_modules=["proj"]))
+    report = dt.parameter_report(model)
+    assert report.trainable == report.stored == 8 * (4096 + 4096) == 65_536
+    assert report.changed == 4096 * 4096  # merging rewrites every weight (not the bias)
+    assert report.total == 4096 * 4096 + 4096 + 65_536 == 16_846_848
+    assert report.stored_bytes == 4 * 65_536 and report.not_stored == 0
+    assert report.trainable_percent == pytest.approx(100 * 65_536 / 16_846_848)
+    assert str(report).startswith("trainable params: 65,536 || all params: 16,846,848 || trainable%: 0.3890")
+
+
+def test_a_model_without_adapters_counts_everything_as_trainable():
+    report = dt.parameter_report(Big())
+    assert report.trainable == report.stored == report.total == 4096 * 4096 + 4096
+
+
+# --- verbs -------------------------------------------------------------------------------
+
+class Tiny(nn.Module):
+    """One linear layer: adapter deltas add up exactly at its output."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def tiny_with(*names: str) -> nn.Module:
+    model = Tiny()
+    for i, name in enumerate(names):
+        dt.apply(model, dt.LoraConfig(r=2, target_modules=["proj"]), name)
+        perturb(model, seed=10 + i)
+    return model
+
+
+X = torch.randn(3, 6, generator=torch.Generator().manual_seed(0))
+
+
+def run(model, adapters) -> torch.Tensor:
+    dt.set_adapter(model, adapters)
+    with torch.no_grad():
+        return model(X)
+
+
+def own_output(model, name: str, base: torch.Tensor) -> torch.Tensor:
+    """base + (alpha/r) B A x with adapter ``name``'s own weights (alpha 16, r 2)."""
+    delta = model.proj.deltas[name]
+    return (base + 8.0 * X @ delta.lora_A.weight.T @ delta.lora_B.weight.T).detach()
+
+
+def test_set_adapter_switches_and_combines():
+    model = tiny_with("a", "b")
+    with torch.no_grad():
+        base = model.proj.base_layer(X)
+    out_a, out_b, both = run(model, "a"), run(model, "b"), run(model, ["a", "b"])
+    torch.testing.assert_close(out_a, own_output(model, "a", base))
+    torch.testing.assert_close(out_b, own_output(model, "b", base))
+    assert not torch.allclose(out_a, out_b, atol=1e-3)
+    torch.testing.assert_close(both - base, (out_a - base) + (out_b - base), atol=1e-5, rtol=0)
+    assert dt.active_adapters(model) == ["a", "b"]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"proj.deltas.{a}.lora_{m}.weight" for a in "ab" for m in "AB"}
+
+
+def test_set_adapter_to_one_freezes_the_other():
+    model = tiny_with("a", "b")
+    dt.set_adapter(model, "a")
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "proj.deltas.a.lora_A.weight", "proj.deltas.a.lora_B.weight"}
+
+
+def test_delete_adapter_restores_the_plain_module_when_last():
+    model = tiny_with("a", "b")
+    keys = sorted(Tiny().state_dict())
+    dt.set_adapter(model, "b")
+    expected_b = run(model, "b")
+    dt.delete_adapter(model, "a")
+    assert type(model.proj).__name__ == "DeltaLayer" and dt.active_adapters(model) == ["b"]
+    torch.testing.assert_close(model(X).detach(), expected_b)
+    dt.delete_adapter(model, "b")
+    assert type(model.proj) is nn.Linear and sorted(model.state_dict()) == keys
+    assert not hasattr(model, "_deltatune_state")
+    torch.testing.assert_close(model(X).detach(), Tiny()(X).detach())
+
+
+def test_disable_adapters_restores_state_after_an_exception():
+    model = tiny_with("a")
+    adapted = run(model, "a")
+    with pytest.raises(RuntimeError, match="boom"):
+        with dt.disable_adapters(model):
+            torch.testing.assert_close(model(X).detach(), Tiny()(X).detach())
+            raise RuntimeError("boom")
+    torch.testing.assert_close(model(X).detach(), adapted)
+
+
+@pytest.mark.parametrize("action,error,match", [
+    (lambda m: dt.apply(m, dt.LoraConfig(r=2, target_modules=["proj"]), "a"), dt.ConfigError,
+     "already has an adapter named 'a'"),
+    (lambda m: dt.unmerge(m), dt.MergeError, "nothing is merged"),
+    (lambda m: dt.set_adapter(m, "zz"), dt.ConfigError, "no adapter named 'zz'"),
+    (lambda m: dt.delete_adapter(m, "zz"), dt.ConfigError, "no adapter named 'zz'"),
+])
+def test_refused_verbs_leave_the_model_as_it_was(action, error, match):
+    model = tiny_with("a")
+    expected, before = run(model, "a"), structure(model)
+    with pytest.raises(error, match=match):
+        action(model)
+    assert structure(model) == before
+    torch.testing.assert_close(model(X).detach(), expected)
+
+
+@pytest.mark.parametrize("action", [
+    lambda m: dt.merge(m), lambda m: dt.set_adapter(m, "a"), lambda m: dt.delete_adapter(m, "a"),
+    lambda m: dt.disable_adapters(m).__enter__(),
+])
+def test_merged_model_refuses_what_would_lose_the_merge(action):
+    model = tiny_with("a")
+    dt.merge(model)
+    with pytest.raises(dt.MergeError, match="merge"):
+        action(model)
+
+
+def test_verbs_on_a_model_without_adapters_say_apply_first():
+    with pytest.raises(dt.ConfigError, match="apply"):
+        dt.merge(Tiny())
+
+
+# --- adapter files -----------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    """A tiny BERT with a trained-looking adapter, its outputs, and its saved directory."""
+    model = dt.apply(build("bert"), lora(modules_to_save=["classifier"]))
+    perturb(model)
+    expected = output(model, inputs("bert"))
+    return model, expected, dt.save_adapter(model, tmp_path / "adapter")
+
+
+def test_saved_files_hold_the_config_and_only_the_stored_tensors(saved):
+    model, _, path = saved
+    config = json.loads((path / "adapter_config.json").read_text())
+    assert config["method"] == "lora" and config["config"]["r"] == 4
+    assert config["deltatune_version"] == dt.__version__ and config["base_model_type"] == "bert"
+    assert config["base_fingerprint"].startswith("sha256:")
+    _, tensors = dt.read_adapter(path)
+    layers = [f"bert.encoder.layer.{i}.attention.self.{m}.lora_{ab}.weight"
+              for i in (0, 1) for m in ("query", "value") for ab in "AB"]
+    assert sorted(tensors) == sorted(layers + ["classifier.weight", "classifier.bias"])
+    assert not any(part in key for key in tensors for part in ("default", "base_layer", "deltas"))
+    torch.testing.assert_close(tensors[layers[0]], model.get_parameter(
+        "bert.encoder.layer.0.attention.self.query.deltas.default.lora_A.weight").detach())
+
+
+def test_load_into_another_shaped_base_names_the_module_and_changes_nothing(saved):
+    _, _, path = saved
+    torch.manual_seed(0)
+    other = BertForSequenceClassification(BertConfig(
+        vocab_size=101, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64, num_labels=3))
+    before = structure(other)
+    with pytest.raises(dt.AdapterFileError, match=r"attention\.self\.query\.lora_A\.weight.*shape"):
+        dt.load_adapter(other, path)
+    assert structure(other) == before
+
+
+@pytest.mark.parametrize("cut", [slice(0, 4), slice(0, 200), slice(0, -4)])  # prefix, header, data
+def test_truncated_weights_are_reported_as_corrupted(saved, cut):
+    _, _, path = saved
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[cut])
+    with pytest.raises(dt.AdapterFileError, match="corrupted"):
+        dt.load_adapter(build("bert"), path)
+
+
+def test_broken_json_config_falls_back_to_the_embedded_one(saved):
+    _, expected, path = saved
+    (path / "adapter_config.json").write_text("{not json")
+    with pytest.warns(UserWarning, match="not valid JSON"):
+        model = dt.load_adapter(build("bert"), path)
+    torch.testing.assert_close(output(model, inputs("bert")), expected, atol=1e-6, rtol=0)
+
+
+def test_pickle_only_directory_is_refused(tmp_path):
+    torch.save({"w": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(dt.AdapterFileError, match="pickle"):
+        dt.load_adapter(build("bert"), tmp_path)
+
+
+def test_save_to_a_file_path_is_refused(saved, tmp_path):
+    model, _, _ = saved
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(dt.AdapterFileError, match="not a directory"):
+        dt.save_adapter(model, tmp_path / "a_file")
+
+
+def test_a_failed_save_keeps_the_previous_adapter(saved, monkeypatch):
+    model, expected, path = saved
+    first = (path / "adapter_model.safetensors").read_bytes()
+
+    def fail_midway(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(adapter_files, "save_file", fail_midway)
+    perturb(model, seed=7)
+    with pytest.raises(dt.AdapterFileError, match="No space left"):
+        dt.save_adapter(model, path)
+    assert (path / "adapter_model.safetensors").read_bytes() == first
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh = dt.load_adapter(build("bert"), path)
+    torch.testing.assert_close(output(fresh, inputs("bert")), expected, atol=0, rtol=0)
