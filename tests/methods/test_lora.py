@@ -85,6 +85,16 @@ def test_a_module_cannot_be_both_adapted_and_saved(saved):
     assert sorted(model.state_dict()) == keys
 
 
+def test_all_linear_skips_modules_trained_in_full():
+    """A task's head and pooler are trained in full; "all-linear" adapts every other linear."""
+    model = dt.apply(build("bert"), dt.LoraConfig(target_modules="all-linear",
+                                                  modules_to_save=["bert.pooler", "classifier"]))
+    adapted = {n.removesuffix(".deltas.default.lora_A") for n, _ in model.named_modules()
+               if n.endswith(".deltas.default.lora_A")}
+    assert "bert.pooler.dense" not in adapted and "bert.encoder.layer.0.attention.self.query" in adapted
+    assert len(adapted) == 6 * model.config.num_hidden_layers
+
+
 # --- counts ------------------------------------------------------------------------------
 
 def test_counts_on_tiny_bert():

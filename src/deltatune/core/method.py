@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .layer import AdapterState, Delta, DeltaLayer
-from .targets import resolve_targets
+from .targets import ALL_LINEAR, resolve_targets
 
 FAMILIES = ("additive", "selective", "re-parameterisation", "full")
 
@@ -234,22 +234,29 @@ def check_not_nested(model: nn.Module, names: list[str]) -> None:
                                   "or delete_adapter() the other adapter first.")
 
 
-def check_not_saved(model: nn.Module, names: list[str], config: MethodConfig) -> None:
-    """Refuse targets that are, contain or sit inside a module of ``config.modules_to_save``.
+def check_not_saved(model: nn.Module, names: list[str], config: MethodConfig) -> list[str]:
+    """Return ``names`` less those that are, contain or sit inside a module of
+    ``config.modules_to_save``; an explicit target that does is refused.
 
     A trained copy runs instead of its original, so an adapter inside it would never run and
-    one around it would nest two wrappers. Checked in ``plan``, before anything changes.
+    one around it would nest two wrappers. ``"all-linear"`` simply skips such modules, as it
+    skips the output head. Checked in ``plan``, before anything changes.
     """
     if not config.modules_to_save:
-        return
+        return names
     saved = resolve_targets(model, config.modules_to_save, (nn.Module,), config.method,
                             field_name="modules_to_save")
+    broad = getattr(config, "target_modules", None) in (ALL_LINEAR, [ALL_LINEAR])
+    kept = []
     for name in names:
         clash = next((s for s in saved if s == name or name.startswith(s + ".")
                       or s.startswith(name + ".")), None)
-        if clash:
+        if clash and not broad:
             raise ConfigError(f"'{name}' is a {config.method} target and overlaps '{clash}' in "
                               "modules_to_save.", "a module is either adapted or trained in full, not both.")
+        if not clash:
+            kept.append(name)
+    return kept
 
 
 def release_hooks(model: nn.Module, attr: str, adapter_name: str) -> None:

@@ -146,7 +146,7 @@ class Adapter(Method):
         supported = (nn.Module,) if parallel else LINEAR_TYPES
         names = resolve_targets(model, self._entries(model), supported, "adapter",
                                 linear_types=LINEAR_TYPES)
-        check_not_saved(model, names, self.config)
+        names = check_not_saved(model, names, self.config)
         check_not_nested(model, names)
         sites = [_site(model, name, parallel) for name in names]
         for site in sites:

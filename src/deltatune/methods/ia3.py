@@ -125,7 +125,7 @@ class IA3(Method):
             entries = list(dict.fromkeys(roles.key + roles.value + roles.ffn_out))
         targets = resolve_targets(model, entries, LINEAR_TYPES, "IA3", linear_types=LINEAR_TYPES)
         feedforward = self._feedforward(model, targets)
-        check_not_saved(model, targets, self.config)
+        targets = check_not_saved(model, targets, self.config)
         check_not_nested(model, targets)
         return {name: name in feedforward for name in targets}
 

@@ -138,7 +138,7 @@ class Lora(Method):
             roles = anatomy_of(model, "LoRA's default target_modules")
             entries = list(dict.fromkeys(roles.query + roles.value))
         names = resolve_targets(model, entries, SUPPORTED, "LoRA", linear_types=LINEAR_TYPES)
-        check_not_saved(model, names, self.config)
+        names = check_not_saved(model, names, self.config)
         check_not_nested(model, names)
         return names
 
