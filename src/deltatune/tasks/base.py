@@ -1,8 +1,16 @@
-"""The task interface the training loop talks to. The loop never asks which task it runs."""
+"""The task interface the training loop talks to. The loop never asks which task it runs.
+
+A task owns everything that differs between kinds of problem: the head (``load_model``), the
+tokenisation (``prepare``), the batches (``collator``), the evaluation and the predictions.
+:class:`TaskBase` gives the defaults most tasks keep: new heads are trained and saved, batches
+are padded, and evaluation gathers logits and labels and hands them to ``metrics``.
+"""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -11,38 +19,100 @@ from datasets import DatasetDict
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.method import help_field
+from ..core.targets import HEAD_NAMES
+from .batching import gather_logits, pad_collator
+
+# task.type -> (module in deltatune.tasks, class)
+TASKS = {
+    "classification": ("classification", "SequenceClassification"),
+    "tokens": ("tokens", "TokenClassification"),
+    "qa": ("qa", "QuestionAnswering"),
+    "causal_lm": ("causal_lm", "CausalLanguageModeling"),
+    "seq2seq": ("seq2seq", "SequenceToSequence"),
+}
+#: metrics where smaller is better; every other metric is better when larger.
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@dataclass
+class TaskConfig:
+    """The ``task:`` section. Tasks with options of their own subclass it (one level)."""
+
+    type: str = help_field("classification", "The task: classification, tokens (NER), qa (extractive "
+                                             "question answering), causal_lm or seq2seq.")
 
 
 class Task(Protocol):
-    """What a task provides: a model with its head, tokenised splits, batches and metrics."""
+    """What a task provides: a model with its head, tokenised splits, batches, metrics, predictions."""
 
     name: str
-    #: the metric that "better" means for this task (e.g. accuracy).
+    #: the metric that "better" means for this task (accuracy, f1, exact_match, perplexity, rouge1).
     primary_metric: str
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
-        """Check columns and labels, tokenise; keep model inputs, ``labels`` and ``length``."""
+        """Check columns and labels, tokenise; keep model inputs, labels and ``length``."""
 
     def load_model(self, path: str) -> nn.Module:
         """The pre-trained model with this task's head."""
 
     def head_modules(self, model: nn.Module) -> list[str]:
-        """Names of the head modules, always trained and saved with the adapter."""
+        """Names of the new head modules, always trained and saved with the adapter."""
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
-        """Pads a list of examples into a batch."""
+        """Pads a list of examples into a batch of model inputs (and the labels the model takes)."""
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        """Metrics and ``loss`` over one loader (in eval mode, without gradients), unprefixed."""
+
+    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Readable predictions for raw inputs: texts, or rows with the task's columns."""
+
+
+class TaskBase:
+    """Defaults for tasks: heads by name, padding collation, evaluation by logits and labels."""
+
+    name = ""
+    primary_metric = ""
+    config_class: type[TaskConfig] = TaskConfig
+    #: the batch keys the model takes; the collator drops every other column.
+    model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.options = config.task
+
+    def head_modules(self, model: nn.Module) -> list[str]:
+        return [name for name, _ in model.named_children() if name in HEAD_NAMES]
+
+    def collator(self, tokenizer: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        return pad_collator(tokenizer, self.model_keys)
+
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
+        logits, labels, loss = gather_logits(model, loader, accelerator)
+        return {**self.metrics(logits, labels), "loss": loss}
 
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-        """Metrics under their usual names (without the eval_ prefix)."""
+        raise NotImplementedError(f"{type(self).__name__} must define metrics() or override evaluate().")
 
-    def predict(self, logits: np.ndarray) -> list[dict[str, Any]]:
-        """Readable predictions: label names and probabilities."""
+
+def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (``loss``, ``eval_perplexity``...) is better."""
+    return metric.endswith(LOWER_IS_BETTER)
+
+
+def task_class(task_type: str) -> type:
+    """The task class registered under ``task_type``.
+
+    Raises:
+        ConfigError: no task has that name.
+    """
+    if task_type not in TASKS:
+        raise ConfigError(f"unknown task.type '{task_type}'.", f"choose one of: {', '.join(TASKS)}.")
+    module, name = TASKS[task_type]
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
 def task_for(config: Any) -> Task:
-    from .classification import SequenceClassification
-
-    tasks = {"classification": SequenceClassification}
-    if config.task.type not in tasks:
-        raise ConfigError(f"unknown task.type '{config.task.type}'.", f"choose one of: {', '.join(tasks)}.")
-    return tasks[config.task.type](config)
+    """The task object of a run config (``config.task.type``)."""
+    return task_class(config.task.type)(config)

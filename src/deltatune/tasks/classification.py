@@ -14,14 +14,16 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from ..core.errors import ConfigError
 from ..core.targets import HEAD_NAMES
 from ..data.loading import require_columns
+from .base import TaskBase
+from .batching import chunks
 
 
-class SequenceClassification:
+class SequenceClassification(TaskBase):
     name = "classification"
     primary_metric = "accuracy"
 
     def __init__(self, config: Any):
-        self.config = config
+        super().__init__(config)
         self.labels: list[str] = [str(label) for label in config.data.labels or []]
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
@@ -81,11 +83,26 @@ class SequenceClassification:
         return {"accuracy": float(accuracy_score(labels, predictions)),
                 "f1": float(f1_score(labels, predictions, average="macro"))}
 
-    def predict(self, logits: np.ndarray) -> list[dict[str, Any]]:
-        probabilities = torch.softmax(torch.from_numpy(logits).float(), -1).numpy()
-        return [{"label": self.labels[int(p.argmax())],
-                 "probabilities": {label: round(float(x), 6) for label, x in zip(self.labels, p)}}
-                for p in probabilities]
+    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Label names and probabilities; each input is a text or a row with the data's text columns."""
+        data, rows = self.config.data, []
+        for chunk in chunks(inputs, self.config.training.eval_batch_size):
+            texts = [x[data.text_column] if isinstance(x, dict) else x for x in chunk]
+            if data.text_pair_column and not all(isinstance(x, dict) for x in chunk):
+                raise ConfigError(f"this run classifies sentence pairs ({data.text_column}, "
+                                  f"{data.text_pair_column}); a bare text has no pair.",
+                                  "pass rows with both columns, e.g. --input pairs.jsonl.")
+            pairs = [x[data.text_pair_column] for x in chunk] if data.text_pair_column else None
+            batch = tokenizer(texts, pairs, truncation=True, max_length=self.config.model.max_length,
+                              padding=True, return_tensors="pt")
+            with torch.no_grad():
+                logits = model(**batch).logits.float()
+            rows += [{"text": text, **self._readable(p)} for text, p in zip(texts, torch.softmax(logits, -1))]
+        return rows
+
+    def _readable(self, probabilities: torch.Tensor) -> dict[str, Any]:
+        return {"label": self.labels[int(probabilities.argmax())],
+                "probabilities": {label: round(float(x), 6) for label, x in zip(self.labels, probabilities)}}
 
 
 def _natural(label: str) -> tuple:

@@ -17,6 +17,7 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.method import MethodConfig, config_from_dict, help_field, type_name, type_ok
+from ..tasks.base import TaskConfig, task_class
 
 
 @dataclass
@@ -29,21 +30,18 @@ class ModelConfig:
 
 
 @dataclass
-class TaskConfig:
-    type: str = help_field("classification", "The task: classification.")
-
-
-@dataclass
 class DataConfig:
     source: str | None = help_field("rotten-tomatoes", "A bundled data set (rotten-tomatoes, "
-                                    "tweets, sms-spam, bbc-news); ignored when train_file is set.")
+                                    "tweets, sms-spam, bbc-news, wnut16); ignored when train_file is set.")
     train_file: str | None = help_field(None, "Local CSV, TSV, JSON, JSONL or Parquet file.")
     validation_file: str | None = help_field(None, "Held-out file; carved from train when absent.")
     test_file: str | None = help_field(None, "Test file; carved from train when absent.")
-    text_column: str = help_field("text", "Column with the text.")
+    text_column: str = help_field("text", "Column with the text (classification; other tasks name "
+                                  "their columns under task:).")
     text_pair_column: str | None = help_field(None, "Second text column for sentence pairs.")
     label_column: str = help_field("label", "Column with the label (a name or an integer).")
-    labels: list[str] | None = help_field(None, "The label set, in order; default: sorted labels seen in train.")
+    labels: list[str] | None = help_field(None, "The label (or tag) set, in order; default: the labels "
+                                          "seen in train, sorted.")
     validation_size: float = help_field(0.1, "Fraction of train carved as validation when no file is given.")
     test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.")
     max_train_samples: int | None = help_field(None, "Keep at most this many training rows.")
@@ -71,7 +69,8 @@ class TrainingConfig:
     logging_steps: int = help_field(10, "Log the training loss every N steps.")
     save_steps: int | None = help_field(None, "Write a resumable checkpoint every N steps (and at each evaluation).")
     early_stopping_patience: int | None = help_field(None, "Stop after N evaluations without improvement.")
-    metric_for_best_model: str = help_field("accuracy", "Validation metric that picks the best checkpoint.")
+    metric_for_best_model: str | None = help_field(None, "Validation metric that picks the best checkpoint; "
+                                                   "default: the task's (accuracy, f1, exact_match, perplexity).")
     group_by_length: bool = help_field(True, "Batch examples of similar length to spend less time on padding.")
     progress: bool = help_field(True, "Show a progress bar.")
 
@@ -93,13 +92,20 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         _check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
         sections = {name: _section(kind, data.get(name) or {}, name)
-                    for name, kind in (("model", ModelConfig), ("task", TaskConfig),
+                    for name, kind in (("model", ModelConfig), ("task", _task_kind(data.get("task"))),
                                        ("data", DataConfig), ("training", TrainingConfig))}
         method = data.get("method") or {}
         if isinstance(method, dict):
             method = {"method": "lora", **method}  # LoRA unless the section names another method
         method = config_from_dict(method, "method")
         return cls(method=method, **sections)
+
+
+def _task_kind(data: Any) -> type[TaskConfig]:
+    """The task's own options class, chosen by ``task.type``."""
+    if not isinstance(data, dict) or "type" not in data:
+        return TaskConfig
+    return task_class(str(data["type"])).config_class
 
 
 def _check_keys(data: Any, known: list[str], where: str) -> None:

@@ -1,4 +1,4 @@
-"""Use a finished run: evaluate it on a split or a file, predict labels for new texts."""
+"""Use a finished run: evaluate it on a split or a file, predict for new inputs."""
 
 from __future__ import annotations
 
@@ -57,25 +57,29 @@ def evaluate_run(path: str | Path, data_file: str | None = None) -> dict[str, fl
     return evaluate(model, loader, task, Accelerator(cpu=True), "test")
 
 
-def predict_texts(path: str | Path, texts: list[str]) -> list[dict[str, Any]]:
-    """Label names and probabilities for each text."""
-    config, task, tokenizer, model = load_run(path)
-    rows = []
-    for start in range(0, len(texts), config.training.eval_batch_size):
-        chunk = texts[start:start + config.training.eval_batch_size]
-        batch = tokenizer(chunk, truncation=True, max_length=config.model.max_length,
-                          padding=True, return_tensors="pt")
-        with torch.no_grad():
-            logits = model(**batch).logits.float().numpy()
-        rows += [{"text": text, **pred} for text, pred in zip(chunk, task.predict(logits))]
-    return rows
+def predict_texts(path: str | Path, inputs: list[Any]) -> list[dict[str, Any]]:
+    """The run's predictions for raw inputs, each given back with what it was predicted from.
+
+    Args:
+        path: a run folder (or its adapter folder).
+        inputs: texts, or rows with the task's columns (a question and a context for qa).
+
+    Returns:
+        One dict per input: label and probabilities (classification), tags and entities
+        (tokens), answer and span (qa), completion (causal_lm).
+    """
+    _, task, tokenizer, model = load_run(path)
+    return task.predict(model, tokenizer, list(inputs))
 
 
-def read_texts(path: str, column: str) -> list[str]:
-    """Texts from a data file's column, or from a plain text file (one per line)."""
+def read_texts(path: str, column: str | None = None) -> list[Any]:
+    """Inputs from a plain text file (one per line) or a data file: the values of ``column``,
+    or whole rows when no column is named (the task picks its columns)."""
     if Path(path).suffix.lower() == ".txt":
         return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     table: Dataset = read_file(path)
+    if column is None:
+        return list(table)
     if column not in table.column_names:
         raise ConfigError(f"'{path}' has no column '{column}'.", f"its columns: {', '.join(table.column_names)}.")
     return list(table[column])

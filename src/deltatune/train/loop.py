@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -23,6 +22,7 @@ from ..core.errors import DeltatuneError
 from ..core.verbs import load_adapter_state_dict
 from ..io.adapter_files import WEIGHTS_NAME, save_adapter
 from ..io.atomic import atomic_write_text
+from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .logs import MetricsLog, plot_curves
@@ -197,21 +197,23 @@ def _check_finite(loss: torch.Tensor, progress: Progress, folder: Path) -> None:
 
 
 def evaluate(model: torch.nn.Module, loader: Any, task: Any, accelerator: Any, prefix: str) -> dict[str, float]:
-    """Loss and task metrics over one loader, named ``<prefix>_<metric>`` (eval_accuracy, test_f1)."""
+    """Loss and task metrics over one loader, named ``<prefix>_<metric>`` (eval_accuracy, test_f1).
+
+    Args:
+        model: the (adapted) model; put in eval mode for the pass and back afterwards.
+        loader: batches from the task's collator.
+        task: computes the metrics (``Task.evaluate``).
+        accelerator: gathers outputs across processes.
+        prefix: ``eval`` or ``test``.
+
+    Returns:
+        The task's metrics and ``loss`` under prefixed names.
+    """
     was_training = model.training
     model.eval()
-    logits, labels, losses, sizes = [], [], [], []
     with torch.no_grad():
-        for batch in loader:
-            out = model(**batch)
-            batch_logits, batch_labels = accelerator.gather_for_metrics((out.logits, batch["labels"]))
-            logits.append(batch_logits.float().cpu().numpy())
-            labels.append(batch_labels.cpu().numpy())
-            losses.append(out.loss.item())
-            sizes.append(len(batch["labels"]))
+        metrics = task.evaluate(model, loader, accelerator)
     model.train(was_training)
-    metrics = task.metrics(np.concatenate(logits), np.concatenate(labels))
-    metrics["loss"] = float(np.average(losses, weights=sizes))
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
@@ -230,7 +232,7 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
         raise TrainingError(f"training.metric_for_best_model '{run.config.training.metric_for_best_model}' "
                             "is not a metric of this task.",
                             f"choose one of: {', '.join(k[5:] for k in metrics)}.")
-    value = metrics[key] if not key.endswith("loss") else -metrics[key]
+    value = -metrics[key] if lower_is_better(key) else metrics[key]
     if progress.best_metric is None or value > progress.best_metric:
         progress.best_metric, progress.best_step = value, progress.step
         progress.evals_without_improvement = 0

@@ -78,6 +78,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     tokenizer = AutoTokenizer.from_pretrained(path)
     data = task.prepare(load_splits(config.data), tokenizer, config)
     config.data.labels = list(getattr(task, "labels", []) or []) or None
+    training.metric_for_best_model = training.metric_for_best_model or task.primary_metric
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
     _check_max_length(config, model)

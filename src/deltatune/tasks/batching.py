@@ -1,0 +1,89 @@
+"""Batches in and out: padding examples into tensors, gathering outputs across processes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+#: what each padded key is padded with (input_ids: the tokenizer's pad id).
+PAD_VALUES = {"labels": -100, "attention_mask": 0, "token_type_ids": 0}
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's pad id; its end-of-text id where it has none (GPT-2, LLaMA)."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if value is not None:
+            return value
+    return 0
+
+
+def pad_collator(tokenizer: Any, keys: Sequence[str], side: str = "right") -> Callable[[list[dict]], dict]:
+    """A collate function keeping ``keys`` (where present): lists are padded, scalars stacked.
+
+    Args:
+        tokenizer: gives the pad id of ``input_ids``.
+        keys: the columns that go into the batch; all others (``length``, offsets) are dropped.
+        side: ``right`` for training, ``left`` where generation continues the sequence.
+
+    Returns:
+        A function from a list of examples to a dict of tensors.
+    """
+    values = {**PAD_VALUES, "input_ids": pad_id(tokenizer)}
+
+    def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+        return {key: stack([e[key] for e in examples], values.get(key, 0), side)
+                for key in keys if key in examples[0]}
+
+    return collate
+
+
+def stack(values: list[Any], pad: int, side: str = "right") -> torch.Tensor:
+    """One tensor from scalars, or from lists padded with ``pad`` to the longest."""
+    if not isinstance(values[0], (list, tuple)):
+        return torch.tensor(values)
+    width = max(len(v) for v in values)
+    rows = [[pad] * (width - len(v)) + list(v) if side == "left" else list(v) + [pad] * (width - len(v))
+            for v in values]
+    return torch.tensor(rows)
+
+
+def concat_padded(arrays: list[np.ndarray], pad: float) -> np.ndarray:
+    """Concatenate along axis 0, padding axis 1 (the sequence) to the longest first."""
+    if arrays[0].ndim == 1:
+        return np.concatenate(arrays)
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=pad)
+              for a in arrays]
+    return np.concatenate(padded)
+
+
+def gather_logits(model: torch.nn.Module, loader: Any, accelerator: Any) -> tuple[np.ndarray, np.ndarray, float]:
+    """The logits and labels of every example of ``loader``, in order, from all processes.
+
+    Token-level outputs are padded to one length (logits with 0, labels with -100).
+
+    Returns:
+        (logits, labels, mean loss weighted by batch size)
+    """
+    logits, labels, losses, sizes = [], [], [], []
+    for batch in loader:
+        out = model(**batch)
+        batch_logits, batch_labels = out.logits, batch["labels"]
+        if batch_labels.ndim > 1:  # per token: processes may hold batches of different lengths
+            batch_logits = accelerator.pad_across_processes(batch_logits, dim=1)
+            batch_labels = accelerator.pad_across_processes(batch_labels, dim=1, pad_index=-100)
+        batch_logits, batch_labels = accelerator.gather_for_metrics((batch_logits, batch_labels))
+        logits.append(batch_logits.float().cpu().numpy())
+        labels.append(batch_labels.cpu().numpy())
+        losses.append(out.loss.item())
+        sizes.append(len(batch["labels"]))
+    return concat_padded(logits, 0.0), concat_padded(labels, -100), float(np.average(losses, weights=sizes))
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    """Consecutive slices of at most ``size`` items."""
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

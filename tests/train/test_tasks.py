@@ -1,0 +1,77 @@
+"""The task interface as the pipeline sees it: options per task, the best model by the task's
+metric, predictions and evaluation from a finished run, padding and gathering helpers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deltatune import DeltatuneError
+from deltatune.tasks.base import lower_is_better, task_for
+from deltatune.tasks.batching import concat_padded, pad_collator
+from deltatune.train.config import load_config
+from deltatune.train.inference import evaluate_run, predict_texts, read_texts
+from deltatune.train.loop import train
+
+
+def test_each_task_has_its_own_options_and_refuses_the_others():
+    assert load_config(None, ["task.type=qa", "task.stride=16"]).task.stride == 16
+    with pytest.raises(DeltatuneError, match="unknown key 'task.stride'"):
+        load_config(None, ["task.type=tokens", "task.stride=16"])
+    with pytest.raises(DeltatuneError, match="unknown task.type 'ner'"):
+        load_config(None, ["task.type=ner"])
+    assert [task_for(load_config(None, [f"task.type={t}"])).primary_metric
+            for t in ("classification", "tokens", "qa", "causal_lm")] == ["accuracy", "f1", "exact_match", "perplexity"]
+
+
+def test_smaller_is_better_only_for_losses_and_perplexity():
+    assert lower_is_better("eval_loss") and lower_is_better("eval_perplexity")
+    assert not lower_is_better("eval_f1") and not lower_is_better("eval_exact_match")
+
+
+def test_padding_keeps_only_model_keys_and_pads_labels_with_minus_100():
+    class Tokenizer:
+        pad_token_id, eos_token_id, sep_token_id = 0, None, 102
+
+    collate = pad_collator(Tokenizer(), ["input_ids", "labels", "start_positions"])
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [1, 2, 3], "start_positions": 2, "context": "x"},
+                     {"input_ids": [8], "labels": [4], "start_positions": 0, "context": "y"}])
+    assert set(batch) == {"input_ids", "labels", "start_positions"}
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[1, 2, 3], [4, -100, -100]]
+    assert batch["start_positions"].tolist() == [2, 0]
+    left = pad_collator(Tokenizer(), ["input_ids"], side="left")([{"input_ids": [5, 6]}, {"input_ids": [8]}])
+    assert left["input_ids"].tolist() == [[5, 6], [0, 8]]
+
+
+def test_token_outputs_of_different_lengths_concatenate():
+    out = concat_padded([np.ones((2, 3)), np.zeros((1, 5))], -100)
+    assert out.shape == (3, 5) and out[0, 3] == -100 and out[2, 4] == 0
+
+
+def test_a_classification_run_predicts_from_texts_and_rows_and_evaluates(tmp_path, tiny_model_dir, sentiment_csv):
+    train(load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.max_length=32",
+                             f"data.train_file={sentiment_csv}", "data.max_train_samples=32",
+                             "data.max_eval_samples=16", f"training.output_dir={tmp_path}", "training.max_steps=1",
+                             "training.batch_size=16", "training.progress=false"]))
+    rows = predict_texts(tmp_path, ["a great film", {"text": "an awful film", "label": "negative"}])
+    assert [r["text"] for r in rows] == ["a great film", "an awful film"]
+    assert all(r["label"] in ("negative", "positive") and sum(r["probabilities"].values()) == pytest.approx(1)
+               for r in rows)
+    assert read_texts(str(sentiment_csv))[0].keys() == {"text", "label"}
+    assert isinstance(read_texts(str(sentiment_csv), "text")[0], str)
+    metrics = evaluate_run(tmp_path, str(sentiment_csv))
+    assert set(metrics) == {"test_accuracy", "test_f1", "test_loss"}
+
+
+def test_the_best_checkpoint_follows_a_smaller_is_better_metric(tmp_path, tiny_model_dir, sentiment_csv):
+    result = train(load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", "model.max_length=32", f"data.train_file={sentiment_csv}",
+        "data.max_train_samples=64", "data.max_eval_samples=16", f"training.output_dir={tmp_path}",
+        "training.max_steps=4", "training.eval_steps=1", "training.batch_size=16", "training.progress=false",
+        "training.metric_for_best_model=loss", "training.learning_rate=1e-2"]))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = {x["step"]: x["eval_loss"] for x in lines if "eval_loss" in x}
+    assert result.best_step == min(losses, key=losses.get)
