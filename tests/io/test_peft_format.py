@@ -6,9 +6,12 @@ import json
 
 import peft
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 import deltatune as dt
+from deltatune.cli import main
 from tiny import build, inputs, output, perturb
 
 CASES = {
@@ -24,6 +27,10 @@ CASES = {
     "prompt-seq-cls": ("bert", lambda: peft.PromptTuningConfig(
         task_type="SEQ_CLS", num_virtual_tokens=5, token_dim=32, num_transformer_submodules=1,
         num_attention_heads=4, num_layers=2)),
+    "prefix-gpt2": ("gpt2", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    # grouped-query attention (d_kv = 2 heads x 8), and a projection: the file holds its output
+    "prefix-llama-projection": ("llama", lambda: peft.PrefixTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),
 }
 
 
@@ -71,3 +78,112 @@ def test_methods_without_a_peft_layout_are_refused(tmp_path):
     dt.apply(model, dt.LayerTuningConfig(top_k=1))
     with pytest.raises(dt.AdapterFileError, match="no peft format"):
         dt.save_adapter(model, tmp_path, format="peft")
+
+
+# --- prefix tuning -----------------------------------------------------------------------
+
+def in_peft(family: str, path) -> torch.Tensor:
+    return output(peft.PeftModel.from_pretrained(build(family), path).eval(), inputs(family))
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_trained_prefixes_give_the_same_outputs_in_peft(family, tmp_path):
+    """Through the MLP (folded into the file), with the input's positions after the prefixes."""
+    model = dt.apply(build(family), dt.PrefixTuningConfig(num_virtual_tokens=3, hidden=16))
+    perturb(model, scale=1.0)
+    expected = output(model, inputs(family))
+    dt.save_adapter(model, tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    fields = ("peft_type", "task_type", "prefix_projection", "num_layers")
+    assert [config[f] for f in fields] == ["PREFIX_TUNING", "CAUSAL_LM", False, 2]
+    assert (in_peft(family, tmp_path) - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_prefix_conversion_on_the_command_line_both_ways(tmp_path):
+    """peft -> deltatune without a model (prefixes stacked in layer order) -> peft, and back."""
+    peft_model = peft.get_peft_model(build("llama"), peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=3))
+    perturb(peft_model, scale=1.0)
+    expected = output(peft_model.eval(), inputs("llama"))
+    peft_model.save_pretrained(tmp_path / "peft")
+    assert main(["convert", str(tmp_path / "peft"), str(tmp_path / "native"), "--to", "deltatune"]) == 0
+    loaded = dt.load_adapter(build("llama"), tmp_path / "native")
+    assert (output(loaded, inputs("llama")) - expected).abs().max() <= 1e-5
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "again"), "--to", "peft"]) == 0
+    assert (in_peft("llama", tmp_path / "again") - expected).abs().max() <= 1e-5
+    dt.save_adapter(loaded, tmp_path / "saved")
+    assert main(["convert", str(tmp_path / "saved"), str(tmp_path / "third"), "--to", "peft"]) == 0
+    assert (in_peft("llama", tmp_path / "third") - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family,config", [
+    ("gpt2", dt.PrefixTuningConfig(num_virtual_tokens=3, hidden=16)),
+    ("bert", dt.PromptTuningConfig(num_virtual_tokens=3, init="random")),
+])
+def test_models_without_a_head_are_written_for_feature_extraction(family, config, tmp_path):
+    """Without a task_type peft would load a prompt or prefix into a plain PeftModel, which ignores it."""
+    model = dt.apply(build(family).base_model, config)
+    perturb(model, scale=1.0)
+    with torch.no_grad():
+        expected = model(**inputs(family)).last_hidden_state
+    dt.save_adapter(model, tmp_path, format="peft")
+    again = peft.PeftModel.from_pretrained(build(family).base_model, tmp_path).eval()
+    with torch.no_grad():
+        got = again(**inputs(family)).last_hidden_state
+    assert type(again).__name__ == "PeftModelForFeatureExtraction"
+    got = got[:, -expected.shape[1]:]  # peft's prompt tuning returns the prompt's positions too
+    assert (got - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_prefix_layers_keep_their_order_past_ten(tmp_path):
+    """A file's keys come back sorted as text (h.10 before h.2); peft's layers are in model order."""
+    def gpt2_11_layers():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=101, n_embd=16, n_layer=11, n_head=2, n_positions=32)).eval()
+
+    model = dt.apply(gpt2_11_layers(), dt.PrefixTuningConfig(num_virtual_tokens=2, reparameterize=False))
+    perturb(model, scale=1.0)
+    batch = inputs("gpt2")
+    dt.save_adapter(model, tmp_path / "native")
+    assert main(["convert", str(tmp_path / "native"), str(tmp_path / "peft"), "--to", "peft"]) == 0
+    again = peft.PeftModel.from_pretrained(gpt2_11_layers(), tmp_path / "peft").eval()
+    assert (output(again, batch) - output(model, batch)).abs().max() <= 1e-5
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family,match", [
+    ("bert", "no peft format with the same outputs"),  # peft shifts positions; encoders here do not
+    ("t5", "more than one stack of layers"),  # peft prefixes the decoder only
+])
+def test_prefixes_peft_would_run_differently_are_not_written(family, match, tmp_path):
+    model = dt.apply(build(family), dt.PrefixTuningConfig(num_virtual_tokens=3))
+    with pytest.raises(dt.AdapterFileError, match=match):
+        dt.save_adapter(model, tmp_path / "peft", format="peft")
+    assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family,task,match", [
+    ("bert", "SEQ_CLS", "would not give peft's outputs"), ("t5", "SEQ_2_SEQ_LM", "encoder-decoder"),
+])
+def test_peft_prefixes_that_would_run_differently_are_not_loaded(family, task, match, tmp_path):
+    peft.get_peft_model(build(family), peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=3)
+                        ).save_pretrained(tmp_path)
+    fresh = build(family)
+    with pytest.raises(dt.AdapterFileError, match=match):
+        dt.load_adapter(fresh, tmp_path)
+    assert not hasattr(fresh, "_deltatune_state") and not any(m._forward_pre_hooks for m in fresh.modules())
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_a_peft_prefix_config_that_does_not_fit_its_weights_is_refused(tmp_path):
+    peft.get_peft_model(build("gpt2"), peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+                        ).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "num_layers": 3}))
+    with pytest.raises(dt.AdapterFileError, match="does not belong to these weights"):
+        dt.load_adapter(build("gpt2"), tmp_path)

@@ -32,6 +32,9 @@ class Anatomy:
     final_norm: list[str] = field(default_factory=list)
     attention: list[str] = field(default_factory=list)  # self-attention modules
     hidden_size_attr: str = "hidden_size"
+    # A causal decoder without an encoder: it numbers its input's positions after whatever a
+    # key/value cache already holds, so a prefix counts as that many earlier tokens.
+    decoder_only: bool = False
 
 
 _BERT = Anatomy(
@@ -63,7 +66,7 @@ ANATOMIES: dict[str, Anatomy] = {
         blocks=r"(.*\.)?h" + _BLOCK,
         query=["attn.c_attn"], key=["attn.c_attn"], value=["attn.c_attn"],  # one fused projection
         attn_out=["attn.c_proj"], ffn_out=["mlp.c_proj"], ffn=["mlp"],
-        final_norm=["ln_f"], attention=["attn"], hidden_size_attr="n_embd",
+        final_norm=["ln_f"], attention=["attn"], hidden_size_attr="n_embd", decoder_only=True,
     ),
     "t5": Anatomy(
         blocks=r"(encoder|decoder)\.block" + _BLOCK,
@@ -78,7 +81,7 @@ _LLAMA = Anatomy(
     blocks=r"(.*\.)?layers" + _BLOCK,
     query=["self_attn.q_proj"], key=["self_attn.k_proj"], value=["self_attn.v_proj"],
     attn_out=["self_attn.o_proj"], ffn_out=["mlp.down_proj"], ffn=["mlp"],
-    final_norm=["re:(.*\\.)?model\\.norm"], attention=["self_attn"],
+    final_norm=["re:(.*\\.)?model\\.norm"], attention=["self_attn"], decoder_only=True,
 )
 for _name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"):
     ANATOMIES[_name] = _LLAMA

@@ -58,7 +58,8 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                  format: str = "deltatune") -> Path:
     """Write one adapter's stored tensors and config into the directory ``path``.
 
-    ``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` loads (LoRA, IA3, prompt).
+    ``format="peft"`` writes what ``peft.PeftModel.from_pretrained`` loads (LoRA, IA3, prompt,
+    prefix on decoder-only models).
 
     Each file is replaced atomically: a crash mid-save leaves the previous adapter loadable.
 
@@ -126,7 +127,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
                                "the file is truncated or corrupted: save or copy it again.") from error
     description = _read_description(path / CONFIG_NAME, metadata)
     if description.get("format") == "peft":
-        tensors = peft_format.tensors_from_peft(tensors)
+        tensors = peft_format.tensors_from_peft(tensors, description["peft_config"])
         peft_format.drop_unsaved_modules(description["config"], tensors)
     return description, tensors
 
@@ -152,7 +153,8 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
         raise AdapterFileError(f"'{config_path}' is missing.", "save the adapter again.")
     if peft_format.is_peft_config(on_disk):
         return {"format": "peft", "config": peft_format.config_from_peft(on_disk),
-                "base_model_name_or_path": on_disk.get("base_model_name_or_path")}
+                "base_model_name_or_path": on_disk.get("base_model_name_or_path"),
+                "peft_config": on_disk}  # its layout and task type; kept by convert
     if on_disk.get("format") != FORMAT:
         raise AdapterFileError(f"'{config_path}' is neither a deltatune nor a peft adapter config.",
                                "point to a directory written by deltatune.save_adapter or peft's save_pretrained.")
@@ -173,6 +175,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     except (KeyError, TypeError, ConfigError) as error:
         raise AdapterFileError(f"the config in '{path}' is not usable: {error}",
                                "save the adapter again with this version of deltatune.") from error
+    if "peft_config" in description:
+        peft_format.check_base(description, model)
     apply(model, config, adapter_name)
     try:
         load_adapter_state_dict(model, _resolve_any_module(tensors, model, adapter_name), adapter_name)
@@ -185,16 +189,25 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
 
 def _resolve_any_module(tensors: dict[str, torch.Tensor], model: nn.Module,
                         adapter_name: str) -> dict[str, torch.Tensor]:
-    """Give keys stored without their module (peft's prompt) the one module that has them here."""
+    """Give keys stored without their module (peft's prompt and prefixes) the modules that have
+    them here: the one module, or, for a tensor with one more dimension than each module's
+    (stacked), every module with that key, in model order, a slice each."""
     if not any(k.startswith(peft_format.ANY_MODULE) for k in tensors):
         return tensors
     expected = adapter_state_dict(model, adapter_name)
     resolved = {}
     for key, value in tensors.items():
-        if key.startswith(peft_format.ANY_MODULE):
-            suffix = "." + key[len(peft_format.ANY_MODULE):]
-            key = next((k for k in expected if k.endswith(suffix)), key)
-        resolved[key] = value
+        suffix = "." + key.removeprefix(peft_format.ANY_MODULE)
+        owners = [k for k in expected if k.endswith(suffix)] if key.startswith(peft_format.ANY_MODULE) else []
+        if not owners:
+            resolved[key] = value
+        elif value.dim() == expected[owners[0]].dim() + 1:
+            if len(value) != len(owners):
+                raise AdapterFileError(f"the adapter file holds '{key}' for {len(value)} layers; this model "
+                                       f"has {len(owners)}.", "load it into the base model it was trained on.")
+            resolved.update(zip(owners, value))
+        else:
+            resolved[owners[0]] = value
     return resolved
 
 

@@ -5,6 +5,9 @@
 
 The queries are the user's positions only, so outputs keep the input's length; every query
 also sees the n learned positions (no position encoding: they are plain key/value vectors).
+In a decoder-only model (GPT-2, LLaMA) the prefix counts as n earlier tokens, so the input's
+positions start at n, as with the past key/values of Li & Liang's GPT-2 code and of peft, whose
+files then give the same outputs here; encoders and T5 keep the input's positions.
 Stored parameters: ``layers * 2 * num_virtual_tokens * d_kv`` (d_kv = the key projection's
 width, e.g. hidden size, or heads_kv * head_dim with grouped-query attention). Not mergeable.
 
@@ -23,7 +26,8 @@ forward pre-hook on each self-attention module, while a prefix adapter is active
 disabled, hands the module a stand-in for its key/value cache whose ``update`` returns the
 keys and values with the prefixes in front (wrapping the real cache during generation, which
 therefore never stores the prefixes), and widens the attention mask (and T5's relative
-position bias) with n always-visible columns. transformers 5 builds masks inside the model,
+position bias) with n always-visible columns; in a decoder-only model a forward pre-hook on the
+model adds n to its position ids. transformers 5 builds masks inside the model,
 so a missing mask of a causal layer becomes an explicit one. This needs attention modules
 that take a ``cache`` argument (BERT, RoBERTa, GPT-2, LLaMA, T5 and relatives); others, like
 DistilBERT's, are refused before anything changes. Only eager and sdpa attention are supported.
@@ -99,7 +103,7 @@ class PrefixDelta(Delta):
 
     def __init__(self, n: int, width: int, encoder: PrefixEncoder | None = None, index: int = 0):
         super().__init__()
-        self.index = index
+        self.n, self.index = n, index
         self.shared = (encoder,) if encoder is not None else None  # a tuple: not a submodule
         if encoder is None:
             self.prefix = nn.Parameter(torch.randn(2, n, width))
@@ -160,6 +164,9 @@ class PrefixTuning(Method):
         keys = resolve_targets(model, roles.key, (nn.Linear, Conv1D), "prefix tuning", "key")
         sites = [site(model, a, keys, fused=roles.key == roles.query) for a in attentions]
         check_not_nested(model, [s.key for s in sites])
+        if roles.decoder_only and "position_ids" not in inspect.signature(model.forward).parameters:
+            raise ConfigError(f"prefix tuning cannot shift the positions of {type(model).__name__}: its "
+                              "forward takes no position_ids.", "apply it to the transformers model itself.")
         return sites
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[Site]) -> None:
@@ -216,6 +223,9 @@ class PrefixHooks:
         self.handles = [model.get_submodule(s.attention).register_forward_pre_hook(
             AttentionHook(model.get_submodule(s.key), model.get_submodule(s.attention)),
             with_kwargs=True) for s in plan]
+        if anatomy_of(model).decoder_only:
+            hook = PositionHook(model.get_submodule(plan[0].key), model)
+            self.handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -248,6 +258,34 @@ class AttentionHook:
         kw[self.mask_arg] = widen_mask(kw.get(self.mask_arg), n, queries, past, causal, hidden)
         if hasattr(module, "compute_bias"):
             kw["position_bias"] = widen_bias(module, kw.get("position_bias"), n, queries, past, hidden)
+        return (), kw
+
+
+class PositionHook:
+    """Before a decoder-only model runs: number its input's positions after the active prefixes.
+
+    peft passes the prefixes as a key/value cache that already holds n tokens, so the model
+    numbers the input from n (explicit position ids too: peft adds n to them); the same numbers
+    here make peft's prefixes give peft's forward outputs, and ``generate`` the same as the
+    forward pass, since its ids are shifted alike.
+    """
+
+    def __init__(self, key_layer: DeltaLayer, model: nn.Module):
+        self.key_layer = key_layer
+        self.params = list(inspect.signature(model.forward).parameters)
+
+    def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        n = sum(d.n for d in self.key_layer.active_deltas() if isinstance(d, PrefixDelta))
+        if not n:
+            return None
+        kw = {**dict(zip(self.params, args)), **kwargs}
+        positions = kw.get("position_ids")
+        if positions is None:  # what the model would count: the cache's tokens, then the input
+            tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]
+            cache = kw.get("cache") if kw.get("cache") is not None else kw.get("past_key_values")
+            start = cache.get_seq_length() if cache is not None else 0
+            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
+        kw["position_ids"] = positions + n
         return (), kw
 
 
