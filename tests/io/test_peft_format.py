@@ -49,6 +49,8 @@ def test_peft_files_load_in_deltatune_and_back(name, tmp_path):
     assert (output(ours, batch) - expected).abs().max() <= 1e-5
 
     dt.save_adapter(ours, tmp_path / "to-peft", format="peft")
+    saved = json.loads((tmp_path / "to-peft" / "adapter_config.json").read_text())["modules_to_save"] or []
+    assert len(saved) == len(set(saved))  # peft lists a SEQ_CLS head twice; we keep it once
     again = peft.PeftModel.from_pretrained(build(family), tmp_path / "to-peft").eval()
     assert (output(again, batch) - expected).abs().max() <= 1e-5
     peft_file = load_file(tmp_path / "from-peft" / "adapter_model.safetensors")

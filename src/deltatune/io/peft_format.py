@@ -184,7 +184,8 @@ def drop_unsaved_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor
     def stored(entry: str) -> bool:
         return any(k.startswith(entry + ".") or f".{entry}." in k for k in tensors)
 
-    config["modules_to_save"] = [e for e in config.get("modules_to_save", []) if stored(e)]
+    entries = dict.fromkeys(config.get("modules_to_save", []))  # peft may list one twice
+    config["modules_to_save"] = [e for e in entries if stored(e)]
 
 
 def to_peft(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
