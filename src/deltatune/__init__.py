@@ -17,5 +17,14 @@ __all__ = [*_method_names,
     "MethodConfig", "ParameterReport", "TrainerCallback", "TargetError", "active_adapters", "adapter_state_dict",
     "apply", "config_from_dict", "delete_adapter", "disable_adapters", "load_adapter", "merge",
     "merge_and_unload", "parameter_report", "read_adapter", "registered", "save_adapter",
-    "set_adapter", "unload", "unmerge",
+    "set_adapter", "tune", "unload", "unmerge",
 ]
+
+
+def __getattr__(name: str):
+    """``deltatune.tune``, imported on first use: the search pulls in Optuna and the training loop."""
+    if name == "tune":
+        from .search import tune
+
+        return tune
+    raise AttributeError(f"module 'deltatune' has no attribute '{name}'")

@@ -63,6 +63,14 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--output-dir", help="report folder (output_dir)")
     compare.set_defaults(run=_compare)
 
+    tune = sub.add_parser("tune", help="search hyperparameters (the config's search: section) with Optuna")
+    tune.add_argument("config", help="run config YAML with a search: section")
+    tune.add_argument("--trials", type=int, required=True,
+                      help="trials to finish, counting those already finished in the output folder")
+    tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
+    tune.add_argument("--output-dir", help="search folder (training.output_dir); run again to resume")
+    tune.set_defaults(run=_tune)
+
     convert = sub.add_parser("convert", help="convert an adapter between deltatune and peft formats")
     convert.add_argument("source")
     convert.add_argument("target")
@@ -131,6 +139,26 @@ def _compare(args: argparse.Namespace) -> int:
     config = load_compare_config(args.config, overrides)
     rows = compare(config)
     print("\n" + markdown_table(rows))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from .search import load_tune_config, tune
+    from .search.report import markdown
+
+    overrides = list(args.set) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
+    config = load_tune_config(args.config, overrides)
+    try:
+        result = tune(config, args.trials)
+    except KeyboardInterrupt:
+        print(f"interrupted; run the same command again to continue the search in {config.output_dir}",
+              file=sys.stderr)
+        return 130
+    print("\n" + markdown(result, [p.key for p in config.space]))
+    if result.best is None:
+        raise DeltatuneError(f"no trial completed; see {config.output_dir / 'tune.md'} for why.",
+                             "fix or narrow the search space, or raise --trials to go on.")
+    print(f"\nresults: {config.output_dir} (tune.json, tune.md, best.yaml, trial-NNN/)")
     return 0
 
 

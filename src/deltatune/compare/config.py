@@ -24,7 +24,7 @@ import yaml
 
 from ..core.errors import ConfigError
 from ..core.method import config_from_dict, method_class, registered
-from ..train.config import RunConfig, _apply_override, _check_keys
+from ..train.config import RunConfig, apply_override, check_keys
 
 # `deltatune compare` with no config (and `make run`): every method on 2,000 Rotten Tomatoes
 # snippets, one epoch each; under 10 minutes on 2 CPU cores.
@@ -76,8 +76,8 @@ def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> C
             raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
         data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     for item in overrides:
-        _apply_override(data, item)
-    _check_keys(data, ["model", "task", "data", "training", *GRID_KEYS], "")
+        apply_override(data, item)
+    check_keys(data, ["model", "task", "data", "training", *GRID_KEYS], "")
     base = {k: data[k] for k in ("model", "task", "data", "training") if k in data}
     methods = [_method_entry(m) for m in data.get("methods") or default_methods()]
     config = CompareConfig(base=base, methods=methods, **{k: data[k] for k in GRID_KEYS[1:] if k in data})

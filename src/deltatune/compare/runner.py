@@ -55,7 +55,7 @@ def compare(config: CompareConfig, echo=print) -> list[dict[str, Any]]:
     echo(f"comparison: {len(cells)} runs ({len(done)} already finished) -> {folder}")
     started = time.perf_counter()
     for index, cell in enumerate(todo, 1):
-        echo(f"[{len(done) + index}/{len(cells)}] {cell.key} {_eta(started, index - 1, len(todo))}")
+        echo(f"[{len(done) + index}/{len(cells)}] {cell.key} {eta_text(started, index - 1, len(todo))}")
         run = config.run_config(cell.method, cell.seed, cell.size, cell.model, folder / "runs" / cell.key)
         job = (run.to_dict(), config.latency_batches, config.forgetting_texts)
         measured = _in_fresh_process(*job) if config.isolate else run_cell(*job)
@@ -74,7 +74,7 @@ def _in_fresh_process(run: dict[str, Any], latency_batches: int, forgetting_text
         return pool.submit(run_cell, run, latency_batches, forgetting_texts).result()
 
 
-def _eta(started: float, finished: int, total: int) -> str:
+def eta_text(started: float, finished: int, total: int) -> str:
     if not finished:
         return ""
     left = (time.perf_counter() - started) / finished * (total - finished)

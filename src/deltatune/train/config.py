@@ -22,8 +22,8 @@ from ..tasks.base import TaskConfig, task_class
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = help_field("minilm-l6", "A bundled model name (minilm-l6) or a local "
-                                   "directory that from_pretrained can load.")
+    name_or_path: str = help_field("minilm-l6", "A bundled model name (minilm-l6, smollm2-135m, "
+                                   "bert2bert-minilm-l6) or a local directory that from_pretrained can load.")
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
@@ -32,7 +32,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str | None = help_field("rotten-tomatoes", "A bundled data set (rotten-tomatoes, "
-                                    "tweets, sms-spam, bbc-news, wnut16); ignored when train_file is set.")
+                                    "tweets, sms-spam, bbc-news, wnut16, chatterbot, aclsum); ignored when "
+                                    "train_file is set.")
     train_file: str | None = help_field(None, "Local CSV, TSV, JSON, JSONL or Parquet file.")
     validation_file: str | None = help_field(None, "Held-out file; carved from train when absent.")
     test_file: str | None = help_field(None, "Test file; carved from train when absent.")
@@ -90,7 +91,7 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        _check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
+        check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
         sections = {name: _section(kind, data.get(name) or {}, name)
                     for name, kind in (("model", ModelConfig), ("task", _task_kind(data.get("task"))),
                                        ("data", DataConfig), ("training", TrainingConfig))}
@@ -108,24 +109,28 @@ def _task_kind(data: Any) -> type[TaskConfig]:
     return task_class(str(data["type"])).config_class
 
 
-def _check_keys(data: Any, known: list[str], where: str) -> None:
+def check_keys(data: Any, known: list[str], where: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"'{where or 'the config'}' must be a mapping of keys to values, got {data!r}.")
     for key in data:
         if key not in known:
             path = f"{where}.{key}" if where else key
-            close = difflib.get_close_matches(str(key), known, n=1)
-            guess = f"did you mean '{close[0]}'? " if close else ""
-            raise ConfigError(f"unknown key '{path}'.", f"{guess}allowed keys{' in ' + where if where else ''}: "
-                                                        f"{', '.join(known)}.")
+            raise ConfigError(f"unknown key '{path}'.", f"{did_you_mean(key, known)}allowed keys"
+                                                        f"{' in ' + where if where else ''}: {', '.join(known)}.")
+
+
+def did_you_mean(key: Any, known: list[str]) -> str:
+    """``"did you mean 'learning_rate'? "`` for the closest known name, or ``""``."""
+    close = difflib.get_close_matches(str(key), known, n=1)
+    return f"did you mean '{close[0]}'? " if close else ""
 
 
 def _section(kind: type, data: dict[str, Any], where: str) -> Any:
-    _check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
+    check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
     hints = typing.get_type_hints(kind)
     for key, value in data.items():
         if isinstance(value, str) and hints[key] in (float, float | None, int | None, int):
-            value = _number(value, f"{where}.{key}")  # YAML reads 5e-4 as a string
+            value = as_number(value, f"{where}.{key}")  # YAML reads 5e-4 as a string
             data = {**data, key: value}
         if not type_ok(value, hints[key]):
             raise ConfigError(f"{where}.{key} = {value!r} has the wrong type.",
@@ -133,7 +138,7 @@ def _section(kind: type, data: dict[str, Any], where: str) -> Any:
     return kind(**data)
 
 
-def _number(text: str, where: str) -> float | str:
+def as_number(text: str, where: str) -> float | str:
     try:
         number = float(text)
     except ValueError:
@@ -147,28 +152,44 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     Raises:
         ConfigError: the file is missing or not YAML, or a key or value is invalid.
     """
-    data: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"'{path}' is not valid YAML: {error}.") from error
+    data = read_yaml(path) if path is not None else {}
     for item in overrides:
-        _apply_override(data, item)
+        apply_override(data, item)
+    if isinstance(data, dict) and "search" in data:
+        raise ConfigError(f"'{path}' has a search: section, which only `deltatune tune` reads.",
+                          f"search with `deltatune tune {path} --trials N`, then train the best it found "
+                          "with `deltatune train OUTPUT_DIR/best.yaml`.")
     return RunConfig.from_dict(data)
 
 
-def _apply_override(data: dict[str, Any], item: str) -> None:
+def read_yaml(path: str | Path) -> Any:
+    """The data of a YAML file (``{}`` when empty).
+
+    Raises:
+        ConfigError: the file is missing or not YAML.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"'{path}' is not valid YAML: {error}.") from error
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set '{item}' is not of the form key.path=value.", "e.g. --set training.epochs=2")
-    *parents, leaf = key.strip().split(".")
+    set_path(data, key.strip(), yaml.safe_load(raw), f"--set '{item}'")
+
+
+def set_path(data: dict[str, Any], key: str, value: Any, where: str) -> None:
+    """``data["training"]["epochs"] = value`` for the key ``training.epochs``, making sections as needed."""
+    *parents, leaf = key.split(".")
     node = data
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"--set '{item}': '{part}' is not a section.")
-    node[leaf] = yaml.safe_load(raw)
+            raise ConfigError(f"{where}: '{part}' is not a section.")
+    node[leaf] = value

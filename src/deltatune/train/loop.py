@@ -9,6 +9,7 @@ import json
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,16 @@ def config_hash(config: RunConfig) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def train(config: RunConfig, resume: bool = False) -> RunResult:
+def train(config: RunConfig, resume: bool = False,
+          on_evaluate: Callable[[int, dict[str, float]], None] | None = None) -> RunResult:
     """Fine-tune as configured and write the run folder.
 
     Args:
         config: the run's configuration.
         resume: continue from the newest whole checkpoint in ``output_dir/checkpoints``.
+        on_evaluate: called after each validation pass (and its checkpoint) with the step and the
+            ``eval_*`` metrics. An exception it raises stops training and leaves ``train``:
+            hyperparameter search prunes unpromising runs this way.
 
     Returns:
         The run's metrics, parameter report and timings.
@@ -93,8 +98,9 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
         TrainingError: non-finite loss, or a checkpoint from another config.
     """
     folder = Path(config.training.output_dir)
-    _check_folder(folder, resume)
+    check_output_folder(folder, resume)
     run = setup(config)  # every config and data error surfaces here, before anything is written
+    run.on_evaluate = on_evaluate
     folder.mkdir(parents=True, exist_ok=True)
     progress = _restore(run, folder) if resume else Progress()
     log = MetricsLog(folder, enabled=run.accelerator.is_main_process, resume=resume)
@@ -111,7 +117,7 @@ def train(config: RunConfig, resume: bool = False) -> RunResult:
     return _finish(run, progress, folder, time.perf_counter() - started, interrupted)
 
 
-def _check_folder(folder: Path, resume: bool) -> None:
+def check_output_folder(folder: Path, resume: bool) -> None:
     """The run folder can be created and written, without creating it yet."""
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
@@ -241,6 +247,8 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
     else:
         progress.evals_without_improvement += 1
     _checkpoint(run, progress, folder)
+    if run.on_evaluate is not None:
+        run.on_evaluate(progress.step, metrics)
     patience = run.config.training.early_stopping_patience
     return patience is not None and progress.evals_without_improvement >= patience
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ class Run:
     scheduler: Any
     steps_per_epoch: int
     total_steps: int
+    #: called with (step, eval metrics) after each validation pass; see ``train(on_evaluate=...)``.
+    on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
 
 def resolve_model_path(name_or_path: str) -> str:
