@@ -54,15 +54,14 @@ def test_seq2seq_trains_end_to_end_and_generates(tmp_path, tiny_t5_dir):
         "task.type=seq2seq", f"model.name_or_path={tiny_t5_dir}", "model.max_length=16", "task.max_new_tokens=4",
         f"data.train_file={path}", "data.validation_size=0.1", "data.test_size=0.1",
         f"training.output_dir={tmp_path / 'run'}", "training.batch_size=16", "training.learning_rate=1e-2",
-        "training.epochs=2", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
+        "training.epochs=8", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
         "method.method=full"])
     result = train(config)
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [line["loss"] for line in lines if "loss" in line]
     assert losses[-1] < losses[0] / 2
-    # Code paths only: a random-init T5 needs about 40 steps of batch 8 to beat a constant answer
-    # (measured: test ROUGE-1 0.25 after 39 steps), more than this test spends.
     assert {"test_rouge1", "test_rouge2", "test_rougeL", "test_loss"} <= set(result.metrics)
-    assert 0.0 <= result.metrics["test_rouge1"] <= 1.0
+    # One constant capital for every country scores ROUGE-1 0.1 (right for one country in ten).
+    assert result.metrics["test_rouge1"] > 0.3
     [row] = predict_texts(tmp_path / "run", ["capital of peru"])
     assert row["source"] == "capital of peru" and isinstance(row["output"], str)
