@@ -89,3 +89,12 @@ def perturb(model, scale: float = 0.1, seed: int = 2) -> None:
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(scale * torch.randn(param.shape, generator=g))
+
+
+def logged_losses(run_folder) -> list[float]:
+    """The training losses a run logged to its ``metrics.jsonl``, in order."""
+    import json
+    from pathlib import Path
+
+    lines = [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]

@@ -17,6 +17,7 @@ from deltatune.tasks.causal_lm import CausalLanguageModeling, fit, pack, token_n
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
+from tiny import logged_losses
 
 CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
             "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}
@@ -101,8 +102,7 @@ def test_causal_lm_trains_end_to_end_and_generates(tmp_path, tiny_llama_dir):
         "training.epochs=3", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
         "method.method=full", "task.max_new_tokens=3"])
     result = train(config)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [line["loss"] for line in lines if "loss" in line]
+    losses = logged_losses(tmp_path / "run")
     assert losses[-1] < losses[0] / 2
     # A model that knows nothing is uniform over the 30,522-token vocabulary: perplexity 30,522.
     assert result.metrics["test_perplexity"] < 10

@@ -15,6 +15,7 @@ from deltatune.tasks.seq2seq import rouge_scores
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
+from tiny import logged_losses
 
 CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
             "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}
@@ -57,8 +58,7 @@ def test_seq2seq_trains_end_to_end_and_generates(tmp_path, tiny_t5_dir):
         "training.epochs=8", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
         "method.method=full"])
     result = train(config)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [line["loss"] for line in lines if "loss" in line]
+    losses = logged_losses(tmp_path / "run")
     assert losses[-1] < losses[0] / 2
     assert {"test_rouge1", "test_rouge2", "test_rougeL", "test_loss"} <= set(result.metrics)
     # One constant capital for every country scores ROUGE-1 0.1 (right for one country in ten).

@@ -15,6 +15,7 @@ from deltatune.tasks.tokens import TokenClassification, align_labels, entity_sco
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
+from tiny import logged_losses
 
 
 def test_first_sub_word_takes_the_label_and_the_rest_minus_100():
@@ -120,8 +121,7 @@ def test_ner_trains_end_to_end_and_predicts_words(tmp_path):
         "training.batch_size=16", "training.learning_rate=5e-3", "training.epochs=2", "training.warmup_steps=2",
         "training.logging_steps=2", "training.progress=false", "method.method=lora", "method.r=4"])
     result = train(config)
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    losses = [line["loss"] for line in lines if "loss" in line]
+    losses = logged_losses(tmp_path / "run")
     assert losses[-1] < losses[0] / 2
     assert result.metrics["test_f1"] > 0.5  # an all-O tagger scores 0
     [row] = predict_texts(tmp_path / "run", ["yesterday Mary Jones flew to New York for work"])
