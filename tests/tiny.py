@@ -98,3 +98,22 @@ def logged_losses(run_folder) -> list[float]:
 
     lines = [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
     return [line["loss"] for line in lines if "loss" in line]
+
+
+#: country -> capital: a tiny generation task a model learns in a few dozen steps.
+CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
+            "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}
+
+
+def save_tiny(folder, make_model):
+    """Save ``make_model(tokenizer)`` (random init, seed 0) with the bundled model's real
+    tokenizer into ``folder``, ready for ``from_pretrained`` offline; returns ``folder``."""
+    from transformers import AutoTokenizer
+
+    from deltatune import assets
+
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_path())
+    torch.manual_seed(0)
+    make_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

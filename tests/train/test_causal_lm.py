@@ -17,28 +17,17 @@ from deltatune.tasks.causal_lm import CausalLanguageModeling, fit, pack, token_n
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import logged_losses
-
-CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
-            "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}
-
+from tiny import CAPITALS, logged_losses, save_tiny
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from deltatune import assets
-
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_path())
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), lambda tokenizer: LlamaForCausalLM(LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+        pad_token_id=tokenizer.pad_token_id)))
 
 
 def _task_and_tokenizer(folder, *extra):

@@ -9,16 +9,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from deltatune.tasks.seq2seq import rouge_scores
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import logged_losses
+from tiny import CAPITALS, logged_losses, save_tiny
 
-CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
-            "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}
 
 
 def test_rouge_by_hand():
@@ -31,19 +28,12 @@ def test_rouge_by_hand():
 
 @pytest.fixture(scope="module")
 def tiny_t5_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers import T5Config, T5ForConditionalGeneration
 
-    from deltatune import assets
-
-    folder = tmp_path_factory.mktemp("tiny-t5")
-    tokenizer = AutoTokenizer.from_pretrained(assets.model_path())
-    torch.manual_seed(0)
-    T5ForConditionalGeneration(T5Config(
+    return save_tiny(tmp_path_factory.mktemp("tiny-t5"), lambda tokenizer: T5ForConditionalGeneration(T5Config(
         vocab_size=tokenizer.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
         decoder_start_token_id=tokenizer.cls_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0, tie_word_embeddings=False)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+        eos_token_id=tokenizer.sep_token_id, dropout_rate=0.0, tie_word_embeddings=False)))
 
 
 @pytest.mark.slow

@@ -67,9 +67,20 @@ def _limit(splits: dict, name: str, limit: int | None) -> None:
         splits[name] = splits[name].select(range(limit))
 
 
-def require_columns(split: Dataset, columns: list[str], split_name: str) -> None:
-    missing = [c for c in columns if c not in split.column_names]
-    if missing:
-        raise ConfigError(f"the {split_name} data has no column '{missing[0]}'.",
-                          f"its columns are: {', '.join(split.column_names)}; map yours with "
-                          "data.text_column / data.label_column.")
+def require_columns(splits: DatasetDict, columns: dict[str, str]) -> None:
+    """Check that every split has the columns a task reads.
+
+    Args:
+        splits: the data splits.
+        columns: the config key that names each column -> the column's name,
+            e.g. ``{"data.text_column": "text"}``; the error points at the key to change.
+
+    Raises:
+        ConfigError: a split lacks a column.
+    """
+    for name, split in splits.items():
+        for key, column in columns.items():
+            if column not in split.column_names:
+                raise ConfigError(f"the {name} data has no column '{column}' ({key}).",
+                                  f"its columns are: {', '.join(split.column_names)}; set {key} to the "
+                                  "one that holds it.")

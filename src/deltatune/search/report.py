@@ -75,7 +75,7 @@ def markdown(result: TuneResult, keys: list[str]) -> str:
     lines += ["", "| rank | trial | state | " + " | ".join([result.metric, *keys]) + " | seconds |",
               "|---" * (len(keys) + 5) + "|"]
     for rank, t in enumerate(ranked_trials(result.trials, result.direction), 1):
-        cells = [str(rank), f"trial-{t.number:03d}", t.state, _cell(t.value), *(_cell(t.params.get(k)) for k in keys),
+        cells = [str(rank), f"trial-{t.number:03d}", t.state, format_cell(t.value), *(format_cell(t.params.get(k)) for k in keys),
                  "-" if t.seconds is None else f"{t.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     failed = [t for t in result.trials if t.message]
@@ -85,7 +85,7 @@ def markdown(result: TuneResult, keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def format_cell(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)

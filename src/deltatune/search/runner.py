@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ..compare.runner import eta_text
 from ..core.errors import ConfigError, DeltatuneError
 from ..train.loop import check_output_folder, train
-from .report import TrialRecord, TuneResult, _cell, best_trial, write_report
+from .report import TrialRecord, TuneResult, format_cell, best_trial, write_report
 from .space import TuneConfig, load_tune_config
 
 STUDY = "deltatune"
@@ -68,7 +68,7 @@ def tune(config: TuneConfig | str | Path, trials: int, output_dir: str | Path | 
     def objective(trial: optuna.Trial) -> float:
         numbers.append(trial.number)
         params = {p.key: p.suggest(trial) for p in config.space}
-        shown = " ".join(f"{k}={_cell(v)}" for k, v in params.items())
+        shown = " ".join(f"{k}={format_cell(v)}" for k, v in params.items())
         eta = eta_text(started, len(numbers) - 1, todo)
         echo(f"[{done + len(numbers)}/{trials}] trial-{trial.number:03d} {shown} {eta}".rstrip())
         return _train_trial(config, trial, params)
@@ -187,4 +187,4 @@ def _outcome(result: TuneResult, number: int) -> str:
         return f"  failed{seconds}: {(trial.message or 'no message').splitlines()[0]}"
     best = f"; best {result.best.value:.4f} (trial-{result.best.number:03d})" if result.best else ""
     where = f" at evaluation {len(trial.intermediate)}" if trial.state == "pruned" else ""
-    return f"  {trial.state}{where}: {result.metric} {_cell(trial.value)}{seconds}{best}"
+    return f"  {trial.state}{where}: {result.metric} {format_cell(trial.value)}{seconds}{best}"

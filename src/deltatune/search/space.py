@@ -27,7 +27,7 @@ from ..train.config import RunConfig, apply_override, check_keys, as_number, did
 from ..train.loop import config_hash
 
 SPEC_KEYS = ["low", "high", "log", "step", "choices"]
-SECTIONS = ["model", "task", "data", "method", "training"]
+SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]  # model, task, data, method, training
 EXAMPLE = "e.g. {low: 1.0e-4, high: 1.0e-2, log: true} or {choices: [4, 8, 16]}"
 #: where a search without training.output_dir goes (train's default is runs/default).
 DEFAULT_OUTPUT_DIR = "runs/tune"

@@ -79,8 +79,8 @@ class CausalLanguageModeling(TaskBase):
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         o = self.options
-        for name, split in splits.items():
-            require_columns(split, [o.prompt_column, o.completion_column], name)
+        require_columns(splits, {"task.prompt_column": o.prompt_column,
+                                 "task.completion_column": o.completion_column})
         end = [] if _eos(tokenizer) is None else [_eos(tokenizer)]
 
         def encode(batch: dict[str, list]) -> dict[str, list]:

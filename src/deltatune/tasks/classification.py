@@ -28,9 +28,8 @@ class SequenceClassification(TaskBase):
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         data = config.data
-        columns = [data.text_column, data.label_column] + ([data.text_pair_column] if data.text_pair_column else [])
-        for name, split in splits.items():
-            require_columns(split, columns, name)
+        pair = {"data.text_pair_column": data.text_pair_column} if data.text_pair_column else {}
+        require_columns(splits, {"data.text_column": data.text_column, "data.label_column": data.label_column, **pair})
         if not self.labels:
             self.labels = sorted({str(v) for v in splits["train"][data.label_column]}, key=_natural)
         if len(self.labels) < 2:

@@ -71,8 +71,8 @@ class QuestionAnswering(TaskBase):
         if not 0 <= o.stride < config.model.max_length // 2:
             raise ConfigError(f"task.stride = {o.stride} is invalid for model.max_length {config.model.max_length}.",
                               f"use a stride of at least 0 and below {config.model.max_length // 2}.")
-        for name, split in splits.items():
-            require_columns(split, [o.question_column, o.context_column, o.answers_column], name)
+        require_columns(splits, {"task.question_column": o.question_column, "task.context_column": o.context_column,
+                                 "task.answers_column": o.answers_column})
         return DatasetDict({name: self._features(split, tokenizer, name) for name, split in splits.items()})
 
     def _features(self, split: Dataset, tokenizer: Any, name: str) -> Dataset:

@@ -58,8 +58,7 @@ class SequenceToSequence(TaskBase):
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         o = self.options
-        for name, split in splits.items():
-            require_columns(split, [o.source_column, o.target_column], name)
+        require_columns(splits, {"task.source_column": o.source_column, "task.target_column": o.target_column})
         self.tokenizer = tokenizer  # evaluation decodes with the tokenizer that made the data
 
         def encode(batch: dict[str, list]) -> dict[str, list]:

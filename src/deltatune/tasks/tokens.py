@@ -85,8 +85,7 @@ class TokenClassification(TaskBase):
             raise ConfigError("token classification needs a fast tokenizer (word_ids()).",
                               "use a model folder with a tokenizer.json.")
         words, tags = self.options.tokens_column, self.options.tags_column
-        for name, split in splits.items():
-            require_columns(split, [words, tags], name)
+        require_columns(splits, {"task.tokens_column": words, "task.tags_column": tags})
         named = {name: [self._tag_names(row, name, i) for i, row in enumerate(split[tags])]
                  for name, split in splits.items()}
         if not self.labels:

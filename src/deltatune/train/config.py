@@ -15,15 +15,17 @@ from typing import Any, Literal
 
 import yaml
 
+from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
+from ..data.bundled import BUNDLED
 from ..core.method import MethodConfig, config_from_dict, help_field, type_name, type_ok
 from ..tasks.base import TaskConfig, task_class
 
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = help_field("minilm-l6", "A bundled model name (minilm-l6, smollm2-135m, "
-                                   "bert2bert-minilm-l6) or a local directory that from_pretrained can load.")
+    name_or_path: str = help_field(DEFAULT_MODEL, f"A bundled model name ({', '.join(MODELS)}) or a local "
+                                   "directory that from_pretrained can load.")
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
@@ -31,9 +33,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str | None = help_field("rotten-tomatoes", "A bundled data set (rotten-tomatoes, "
-                                    "tweets, sms-spam, bbc-news, wnut16, chatterbot, aclsum); ignored when "
-                                    "train_file is set.")
+    source: str | None = help_field("rotten-tomatoes", f"A bundled data set ({', '.join(BUNDLED)}); "
+                                    "ignored when train_file is set.")
     train_file: str | None = help_field(None, "Local CSV, TSV, JSON, JSONL or Parquet file.")
     validation_file: str | None = help_field(None, "Held-out file; carved from train when absent.")
     test_file: str | None = help_field(None, "Test file; carved from train when absent.")
