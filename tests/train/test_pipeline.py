@@ -92,3 +92,33 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path,
     config = tiny_config(tmp_path, sentiment_csv, "training.save_steps=2")
     with pytest.raises(TrainingError, match=r"became nan at step 5 .*step-00000004"):
         train(config)
+
+
+def test_a_paused_run_resumes_to_the_same_weights_as_one_run(tmp_path, sentiment_csv):
+    """compare's successive halving pauses candidates after an evaluation and resumes them:
+    the winner must be exactly the run it would have been alone (no step repeated or lost)."""
+    from deltatune.train.loop import Pause
+
+    whole = train(tiny_config(tmp_path / "whole", sentiment_csv, "training.eval_steps=0.25"))
+
+    def pause_after_two(step, metrics, seen=[]):
+        seen.append(step)
+        if len(seen) == 2:
+            raise Pause
+
+    config = tiny_config(tmp_path / "legs", sentiment_csv, "training.eval_steps=0.25")
+    first = train(config, on_evaluate=pause_after_two)
+    assert first.paused and first.metrics == {} and 0 < first.steps < whole.steps
+    rest = train(tiny_config(tmp_path / "legs", sentiment_csv, "training.eval_steps=0.25"), resume=True)
+    assert rest.steps == whole.steps and not rest.paused
+    assert rest.metrics["test_accuracy"] == whole.metrics["test_accuracy"]
+    a = load_file(tmp_path / "whole" / "run" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "legs" / "run" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:  # as the interrupted resume above: equal up to float summation order
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+    evals = [json.loads(l) for l in (tmp_path / "legs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in evals if "eval_accuracy" in e]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # one curve, every evaluation once
+    seconds = [e["train_seconds"] for e in evals if "eval_accuracy" in e]
+    assert seconds == sorted(seconds) and seconds[0] > 0

@@ -54,8 +54,8 @@ def load_splits(data) -> DatasetDict:
             carved = splits["train"].train_test_split(test_size=size, seed=data.seed, shuffle=False)
             splits["train"], splits[name] = carved["train"], carved["test"]
     _limit(splits, "train", data.max_train_samples)
-    for name in ("validation", "test"):
-        _limit(splits, name, data.max_eval_samples)
+    _limit(splits, "validation", data.max_eval_samples)
+    _limit(splits, "test", data.max_test_samples if data.max_test_samples is not None else data.max_eval_samples)
     for name, split in splits.items():
         if len(split) == 0:
             raise ConfigError(f"the {name} split is empty.", "give more rows, or smaller validation/test sizes.")

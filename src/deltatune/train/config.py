@@ -48,6 +48,7 @@ class DataConfig:
     test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.")
     max_train_samples: int | None = help_field(None, "Keep at most this many training rows.")
     max_eval_samples: int | None = help_field(None, "Keep at most this many validation and test rows.")
+    max_test_samples: int | None = help_field(None, "Keep at most this many test rows; default: max_eval_samples.")
     seed: int = help_field(42, "Seed for shuffling and carving splits.")
 
 
@@ -67,7 +68,8 @@ class TrainingConfig:
     max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.")
     mixed_precision: Literal["no", "bf16", "fp16"] = help_field("no", "Autocast precision where supported.")
     seed: int = help_field(42, "Seed for initialisation, dropout and batch order.")
-    eval_steps: int | None = help_field(None, "Evaluate every N steps; default: every epoch.")
+    eval_steps: int | float | None = help_field(None, "Evaluate every N steps; below 1, a fraction of the "
+                                                "run's steps (0.125: eight evaluations); default: every epoch.")
     logging_steps: int = help_field(10, "Log the training loss every N steps.")
     save_steps: int | None = help_field(None, "Write a resumable checkpoint every N steps (and at each evaluation).")
     early_stopping_patience: int | None = help_field(None, "Stop after N evaluations without improvement.")

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import json
-import resource
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +27,17 @@ from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig
 from .logs import MetricsLog, plot_curves
+from .memory import peak_memory_mb, reset_peak
 from .setup import Run, setup
 
 
 class TrainingError(DeltatuneError):
     """Training cannot go on (a non-finite loss, a checkpoint of another run)."""
+
+
+class Pause(Exception):
+    """Raised by an ``on_evaluate`` hook to stop after this evaluation; ``train(resume=True)``
+    continues from the checkpoint just written (``compare``'s successive halving does this)."""
 
 
 @dataclass
@@ -49,12 +55,20 @@ class RunResult:
     best_step: int
     stopped_early: bool = False
     interrupted: bool = False
+    paused: bool = False
+    #: wall seconds of this leg (a resumed run: since it resumed) by phase: setup (model, adapter,
+    #: optimizer), data (reading, tokenising), train (batches, forward, backward, optimizer),
+    #: evaluate, save (adapters, checkpoints).
+    seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data.update(self.metrics)  # eval_accuracy etc. at the top level, as transformers reports them
         return data
+
+
+PHASES = ("setup", "data", "train", "evaluate", "save")
 
 
 @dataclass
@@ -67,6 +81,9 @@ class Progress:
     last_eval_step: int = -1
     evals_without_improvement: int = 0
     step_times: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    best_eval: dict[str, float] = field(default_factory=dict)  # validation metrics of the best step
+    peak_memory_mb: float = 0.0  # the largest of every leg's peak
     #: torch's RNG state after the last optimizer step: an interrupt mid-step resumes from there.
     rng: Any = field(default=None, repr=False)
 
@@ -99,22 +116,36 @@ def train(config: RunConfig, resume: bool = False,
     """
     folder = Path(config.training.output_dir)
     check_output_folder(folder, resume)
+    started = time.perf_counter()
+    reset_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     run = setup(config)  # every config and data error surfaces here, before anything is written
     run.on_evaluate = on_evaluate
     folder.mkdir(parents=True, exist_ok=True)
     progress = _restore(run, folder) if resume else Progress()
+    progress.seconds["data"] = run.data_seconds
+    progress.seconds["setup"] = time.perf_counter() - started - run.data_seconds
     log = MetricsLog(folder, enabled=run.accelerator.is_main_process, resume=resume)
     _write_run_config(run, folder)
-    started = time.perf_counter()
-    interrupted = False
+    stopped = ""
     try:
         _loop(run, progress, log, folder)
     except KeyboardInterrupt:
-        interrupted = True
+        stopped = "interrupted"
         _checkpoint(run, progress, folder)
+    except Pause:
+        stopped = "paused"
     finally:
         log.close()
-    return _finish(run, progress, folder, time.perf_counter() - started, interrupted)
+    return _finish(run, progress, folder, stopped)
+
+
+@contextmanager
+def _timed(progress: Progress, phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        progress.seconds[phase] += time.perf_counter() - start
 
 
 def check_output_folder(folder: Path, resume: bool) -> None:
@@ -163,6 +194,7 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
         progress.step, progress.batch = progress.step + 1, start + (i + 1) * processes
         progress.rng = torch.get_rng_state()
         progress.step_times.append(time.perf_counter() - tick)
+        progress.seconds["train"] += progress.step_times[-1]
         bar.update(1)
         bar.set_postfix(loss=f"{statistics.fmean(losses):.4f}", epoch=progress.epoch + 1)
         if progress.step % training.logging_steps == 0:
@@ -170,16 +202,17 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
             log.write({"step": progress.step, "epoch": round(epoch, 4), "loss": statistics.fmean(losses),
                        "learning_rate": run.scheduler.get_last_lr()[0]})
             losses = []
-        if training.eval_steps and progress.step % training.eval_steps == 0:
+        if run.eval_steps and progress.step % run.eval_steps == 0:
             if _evaluate_and_keep_best(run, progress, log, folder):
                 return True
         elif training.save_steps and progress.step % training.save_steps == 0:
-            _checkpoint(run, progress, folder)
+            with _timed(progress, "save"):
+                _checkpoint(run, progress, folder)
         if progress.step >= run.total_steps:
             return False
         tick = time.perf_counter()
     progress.epoch, progress.batch = progress.epoch + 1, 0
-    return not training.eval_steps and _evaluate_and_keep_best(run, progress, log, folder)
+    return not run.eval_steps and _evaluate_and_keep_best(run, progress, log, folder)
 
 
 def _optimizer_step(run: Run) -> None:
@@ -230,23 +263,26 @@ def _evaluate_split(run: Run, split: str) -> dict[str, float]:
 
 def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folder: Path) -> bool:
     """Evaluate, save the adapter when it is the best so far, checkpoint; True means stop early."""
-    metrics = _evaluate_split(run, "validation")
+    with _timed(progress, "evaluate"):
+        metrics = _evaluate_split(run, "validation")
     progress.last_eval_step = progress.step
-    log.write({"step": progress.step, **metrics})
+    # training seconds so far (every leg), for curves of quality against time
+    log.write({"step": progress.step, "train_seconds": round(sum(progress.step_times), 3), **metrics})
     key = f"eval_{run.config.training.metric_for_best_model}"
     if key not in metrics:
         raise TrainingError(f"training.metric_for_best_model '{run.config.training.metric_for_best_model}' "
                             "is not a metric of this task.",
                             f"choose one of: {', '.join(k[5:] for k in metrics)}.")
     value = -metrics[key] if lower_is_better(key) else metrics[key]
-    if progress.best_metric is None or value > progress.best_metric:
-        progress.best_metric, progress.best_step = value, progress.step
-        progress.evals_without_improvement = 0
-        if run.accelerator.is_main_process:
-            save_adapter(run.accelerator.unwrap_model(run.model), folder / "adapter")
-    else:
-        progress.evals_without_improvement += 1
-    _checkpoint(run, progress, folder)
+    with _timed(progress, "save"):
+        if progress.best_metric is None or value > progress.best_metric:
+            progress.best_metric, progress.best_step, progress.best_eval = value, progress.step, metrics
+            progress.evals_without_improvement = 0
+            if run.accelerator.is_main_process:
+                save_adapter(run.accelerator.unwrap_model(run.model), folder / "adapter")
+        else:
+            progress.evals_without_improvement += 1
+        _checkpoint(run, progress, folder)
     if run.on_evaluate is not None:
         run.on_evaluate(progress.step, metrics)
     patience = run.config.training.early_stopping_patience
@@ -257,7 +293,8 @@ def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     run.accelerator.wait_for_everyone()
     if not run.accelerator.is_main_process:
         return
-    state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng")}
+    # seconds are per leg: a resumed run reports the time of its own leg
+    state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng", "seconds")}
     state["config_hash"] = config_hash(run.config)
     save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
                     run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
@@ -278,33 +315,32 @@ def _write_run_config(run: Run, folder: Path) -> None:
         atomic_write_text(folder / "run.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak allocated memory on CUDA; peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _finish(run: Run, progress: Progress, folder: Path, seconds: float, interrupted: bool) -> RunResult:
+def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
     model = run.accelerator.unwrap_model(run.model)
+    # Counted as trained, before the best adapter is reloaded: a reload drops training-only parts.
+    parameters = parameter_report(model).to_dict()
     metrics: dict[str, float] = {}
-    if not interrupted:
-        if (folder / "adapter" / WEIGHTS_NAME).is_file():
-            from safetensors.torch import load_file
-
-            load_adapter_state_dict(model, load_file(folder / "adapter" / WEIGHTS_NAME))
-        metrics = {**_evaluate_split(run, "validation"), **_evaluate_split(run, "test")}
     adapter_file = folder / "adapter" / WEIGHTS_NAME
+    if not stopped:
+        with _timed(progress, "evaluate"):
+            if adapter_file.is_file():
+                from safetensors.torch import load_file
+
+                load_adapter_state_dict(model, load_file(adapter_file))
+            metrics = {**progress.best_eval, **_evaluate_split(run, "test")}
+    loop_seconds = sum(progress.seconds[p] for p in ("train", "evaluate", "save"))
     result = RunResult(
-        output_dir=str(folder), metrics=metrics, parameters=parameter_report(model).to_dict(),
+        output_dir=str(folder), metrics=metrics, parameters=parameters,
         adapter_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
-        train_seconds=round(seconds, 3),
+        train_seconds=round(loop_seconds, 3),
         step_seconds=round(statistics.median(progress.step_times), 4) if progress.step_times else 0.0,
         peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1), steps=progress.step,
-        best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not interrupted,
-        interrupted=interrupted, config=run.config.to_dict())
+        best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
+        interrupted=stopped == "interrupted", paused=stopped == "paused",
+        seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict())
     if run.accelerator.is_main_process:
         result.parameters.pop("per_module", None)
         atomic_write_text(folder / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
-        plot_curves(folder, run.config.training.metric_for_best_model)
+        if not result.paused:
+            plot_curves(folder, run.config.training.metric_for_best_model)
     return result

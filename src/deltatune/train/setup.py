@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -42,6 +46,8 @@ class Run:
     scheduler: Any
     steps_per_epoch: int
     total_steps: int
+    eval_steps: int | None  # training.eval_steps in steps
+    data_seconds: float  # reading and tokenising (0 when this process had tokenised the data already)
     #: called with (step, eval metrics) after each validation pass; see ``train(on_evaluate=...)``.
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
@@ -79,7 +85,9 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     path = resolve_model_path(config.model.name_or_path)
     task = task_for(config)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    data = task.prepare(load_splits(config.data), tokenizer, config)
+    started = time.perf_counter()
+    data = tokenised(config, task, tokenizer, path)
+    data_seconds = time.perf_counter() - started
     config.data.labels = list(getattr(task, "labels", []) or []) or None
     training.metric_for_best_model = training.metric_for_best_model or task.primary_metric
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
@@ -92,7 +100,10 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     # uses, or a resumed run would see different dropout masks.
     train_loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate,
                               generator=torch.Generator().manual_seed(training.seed))
-    eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate)
+    # Their own generators too: otherwise each evaluation draws from the global RNG, and how
+    # often a run evaluates (or where it paused) would change its dropout masks.
+    eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate,
+                                     generator=torch.Generator().manual_seed(training.seed))
                     for name in ("validation", "test")}
     optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
     model, optimizer, train_loader, *loaders = accelerator.prepare(
@@ -102,9 +113,39 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=total)
+    eval_steps = training.eval_steps
+    if eval_steps is not None and eval_steps < 1:  # a fraction of the run, as in transformers
+        eval_steps = max(1, math.ceil(eval_steps * total))
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
-               steps_per_epoch, total)
+               steps_per_epoch, total, eval_steps, data_seconds)
+
+
+#: the data sets tokenised in this process (the newest last), with what their task derived (labels...)
+_TOKENISED: dict[str, tuple[DatasetDict, dict[str, Any]]] = {}
+
+
+def tokenised(config: RunConfig, task: Task, tokenizer: Any, path: str) -> DatasetDict:
+    """The task's tokenised splits, made once per process for the same model, task and data.
+
+    ``deltatune compare`` trains many runs on identical data in one process; reading and
+    tokenising again for each would cost more than some of the runs' training. Validation and
+    test come sorted by length: evaluation then pads each batch to similar lengths (every task's
+    metrics are independent of the order).
+    """
+    key = json.dumps([path, config.model.max_length, dataclasses.asdict(config.task),
+                      dataclasses.asdict(config.data)], sort_keys=True, default=str)
+    if key not in _TOKENISED:
+        data = task.prepare(load_splits(config.data), tokenizer, config)
+        data = DatasetDict({name: split if name == "train" else split.select(np.argsort(split["length"], kind="stable"))
+                            for name, split in data.items()})
+        derived = {k: v for k, v in vars(task).items() if k not in ("config", "options")}
+        while len(_TOKENISED) >= 4:
+            _TOKENISED.pop(next(iter(_TOKENISED)))
+        _TOKENISED[key] = data, derived
+    data, derived = _TOKENISED[key]
+    vars(task).update(derived)  # as if prepare had run on this task object too
+    return data
 
 
 def _check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
