@@ -237,6 +237,40 @@ def test_merged_model_refuses_what_would_lose_the_merge(action):
         action(model)
 
 
+def test_merge_and_unload_after_merge_unloads_what_is_merged():
+    """The README's order: merge, then merge_and_unload; the weights are folded in once."""
+    model = tiny_with("a")
+    expected = run(model, "a")
+    dt.merge(model)
+    plain = dt.merge_and_unload(model)
+    assert isinstance(plain.proj, nn.Linear)
+    torch.testing.assert_close(plain(X).detach(), expected, atol=1e-6, rtol=0)
+
+
+def test_a_merge_that_fails_on_any_error_leaves_nothing_merged(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5))
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["0", "1"]), "a")
+    perturb(model, seed=3)
+    expected, weights = run(model, "a"), {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = [layer for _, layer in dt.core.method.iter_layers(model)]
+    real_merge, calls = type(layers[0]).merge, []
+
+    def fail_on_the_second(layer, name):
+        calls.append(layer)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        real_merge(layer, name)
+
+    monkeypatch.setattr(type(layers[0]), "merge", fail_on_the_second)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dt.merge(model)
+    assert dt.core.verbs.merged_adapters(model) == []
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), weights[name], atol=1e-6, rtol=0)  # W + d - d
+    torch.testing.assert_close(run(model, "a"), expected)
+
+
 def test_verbs_on_a_model_without_adapters_say_apply_first():
     with pytest.raises(dt.ConfigError, match="apply"):
         dt.merge(Tiny())

@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from . import assets  # dt.assets.model_path(): the bundled models, offline
 from .core.accounting import ParameterReport, parameter_report
 from .core.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
 from .core.method import MethodConfig, config_from_dict, registered
@@ -17,7 +18,7 @@ __all__ = [*_method_names,
     "MethodConfig", "ParameterReport", "TrainerCallback", "TargetError", "active_adapters", "adapter_state_dict",
     "apply", "config_from_dict", "delete_adapter", "disable_adapters", "load_adapter", "merge",
     "merge_and_unload", "parameter_report", "read_adapter", "registered", "save_adapter",
-    "set_adapter", "tune", "unload", "unmerge",
+    "assets", "set_adapter", "tune", "unload", "unmerge",
 ]
 
 

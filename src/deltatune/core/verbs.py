@@ -160,9 +160,9 @@ def merge(model: nn.Module) -> None:
             for name in state.active:
                 for _, layer, _ in deltas_of(model, name):
                     layer.merge(name)
-        except MergeError:
-            # All or nothing: a delta that refuses its values (e.g. IA3 with a zero scale) must
-            # not leave the layers before it merged.
+        except BaseException:
+            # All or nothing: a delta that refuses its values (e.g. IA3 with a zero scale), or
+            # any other failure, must not leave the layers before it merged.
             for _, layer in iter_layers(model):
                 layer.unmerge()
             raise
@@ -194,8 +194,10 @@ def unmerge(model: nn.Module) -> None:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge the active adapters and return a plain model: no wrappers, original module names."""
-    merge(model)
+    """Merge the active adapters (unless ``merge`` already did) and return a plain model: no
+    wrappers, original module names."""
+    if not merged_adapters(model):
+        merge(model)
     return unload(model)
 
 
