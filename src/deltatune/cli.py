@@ -132,13 +132,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from .compare.config import load_compare_config
-    from .compare.report import markdown_table
+    from .compare.report import markdown
     from .compare.runner import compare
 
     overrides = list(args.set) + ([f"output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_compare_config(args.config, overrides)
-    rows = compare(config)
-    print("\n" + markdown_table(rows))
+    report = compare(config)
+    print("\n" + markdown(report))
+    seconds = report["seconds"]
+    if seconds["training_share"] is not None:
+        print(f"\n{seconds['wall']:.0f} s, {100 * seconds['training_share']:.0f}% of it training")
+    print(f"open {(Path(config.output_dir) / 'report.html').resolve().as_uri()}")
     return 0
 
 

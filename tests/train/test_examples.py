@@ -14,7 +14,7 @@ from deltatune.train.loop import train
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 # Examples that name a train_file are templates for the user's own data: validated, not trained.
-BUNDLED = sorted(p for p in EXAMPLES.glob("*.yaml") if p.name not in ("compare.yaml", "tune.yaml")
+BUNDLED = sorted(p for p in EXAMPLES.glob("*.yaml") if not p.name.startswith(("compare", "tune."))
                  and "train_file" not in (yaml.safe_load(p.read_text()).get("data") or {}))
 SLICE = ["data.max_train_samples=48", "data.max_eval_samples=24", "training.max_steps=3",
          "training.batch_size=16", "training.progress=false", "model.max_length=48"]
@@ -29,9 +29,19 @@ def test_every_example_is_a_valid_config():
     from deltatune.compare.config import load_compare_config
     from deltatune.search import load_tune_config
 
-    loaders = {"compare.yaml": load_compare_config, "tune.yaml": load_tune_config}
     for path in EXAMPLES.glob("*.yaml"):
-        loaders.get(path.name, load_config)(path)
+        loader = (load_compare_config if path.name.startswith("compare") else
+                  load_tune_config if path.name == "tune.yaml" else load_config)
+        loader(path)
+
+
+def test_make_run_is_the_documented_comparison():
+    """examples/compare.yaml is what `deltatune compare` (and `make run`) runs with no config."""
+    from deltatune.compare.config import load_compare_config
+
+    default, example = load_compare_config(None), load_compare_config(EXAMPLES / "compare.yaml")
+    same = ("base", "methods", "seeds", "evaluations", "forgetting_texts", "latency_batches", "search")
+    assert [getattr(default, k) for k in same] == [getattr(example, k) for k in same]
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
-"""One cell of the comparison, run in a fresh process so its peak memory is its own.
+"""What a trained run costs at inference and what it forgot, against the base model.
 
-Trains, then reloads the saved adapter and measures, against the base model in the same
-process: inference latency (adapted, and merged where the method merges) and forgetting.
+The base model and its embeddings of the general text are made once per model and reused for
+every method (``Reference``); each run's adapter is loaded back from its folder.
 """
 
 from __future__ import annotations
@@ -13,48 +13,51 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
+from ..core.errors import DeltatuneError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload
 from ..data.bundled import read_bundled
-from ..data.loading import load_splits
-from ..train.config import RunConfig
 from ..train.inference import load_run
-from ..train.loop import train
-from ..train.setup import resolve_model_path
+from ..train.setup import resolve_model_path, tokenised
 
 
-def run_cell(run: dict[str, Any], latency_batches: int, forgetting_texts: int) -> dict[str, Any]:
-    """Train one configuration and measure it; returns a JSON-ready dict."""
-    from ..cli import _quiet_libraries
+class Reference:
+    """The base model, a few test batches, the task's trivial baseline and the base's embeddings
+    of held-out general text."""
 
-    _quiet_libraries()
-    config = RunConfig.from_dict(run)
-    result = train(config)
-    _, task, tokenizer, adapted = load_run(config.training.output_dir)
-    base = task.load_model(resolve_model_path(config.model.name_or_path)).eval()
-    batches = _test_batches(config, task, tokenizer, latency_batches)
-    latency = _latency_ratios(base, adapted, batches)
-    return {
-        "result": result.to_dict(),
-        "base_params": sum(p.numel() for p in base.parameters()),
-        "latency_ratio": latency["adapted"],
-        "merged_latency_ratio": latency.get("merged"),
-        "forgetting": _forgetting(base, adapted, tokenizer, config, forgetting_texts),
-    }
+    def __init__(self, run_dir: str, latency_batches: int, forgetting_texts: int):
+        config, task, tokenizer, _ = load_run(run_dir)
+        self.model = task.load_model(resolve_model_path(config.model.name_or_path)).eval()
+        splits = tokenised(config, task, tokenizer, resolve_model_path(config.model.name_or_path))
+        #: validation metrics of the trivial predictor (the majority class), where the task has one
+        self.baseline = task.baseline(splits["train"], splits["validation"])
+        self.batches = _spread_batches(splits["test"], task.collator(tokenizer), config.training.eval_batch_size,
+                                       latency_batches)
+        texts = general_texts(forgetting_texts)
+        self.texts = tokenizer(texts, truncation=True, max_length=config.model.max_length, padding=True,
+                               return_tensors="pt") if texts else None
+        self.embeddings = embed(self.model, self.texts) if texts else None
 
 
-def _test_batches(config: RunConfig, task: Any, tokenizer: Any, count: int) -> list[dict]:
-    splits = load_splits(config.data)
-    data = task.prepare(splits, tokenizer, config)["test"]
-    loader = DataLoader(data, batch_size=config.training.eval_batch_size, collate_fn=task.collator(tokenizer))
-    batches = []
-    for batch in loader:
-        batches.append({k: v for k, v in batch.items() if k != "labels"})
-        if len(batches) == count:
-            break
-    return batches
+def _spread_batches(data: Any, collate: Any, size: int, count: int) -> list[dict]:
+    """``count`` batches spread evenly over the (length-sorted) test split: short and long inputs."""
+    starts = [round(i * (len(data) - size) / max(1, count - 1)) if count > 1 else max(0, (len(data) - size) // 2)
+              for i in range(count)]
+    return [{k: v for k, v in collate([data[j] for j in range(s, min(s + size, len(data)))]).items() if k != "labels"}
+            for s in starts]
+
+
+def measure(reference: Reference, run_dir: str) -> dict[str, Any]:
+    """Latency ratios (adapted and merged over base) and forgetting of one finished run."""
+    _, _, _, adapted = load_run(run_dir)
+    latency = latency_ratios(reference.model, adapted, reference.batches)
+    forgetting = None
+    if reference.texts is not None:
+        cosine = torch.nn.functional.cosine_similarity(reference.embeddings, embed(adapted, reference.texts))
+        forgetting = round(1.0 - cosine.mean().item(), 5)
+    return {"latency_ratio": latency["adapted"], "merged_latency_ratio": latency.get("merged"),
+            "forgetting": forgetting}
 
 
 def seconds_per_pass(model: nn.Module, batches: list[dict]) -> float:
@@ -65,7 +68,7 @@ def seconds_per_pass(model: nn.Module, batches: list[dict]) -> float:
     return time.perf_counter() - start
 
 
-def _latency_ratios(base: nn.Module, adapted: nn.Module, batches: list[dict], repeats: int = 5) -> dict[str, float]:
+def latency_ratios(base: nn.Module, adapted: nn.Module, batches: list[dict], repeats: int = 3) -> dict[str, float]:
     """Median time of the adapted (and merged) model over the base model's, measured interleaved
     so that a noisy neighbour slows all of them alike."""
     models = {"base": base, "adapted": adapted}
@@ -83,32 +86,19 @@ def _latency_ratios(base: nn.Module, adapted: nn.Module, batches: list[dict], re
 
 
 def general_texts(count: int) -> list[str]:
-    """Held-out general English (first lines of BBC articles), unlike any training task here."""
+    """Held-out general English (first lines of BBC articles), unlike any training task here;
+    none when the bundled BBC set is not installed (forgetting is then not measured)."""
     try:
         rows = read_bundled("bbc-news")
-    except Exception:  # the package is optional for comparisons; forgetting is then not measured
+    except DeltatuneError:
         return []
     return [row["text"].split("\n")[0][:300] for row in rows[::max(1, len(rows) // count)]][:count]
 
 
-def _forgetting(base: nn.Module, adapted: nn.Module, tokenizer: Any, config: RunConfig, count: int) -> float | None:
-    """1 - mean cosine similarity of the base and adapted sentence embeddings on general text.
-
-    The base is a sentence-embedding model: how far its embeddings move is how much of its
-    original skill the adaptation overwrote (0 = untouched).
-    """
-    texts = general_texts(count)
-    if not texts:
-        return None
-    batch = tokenizer(texts, truncation=True, max_length=config.model.max_length, padding=True, return_tensors="pt")
+def embed(model: nn.Module, batch: dict) -> torch.Tensor:
+    """Mean-pooled last hidden states over the user's tokens: what a sentence-embedding model
+    (the bundled MiniLM) was trained to produce. 1 - cosine to the base's is the forgetting."""
     with torch.no_grad():
-        before = _embed(base, batch)
-        after = _embed(adapted, batch)
-    return round(1.0 - torch.nn.functional.cosine_similarity(before, after).mean().item(), 5)
-
-
-def _embed(model: nn.Module, batch: dict) -> torch.Tensor:
-    hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
-    hidden = hidden[:, -batch["input_ids"].shape[1]:]  # methods that prepend tokens: keep the user's
+        hidden = model(**batch, output_hidden_states=True).hidden_states[-1]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     return (hidden * mask).sum(1) / mask.sum(1)

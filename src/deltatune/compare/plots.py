@@ -1,4 +1,5 @@
-"""Comparison plots (matplotlib, PNG): quality against storage, low-data curves, cost bars."""
+"""Comparison plots (matplotlib, PNG): quality against storage, learning curves, cost bars,
+low-data curves."""
 
 from __future__ import annotations
 
@@ -12,21 +13,30 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
-def primary_metric(rows: list[dict[str, Any]]) -> str:
-    for name in ("accuracy", "f1", "exact_match", "rouge1", "perplexity"):
-        if name in rows[0]:
-            return name
-    return next(k for k in rows[0] if k.endswith("_std"))[:-4]
-
-
 def plot_all(folder: Path, rows: list[dict[str, Any]]) -> list[Path]:
     if not rows:
         return []
-    metric = primary_metric(rows)
-    paths = [_quality_vs_storage(folder, rows, metric), _costs(folder, rows)]
+    metric = rows[0]["metric"]
+    paths = [_quality_vs_storage(folder, rows, metric), _learning_curves(folder, rows, metric),
+             _costs(folder, rows)]
     if len({r["train_size"] for r in rows}) > 1:
         paths.append(_low_data(folder, rows, metric))
     return paths
+
+
+def _learning_curves(folder: Path, rows: list[dict[str, Any]], metric: str) -> Path:
+    """Validation metric against training seconds, one line per method (its first seed's run)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    largest = max(r["train_size"] or 0 for r in rows)
+    for r in (r for r in rows if (r["train_size"] or 0) == largest):
+        seconds, _, values = zip(*r["curve"])
+        ax.plot(seconds, values, "o-", markersize=3, label=f"{r['method']} (lr {r['learning_rate']:g})")
+    ax.set_xlabel("training seconds")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("learning curves at the chosen learning rates")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, folder / "learning_curves.png")
 
 
 def _quality_vs_storage(folder: Path, rows: list[dict[str, Any]], metric: str) -> Path:

@@ -1,21 +1,29 @@
-"""The grid of runs: model x train size x method x seed, each in its own fresh process.
+"""The grid of runs: model x train size x method x seed, all in this process.
 
+One process for the whole grid: the libraries are imported once and the data tokenised once
+(``train.setup.tokenised``); each run's peak memory is its own (``train.memory``). For each
+(model, size, method) the first seed searches the learning rate (``halving``) and the other
+seeds train at the rate it chose, so that seeds measure the spread at fixed settings.
 A finished cell leaves ``cells/<key>.json``; started again, the comparison skips it.
 """
 
 from __future__ import annotations
 
+import gc
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_write_text
+from ..tasks.base import task_class
+from ..train.logs import read_metrics
+from ..train.loop import PHASES
 from .config import CompareConfig
-from .measure import run_cell
+from .halving import Candidate, halve
+from .measure import Reference, measure
 from .report import write_report
 
 
@@ -28,7 +36,11 @@ class Cell:
 
     @property
     def key(self) -> str:
-        parts = [self.method["method"], f"seed{self.seed}"]
+        return self.group_key(f"seed{self.seed}")
+
+    def group_key(self, seed_part: str = "") -> str:
+        """The key without the seed when ``seed_part`` is empty: the cells that share a search."""
+        parts = [self.method["method"], *([seed_part] if seed_part else [])]
         if self.size is not None:
             parts.append(f"n{self.size}")
         if self.model is not None:
@@ -41,37 +53,93 @@ def grid(config: CompareConfig) -> list[Cell]:
             for method in config.methods for seed in config.seeds]
 
 
-def compare(config: CompareConfig, echo=print) -> list[dict[str, Any]]:
-    """Run every cell not already finished, then write report.md, report.json and the plots.
+def compare(config: CompareConfig, echo: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run every cell not already finished, then write the report (md, json, html, plots).
 
     Returns:
-        The report rows (one per model x size x method, seeds aggregated).
+        The report: ``rows`` (one per model x size x method, seeds aggregated), ``answer``
+        (Pareto fronts and picks) and ``seconds`` (where the comparison's time went).
     """
     folder = Path(config.output_dir)
     (folder / "cells").mkdir(parents=True, exist_ok=True)
     cells = grid(config)
-    done = {c.key for c in cells if (folder / "cells" / f"{c.key}.json").is_file()}
+    done = {c.key for c in cells if _cell_file(folder, c).is_file()}
     todo = [c for c in cells if c.key not in done]
     echo(f"comparison: {len(cells)} runs ({len(done)} already finished) -> {folder}")
     started = time.perf_counter()
+    # The libraries' objects live as long as the process: keep them out of the garbage
+    # collections that each run's memory measurement starts with (0.3 s each otherwise).
+    gc.freeze()
+    references: dict[str, Reference] = {}
     for index, cell in enumerate(todo, 1):
         echo(f"[{len(done) + index}/{len(cells)}] {cell.key} {eta_text(started, index - 1, len(todo))}")
-        run = config.run_config(cell.method, cell.seed, cell.size, cell.model, folder / "runs" / cell.key)
-        job = (run.to_dict(), config.latency_batches, config.forgetting_texts)
-        measured = _in_fresh_process(*job) if config.isolate else run_cell(*job)
-        record = {"key": cell.key, "method": cell.method["method"], "seed": cell.seed,
-                  "train_size": cell.size, "model": run.model.name_or_path, **measured}
-        atomic_write_text(folder / "cells" / f"{cell.key}.json", json.dumps(record, indent=1))
-    records = [json.loads((folder / "cells" / f"{c.key}.json").read_text()) for c in cells]
-    rows = write_report(folder, records)
+        record = run_cell(config, cell, folder, references, echo)
+        atomic_write_text(_cell_file(folder, cell), json.dumps(record, indent=1))
+    records = [json.loads(_cell_file(folder, c).read_text()) for c in cells]
+    report = write_report(folder, records, wall_seconds=time.perf_counter() - started, ran=len(todo))
     echo(f"comparison finished in {time.perf_counter() - started:.0f} s: {folder / 'report.md'}")
-    return rows
+    return report
 
 
-def _in_fresh_process(run: dict[str, Any], latency_batches: int, forgetting_texts: int) -> dict[str, Any]:
-    """Peak RSS is per process and never goes down: each run gets a process of its own."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(run_cell, run, latency_batches, forgetting_texts).result()
+def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[str, Reference],
+             echo: Callable[[str], Any]) -> dict[str, Any]:
+    """Search (first seed) or reuse the learning rate, train, measure; a JSON-ready record."""
+    rates = _rates(config, cell, folder)
+    metric = _metric(config)
+    winner, candidates = halve(
+        rates, lambda rate, run_folder: config.run_config(cell.method, cell.seed, cell.size, cell.model,
+                                                          run_folder, rate),
+        folder / "runs" / cell.key, config.evaluations, metric, echo)
+    result = winner.legs[-1]
+    tick = time.perf_counter()
+    model_key = result.config["model"]["name_or_path"]
+    if model_key not in references:
+        references[model_key] = Reference(result.output_dir, config.latency_batches, config.forgetting_texts)
+    measured = measure(references[model_key], result.output_dir)
+    return {"key": cell.key, "group": cell.group_key(), "method": cell.method["method"], "seed": cell.seed,
+            "train_size": cell.size, "model": model_key, "metric": metric,
+            "learning_rate": winner.learning_rate, "searched": len(rates) > 1,
+            "candidates": [c.to_dict() for c in candidates], "result": result.to_dict(),
+            "base_params": sum(p.numel() for p in references[model_key].model.parameters()),
+            "peak_memory_mb": max(leg.peak_memory_mb for leg in winner.legs),
+            "train_seconds": sum(leg.seconds["train"] for leg in winner.legs),
+            "seconds": {**_phases(winner.legs), "search": _search_seconds(candidates, winner),
+                        "measure": round(time.perf_counter() - tick, 3)},
+            "curve": _curve(result.output_dir, metric), "baseline": references[model_key].baseline.get(metric),
+            **measured}
+
+
+def _rates(config: CompareConfig, cell: Cell, folder: Path) -> list[float]:
+    """The first seed's candidates; later seeds take the rate the first seed chose."""
+    first = Cell(cell.method, config.seeds[0], cell.size, cell.model)
+    if cell.seed != first.seed and _cell_file(folder, first).is_file():
+        return [json.loads(_cell_file(folder, first).read_text())["learning_rate"]]
+    return config.learning_rates(cell.method)
+
+
+def _metric(config: CompareConfig) -> str:
+    training = config.base.get("training", {})
+    task = config.base.get("task", {}).get("type", "classification")
+    return training.get("metric_for_best_model") or task_class(task).primary_metric
+
+
+def _phases(legs: list) -> dict[str, float]:
+    return {phase: round(sum(leg.seconds.get(phase, 0.0) for leg in legs), 3) for phase in PHASES}
+
+
+def _search_seconds(candidates: list[Candidate], winner: Candidate) -> dict[str, float]:
+    """What the losing candidates cost, by phase (their legs; the winner's are its own run's)."""
+    return _phases([leg for c in candidates if c is not winner for leg in c.legs])
+
+
+def _curve(run_dir: str, metric: str) -> list[list[float]]:
+    """(training seconds, step, validation metric) at each evaluation of the winner's run."""
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    return [[r["train_seconds"], r["step"], r[f"eval_{metric}"]] for r in rows if f"eval_{metric}" in r]
+
+
+def _cell_file(folder: Path, cell: Cell) -> Path:
+    return folder / "cells" / f"{cell.key}.json"
 
 
 def eta_text(started: float, finished: int, total: int) -> str:

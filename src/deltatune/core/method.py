@@ -118,6 +118,9 @@ class Method:
     count_formula: ClassVar[str] = ""
     #: a learning rate that suits the method with AdamW (used by ``compare`` unless overridden).
     default_learning_rate: ClassVar[float] = 1e-3
+    #: the log-spaced learning rates ``compare`` searches (successive halving on validation data);
+    #: empty: ``compare`` trains at ``default_learning_rate`` alone.
+    learning_rates: ClassVar[tuple[float, ...]] = ()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
 

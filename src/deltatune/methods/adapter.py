@@ -137,6 +137,7 @@ class Adapter(Method):
     name = "adapter"
     config_class = AdapterConfig
     family = "additive"
+    learning_rates = (3e-4, 1e-3, 3e-3)
     count_formula = "2 d m + d + m per adapter (houlsby: two per block, pfeiffer/parallel: one)"
     merge_refusal = ("the activation between its two projections is non-linear, so no base "
                      "weight can hold it")

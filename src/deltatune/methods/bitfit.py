@@ -68,6 +68,7 @@ class BitFit(Method):
     config_class = BitFitConfig
     family = "selective"
     mergeable = True
+    learning_rates = (1e-3, 3e-3, 1e-2)  # biases move little per step: the upper end
     count_formula = "the number of bias elements (outside modules_to_save)"
 
     def plan(self, model: nn.Module) -> list[str]:

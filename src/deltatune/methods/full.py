@@ -32,6 +32,7 @@ class FullFineTuning(Method):
     family = "full"
     in_place = True
     default_learning_rate = 5e-5
+    learning_rates = (3e-5, 1e-4, 3e-4)  # short budgets want the upper end
     count_formula = "all parameters of the model"
     merge_refusal = "full fine-tuning already changed the base weights; there is nothing to merge"
 

@@ -116,6 +116,7 @@ class IA3(Method):
     mergeable = True
     count_formula = "d_out per output-scaled layer + d_in per feed-forward layer"
     default_learning_rate = 3e-3  # the (IA)^3 paper's; its vectors need larger steps than LoRA
+    learning_rates = (1e-3, 3e-3, 1e-2)
 
     def plan(self, model: nn.Module) -> dict[str, bool]:
         """Module name -> whether it scales its input (feed-forward) rather than its output."""

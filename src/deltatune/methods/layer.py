@@ -53,6 +53,7 @@ class LayerTuning(Method):
     family = "selective"
     mergeable = True
     default_learning_rate = 1e-4
+    learning_rates = (1e-4, 3e-4, 1e-3)
     count_formula = "top_k x (parameters of one block) + final norm"
 
     def plan(self, model: nn.Module) -> list[str]:

@@ -130,6 +130,7 @@ class Lora(Method):
     config_class = LoraConfig
     family = "re-parameterisation"
     mergeable = True
+    learning_rates = (1e-3, 3e-3, 1e-2)  # r=8 matrices on a small encoder take large steps
     count_formula = "r * (d_in + d_out) per adapted layer"
 
     def plan(self, model: nn.Module) -> list[str]:

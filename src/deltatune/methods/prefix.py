@@ -149,6 +149,7 @@ class PrefixTuning(Method):
     config_class = PrefixTuningConfig
     family = "additive"
     default_learning_rate = 1e-2  # few parameters far from the output: larger steps than LoRA
+    learning_rates = (3e-3, 1e-2, 3e-2)
     count_formula = ("layers * 2 * num_virtual_tokens * d_kv stored (+ the training-only MLP "
                      "when reparameterize)")
     merge_refusal = "the prefixes add attention positions, which no base weight can hold"

@@ -109,6 +109,7 @@ class PromptTuning(Method):
     config_class = PromptTuningConfig
     family = "additive"
     default_learning_rate = 3e-2  # a handful of input vectors: they need far larger steps than weights
+    learning_rates = (1e-2, 3e-2, 1e-1)
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
 

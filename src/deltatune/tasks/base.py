@@ -92,6 +92,11 @@ class TaskBase:
         logits, labels, loss = gather_logits(model, loader, accelerator)
         return {**self.metrics(logits, labels), "loss": loss}
 
+    def baseline(self, train: Any, validation: Any) -> dict[str, float]:
+        """Validation metrics of a trivial predictor (none by default); ``compare`` calls a run
+        that never beats it "not learning"."""
+        return {}
+
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         raise NotImplementedError(f"{type(self).__name__} must define metrics() or override evaluate().")
 

@@ -77,6 +77,12 @@ class SequenceClassification(TaskBase):
 
         return collate
 
+    def baseline(self, train: Any, validation: Any) -> dict[str, float]:
+        """Always the most frequent training label."""
+        majority = np.bincount(train["labels"]).argmax()
+        logits = np.eye(len(self.labels))[np.full(len(validation), majority)]
+        return self.metrics(logits, np.asarray(validation["labels"]))
+
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         predictions = logits.argmax(-1)
         return {"accuracy": float(accuracy_score(labels, predictions)),
