@@ -99,8 +99,8 @@ def test_time_goes_into_training_and_is_broken_down(small):
     for row in report["rows"]:
         assert set(row["seconds"]) == {"setup", "data", "train", "evaluate", "save", "search", "measure"}
         assert row["seconds"]["train"] > 0 and row["train_seconds"] == pytest.approx(row["seconds"]["train"], abs=0.01)
-    # the data were tokenised once for the whole grid: one run paid for it, no other
-    assert sum(1 for r in report["rows"] if r["seconds"]["data"] + r["seconds"]["search"]["data"] > 0) == 1
+    # the data were tokenised once for the whole grid: at most the first run paid for it
+    assert sum(1 for r in report["rows"] if r["seconds"]["data"] + r["seconds"]["search"]["data"] > 0) <= 1
 
 
 def test_started_again_finished_runs_are_skipped(small):

@@ -71,10 +71,13 @@ def compare(config: CompareConfig, echo: Callable[[str], Any] = print) -> dict[s
     # collections that each run's memory measurement starts with (0.3 s each otherwise).
     gc.freeze()
     references: dict[str, Reference] = {}
-    for index, cell in enumerate(todo, 1):
-        echo(f"[{len(done) + index}/{len(cells)}] {cell.key} {eta_text(started, index - 1, len(todo))}")
-        record = run_cell(config, cell, folder, references, echo)
-        atomic_write_text(_cell_file(folder, cell), json.dumps(record, indent=1))
+    try:
+        for index, cell in enumerate(todo, 1):
+            echo(f"[{len(done) + index}/{len(cells)}] {cell.key} {eta_text(started, index - 1, len(todo))}")
+            record = run_cell(config, cell, folder, references, echo)
+            atomic_write_text(_cell_file(folder, cell), json.dumps(record, indent=1))
+    finally:
+        gc.unfreeze()
     records = [json.loads(_cell_file(folder, c).read_text()) for c in cells]
     report = write_report(folder, records, wall_seconds=time.perf_counter() - started, ran=len(todo))
     echo(f"comparison finished in {time.perf_counter() - started:.0f} s: {folder / 'report.md'}")
