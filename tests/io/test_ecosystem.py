@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import peft
 import pytest
 import torch
@@ -54,6 +56,9 @@ def test_export_writes_a_plain_model_with_the_adapted_outputs(tmp_path):
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(output(plain, batch), expected, atol=1e-5, rtol=0)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {f.stat().st_mode & 0o777 for f in (tmp_path / "merged").iterdir()} == {0o666 & ~mask}
 
 
 def test_export_refuses_a_method_that_cannot_merge(tmp_path, capsys):

@@ -164,3 +164,24 @@ def test_sigkill_while_saving_leaves_a_loadable_adapter(tmp_path):
         dt.load_adapter(model, path)
         values = {p.flatten()[0].item() for p in model.parameters()}
         assert len(values) == 1, "a loaded adapter is one whole save, never a mix"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_follow_the_umask_like_any_other_tool(tmp_path, mask):
+    """Temporary files are created 0o600; the rename must not carry that over."""
+    from deltatune.io.atomic import atomic_write_text
+    from deltatune.train.checkpoint import save_checkpoint
+
+    old = os.umask(mask)
+    try:
+        model = build("bert")
+        dt.apply(model, dt.LoraConfig(r=4))
+        dt.save_adapter(model, tmp_path / "adapter")
+        atomic_write_text(tmp_path / "report.json", "{}")
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        checkpoint = save_checkpoint(tmp_path / "checkpoints", 1, model, optimizer, {})
+    finally:
+        os.umask(old)
+    files = [*(tmp_path / "adapter").iterdir(), tmp_path / "report.json", *checkpoint.iterdir()]
+    assert files and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}
+    assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~mask
