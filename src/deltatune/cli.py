@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args) or 0
     except DeltatuneError as error:
-        if args.debug:
+        if getattr(args, "debug", False):
             raise
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -31,9 +32,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune transformers fully or with PEFT.")
-    parser.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    # --debug before or after the command; SUPPRESS keeps a command's parser from resetting it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show Python tracebacks")
+    parser = argparse.ArgumentParser(prog="deltatune", description="Fine-tune transformers fully or with PEFT.",
+                                     parents=[common])
     sub = parser.add_subparsers(metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, parents=[common])
 
     train = sub.add_parser("train", help="train one run from a YAML config (default: the bundled example)")
     train.add_argument("config", nargs="?", help="run config YAML")

@@ -17,6 +17,7 @@ CONFIG_CASES = [
     ("wrong-literal", ["training.lr_scheduler=exp"], "'linear' | 'cosine' | 'constant'"),
     ("wrong-precision", ["training.mixed_precision=fp8"], "mixed_precision"),
     ("unknown-method", ["method.method=lora2"], "unknown method 'lora2'"),
+    ("misspelt-method", ["method.method=lorra"], "did you mean 'lora'"),
     ("unknown-method-key", ["method.rank=8"], "unknown key 'method.rank'"),
     ("rank-zero", ["method.r=0"], "lora.r = 0 is invalid"),
     ("rank-negative", ["method.r=-4"], "lora.r = -4 is invalid"),
@@ -136,3 +137,6 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
 
     with pytest.raises(ConfigError):
         main(["--debug", "train", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError):  # after the command too
+        main(["train", str(tmp_path / "nope.yaml"), "--debug"])
+    assert "does not exist" in run_cli(["train", str(tmp_path / "nope.yaml")], capsys)  # no traceback without it

@@ -8,6 +8,8 @@ attach :class:`~deltatune.core.layer.Delta` modules to wrapped base modules and 
 
 from __future__ import annotations
 
+import difflib
+
 import dataclasses
 import types
 import typing
@@ -172,7 +174,9 @@ def registered() -> dict[str, type[Method]]:
 
 def method_class(name: str) -> type[Method]:
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown method '{name}'.", f"choose one of: {', '.join(sorted(_REGISTRY))}.")
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        raise ConfigError(f"unknown method '{name}'.", (f"did you mean '{close[0]}'? " if close else "")
+                          + f"choose one of: {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[name]
 
 
