@@ -69,6 +69,9 @@ def write_report(folder: Path, records: list[dict[str, Any]], wall_seconds: floa
         mark_ties(group, group[0]["metric"])
         answers.append({"model": model, "train_size": size, **answer(group, group[0]["metric"])})
     report = {"rows": rows, "answers": answers, "seconds": _seconds(rows, wall_seconds, ran)}
+    previous = folder / "report.json"
+    if not ran and previous.is_file():  # nothing ran: the time record stays that of the run that did
+        report["seconds"] = json.loads(previous.read_text()).get("seconds", report["seconds"])
     from .page import write_page
     from .plots import plot_all
 
