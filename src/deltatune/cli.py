@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .core.errors import DeltatuneError
 
@@ -39,7 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                                      parents=[common])
     sub = parser.add_subparsers(metavar="COMMAND")
     sub.add_parser = functools.partial(sub.add_parser, parents=[common])
+    _run_commands(sub)
+    _adapter_commands(sub)
+    return parser
 
+
+def _run_commands(sub: Any) -> None:
+    """Commands that train or use a run: train, eval, predict, compare, tune."""
     train = sub.add_parser("train", help="train one run from a YAML config (default: the bundled example)")
     train.add_argument("config", nargs="?", help="run config YAML")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -76,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--output-dir", help="search folder (training.output_dir); run again to resume")
     tune.set_defaults(run=_tune)
 
+
+def _adapter_commands(sub: Any) -> None:
+    """Commands on adapter files and the registry: convert, inspect, export, methods, demo."""
     convert = sub.add_parser("convert", help="convert an adapter between deltatune and peft formats")
     convert.add_argument("source")
     convert.add_argument("target")
@@ -97,7 +107,6 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="LoRA on the bundled model: report, merge, save, reload")
     demo.set_defaults(run=_demo)
-    return parser
 
 
 def _quiet_libraries() -> None:
