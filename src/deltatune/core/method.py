@@ -8,9 +8,8 @@ attach :class:`~deltatune.core.layer.Delta` modules to wrapped base modules and 
 
 from __future__ import annotations
 
-import difflib
-
 import dataclasses
+import difflib
 import types
 import typing
 from dataclasses import dataclass, field

@@ -19,7 +19,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's 0o600 would survive the rename
+        follow_umask(Path(tmp))  # mkstemp's 0o600 would survive the rename
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,10 +29,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     fsync_dir(path.parent)
 
 
-def current_umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
+def follow_umask(*paths: Path) -> None:
+    """Give files 0o666 and folders 0o777 less the umask, as ``open`` and ``mkdir`` would:
+    ``mkstemp``, ``mkdtemp`` and safetensors create them readable by their owner alone."""
+    mask = os.umask(0)  # the only way to read the umask is to set it
     os.umask(mask)
-    return mask
+    for path in paths:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

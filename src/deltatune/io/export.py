@@ -11,7 +11,7 @@ from ..core.errors import AdapterFileError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
 from .adapter_files import load_adapter, read_adapter
-from .atomic import current_umask
+from .atomic import follow_umask
 
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
 
@@ -51,6 +51,5 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
         transformers.AutoTokenizer.from_pretrained(base_path).save_pretrained(output)
     except (OSError, ValueError):
         pass  # a base without a tokenizer: the model is still complete
-    for file in output.iterdir():  # safetensors writes 0o600 whatever the umask
-        file.chmod(0o666 & ~current_umask())
+    follow_umask(*output.iterdir())  # save_pretrained's safetensors files are 0o600
     return output

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import DeltatuneError
-from ..io.atomic import current_umask, fsync_dir
+from ..io.atomic import follow_umask, fsync_dir
 
 PREFIX = "step-"
 
@@ -40,7 +40,6 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0o700 would survive the rename
     try:
         names = {id(p): n for n, p in model.named_parameters()}
         params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -49,8 +48,7 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         save_file({"torch": torch.get_rng_state() if rng is None else rng}, tmp / "rng.safetensors")
         state = {**state, "step": step, "param_groups": _groups(optimizer), "python_rng": _py_rng()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        for file in tmp.iterdir():  # safetensors writes 0o600 whatever the umask
-            file.chmod(0o666 & ~current_umask())
+        follow_umask(tmp, *tmp.iterdir())  # the renamed folder and its files keep these modes
         fsync_dir(tmp)
         if target.exists():
             shutil.rmtree(target)

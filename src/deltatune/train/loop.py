@@ -83,7 +83,6 @@ class Progress:
     step_times: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     best_eval: dict[str, float] = field(default_factory=dict)  # validation metrics of the best step
-    peak_memory_mb: float = 0.0  # the largest of every leg's peak
     #: torch's RNG state after the last optimizer step: an interrupt mid-step resumes from there.
     rng: Any = field(default=None, repr=False)
 

@@ -114,7 +114,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=total)
     eval_steps = training.eval_steps
-    if eval_steps is not None and eval_steps < 1:  # a fraction of the run, as in transformers
+    if eval_steps and eval_steps < 1:  # a fraction of the run, as in transformers
         eval_steps = max(1, math.ceil(eval_steps * total))
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
