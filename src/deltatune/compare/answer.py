@@ -8,6 +8,7 @@ within ``MARGIN`` (one point of accuracy) of the best.
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -70,7 +71,7 @@ def _ties(best: dict[str, Any], row: dict[str, Any], metric: str, sign: int) -> 
     if a == b:
         return True
     pvalue = ttest_rel(a, b).pvalue
-    return bool(pvalue != pvalue or pvalue >= 0.05)  # NaN: no spread at all in the differences
+    return bool(math.isnan(pvalue) or pvalue >= 0.05)  # NaN: no spread at all in the differences
 
 
 def pareto(rows: list[dict[str, Any]], metric: str, cost: str) -> list[str]:

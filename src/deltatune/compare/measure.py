@@ -1,7 +1,7 @@
 """What a trained run costs at inference and what it forgot, against the base model.
 
 The base model and its embeddings of the general text are made once per model and reused for
-every method (``Reference``); each run's adapter is loaded back from its folder.
+every method (``Reference``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..core.errors import DeltatuneError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload
 from ..data.bundled import read_bundled
-from ..train.inference import load_run
+from ..train.config import RunConfig
 from ..train.setup import resolve_model_path, tokenised
 
 
@@ -26,10 +26,10 @@ class Reference:
     """The base model, a few test batches, the task's trivial baseline and the base's embeddings
     of held-out general text."""
 
-    def __init__(self, run_dir: str, latency_batches: int, forgetting_texts: int):
-        config, task, tokenizer, _ = load_run(run_dir)
-        self.model = task.load_model(resolve_model_path(config.model.name_or_path)).eval()
-        splits = tokenised(config, task, tokenizer, resolve_model_path(config.model.name_or_path))
+    def __init__(self, config: RunConfig, task: Any, tokenizer: Any, latency_batches: int, forgetting_texts: int):
+        path = resolve_model_path(config.model.name_or_path)
+        self.model = task.load_model(path).eval()
+        splits = tokenised(config, task, tokenizer, path)
         #: validation metrics of the trivial predictor (the majority class), where the task has one
         self.baseline = task.baseline(splits["train"], splits["validation"])
         self.batches = _spread_batches(splits["test"], task.collator(tokenizer), config.training.eval_batch_size,
@@ -48,9 +48,8 @@ def _spread_batches(data: Any, collate: Any, size: int, count: int) -> list[dict
             for s in starts]
 
 
-def measure(reference: Reference, run_dir: str) -> dict[str, Any]:
-    """Latency ratios (adapted and merged over base) and forgetting of one finished run."""
-    _, _, _, adapted = load_run(run_dir)
+def measure(reference: Reference, adapted: nn.Module) -> dict[str, Any]:
+    """Latency ratios (adapted and merged over base) and forgetting of one finished run's model."""
     latency = latency_ratios(reference.model, adapted, reference.batches)
     forgetting = None
     if reference.texts is not None:

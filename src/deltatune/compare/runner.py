@@ -9,6 +9,7 @@ A finished cell leaves ``cells/<key>.json``; started again, the comparison skips
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_write_text
-from ..tasks.base import task_class
+from ..train.config import RunConfig, best_model_metric
+from ..train.inference import load_run
 from ..train.logs import read_metrics
 from ..train.loop import PHASES
 from .config import CompareConfig
@@ -36,11 +38,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        return self.group_key(f"seed{self.seed}")
-
-    def group_key(self, seed_part: str = "") -> str:
-        """The key without the seed when ``seed_part`` is empty: the cells that share a search."""
-        parts = [self.method["method"], *([seed_part] if seed_part else [])]
+        parts = [self.method["method"], f"seed{self.seed}"]
         if self.size is not None:
             parts.append(f"n{self.size}")
         if self.model is not None:
@@ -95,13 +93,14 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
         folder / "runs" / cell.key, config.evaluations, metric, echo)
     result = winner.legs[-1]
     tick = time.perf_counter()
-    model_key = result.config["model"]["name_or_path"]
+    run_config, task, tokenizer, adapted = load_run(result.output_dir)
+    model_key = run_config.model.name_or_path
     if model_key not in references:
-        references[model_key] = Reference(result.output_dir, config.latency_batches, config.forgetting_texts)
-    measured = measure(references[model_key], result.output_dir)
-    return {"key": cell.key, "group": cell.group_key(), "method": cell.method["method"], "seed": cell.seed,
-            "train_size": cell.size, "model": model_key, "metric": metric,
-            "learning_rate": winner.learning_rate, "searched": len(rates) > 1,
+        references[model_key] = Reference(run_config, task, tokenizer, config.latency_batches,
+                                          config.forgetting_texts)
+    measured = measure(references[model_key], adapted)
+    return {"key": cell.key, "method": cell.method["method"], "seed": cell.seed,
+            "train_size": cell.size, "model": model_key, "metric": metric, "learning_rate": winner.learning_rate,
             "candidates": [c.to_dict() for c in candidates], "result": result.to_dict(),
             "base_params": sum(p.numel() for p in references[model_key].model.parameters()),
             "peak_memory_mb": max(leg.peak_memory_mb for leg in winner.legs),
@@ -121,9 +120,7 @@ def _rates(config: CompareConfig, cell: Cell, folder: Path) -> list[float]:
 
 
 def _metric(config: CompareConfig) -> str:
-    training = config.base.get("training", {})
-    task = config.base.get("task", {}).get("type", "classification")
-    return training.get("metric_for_best_model") or task_class(task).primary_metric
+    return best_model_metric(RunConfig.from_dict(copy.deepcopy(config.base)))
 
 
 def _phases(legs: list) -> dict[str, float]:

@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..tasks.base import lower_is_better, task_class
-from ..train.config import RunConfig, apply_override, check_keys, as_number, did_you_mean, read_yaml, set_path
+from ..tasks.base import lower_is_better
+from ..train.config import (RunConfig, apply_override, as_number, best_model_metric, check_keys, did_you_mean,
+                            read_yaml, set_path)
 from ..train.loop import config_hash
 
 SPEC_KEYS = ["low", "high", "log", "step", "choices"]
@@ -79,8 +80,7 @@ class TuneConfig:
     @property
     def metric(self) -> str:
         """The validation metric to optimise: the best-checkpoint metric, by default the task's."""
-        run = self.run_config({})
-        return f"eval_{run.training.metric_for_best_model or task_class(run.task.type).primary_metric}"
+        return f"eval_{best_model_metric(self.run_config({}))}"
 
     @property
     def direction(self) -> str:

@@ -105,6 +105,12 @@ class RunConfig:
         return cls(method=method, **sections)
 
 
+def best_model_metric(config: RunConfig) -> str:
+    """The validation metric that picks the best checkpoint: ``training.metric_for_best_model``,
+    else the task's own (accuracy, f1, exact_match, perplexity, rouge1)."""
+    return config.training.metric_for_best_model or task_class(config.task.type).primary_metric
+
+
 def _task_kind(data: Any) -> type[TaskConfig]:
     """The task's own options class, chosen by ``task.type``."""
     if not isinstance(data, dict) or "type" not in data:

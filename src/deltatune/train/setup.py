@@ -25,7 +25,7 @@ from ..core.verbs import apply
 from ..data.loading import load_splits
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
-from .config import RunConfig
+from .config import RunConfig, best_model_metric
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -89,7 +89,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     data = tokenised(config, task, tokenizer, path)
     data_seconds = time.perf_counter() - started
     config.data.labels = list(getattr(task, "labels", []) or []) or None
-    training.metric_for_best_model = training.metric_for_best_model or task.primary_metric
+    training.metric_for_best_model = best_model_metric(config)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
     _check_max_length(config, model)
