@@ -16,8 +16,9 @@ from transformers.pytorch_utils import Conv1D
 import deltatune as dt
 from deltatune.core.targets import resolve_targets
 from deltatune.io import adapter_files
-from deltatune.methods.lora import SUPPORTED
 from tiny import build, inputs, output, perturb
+
+SUPPORTED = (nn.Linear, Conv1D, nn.Embedding)  # what LoRA adapts
 
 
 def structure(model: nn.Module) -> tuple:
@@ -81,7 +82,8 @@ def test_all_linear_skips_heads_and_embeddings():
     (lora(target_modules=["query", "valeu"]), ["'valeu'", "matches no module", "did you mean", "value"]),
     (lora(target_modules=["uery"]), ["'uery'", "query"]),  # a suffix is whole name parts only
     (lora(target_modules=["attention.self.quer"]), ["attention.self.query"]),
-    (lora(target_modules=["re:.*nothing"]), ["'re:.*nothing'", "matches no module"]),
+    (lora(target_modules=["re:.*nothing"]), ["'re:.*nothing'", "matches no module", "query, key, value, dense"]),
+    (lora(target_modules=["qkv"]), ["'qkv'", "matches no module", "modules end in: ", "query, key, value, dense"]),
     (lora(target_modules=["re:query("]), ["'re:query('", "not a valid regular expression"]),
     (lora(target_modules=["LayerNorm"]), ["'bert.embeddings.LayerNorm', a LayerNorm", "cannot adapt"]),
     (lora(modules_to_save=["classifer"]), ["modules_to_save entry 'classifer'", "classifier"]),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 import deltatune as dt
+from deltatune.core.layer import ModuleCopy
+from deltatune.core.method import method_for
 from cases import case_params
 from tiny import build, inputs, output, perturb
 
@@ -101,3 +105,37 @@ def _frozen_but_stored(model, tensors) -> int:
     """Stored tensors that are not trainable parameters (e.g. folded prefixes computed on save)."""
     trainable_ids = {id(p) for p in model.parameters() if p.requires_grad}
     return sum(t.numel() for t in tensors.values() if id(t) not in trainable_ids)
+
+
+@pytest.mark.parametrize("case,family", case_params())
+def test_a_module_is_adapted_or_trained_in_full_never_both(case, family):
+    """The engine checks every method's modules against modules_to_save: a clash is refused
+    before anything changes, or the method leaves that module to the trained copy."""
+    model = build(family)
+    config = case.config(family)
+    modules = dict(model.named_modules())
+    wrapped = [name for name in method_for(config).plan(model) or [] if name in modules]
+    if not wrapped:
+        pytest.skip("this config wraps no module of the base model (it trains the base weights in "
+                    "place, or holds virtual tokens at the root)")
+    keys = sorted(model.state_dict())
+    saved = dataclasses.replace(config, modules_to_save=[wrapped[0]])
+    try:
+        dt.apply(model, saved)
+    except dt.ConfigError as error:
+        assert "overlaps" in str(error) and wrapped[0] in str(error)
+        assert sorted(model.state_dict()) == keys and not hasattr(model, "_deltatune_state")
+        return
+    assert wrapped[0] not in list(method_for(saved).plan(build(family)))  # the method left it alone
+    assert [type(d) for d in model.get_submodule(wrapped[0]).deltas.values()] == [ModuleCopy]
+
+
+def test_a_method_name_is_registered_once():
+    from deltatune.core.method import Method, register
+
+    lora = dt.registered()["lora"]
+    impostor = type("Lora", (Method,), {"name": "lora", "config_class": lora.config_class,
+                                        "family": "additive", "__module__": "somewhere.else"})
+    with pytest.raises(ValueError, match="method name 'lora' is taken by deltatune.methods.lora.Lora"):
+        register(impostor)
+    assert dt.registered()["lora"] is lora and lora.config_class.method == "lora"

@@ -100,8 +100,10 @@ def test_time_goes_into_training_and_is_broken_down(small):
     for row in report["rows"]:
         assert set(row["seconds"]) == {"setup", "data", "train", "evaluate", "save", "search", "measure"}
         assert row["seconds"]["train"] > 0 and row["train_seconds"] == pytest.approx(row["seconds"]["train"], abs=0.01)
-    # the data were tokenised once for the whole grid: at most the first run paid for it
-    assert sum(1 for r in report["rows"] if r["seconds"]["data"] + r["seconds"]["search"]["data"] > 0) <= 1
+    # the data were tokenised once for the whole grid: at most the first run paid for it, the
+    # others only looked it up (well under 50 ms, even on a busy machine)
+    paid = sorted(r["seconds"]["data"] + r["seconds"]["search"]["data"] for r in report["rows"])
+    assert all(s < 0.05 for s in paid[:-1]), paid
 
 
 def test_started_again_finished_runs_are_skipped(small):

@@ -55,7 +55,7 @@ def test_feedforward_modules_must_be_a_subset_of_target_modules():
 
 
 def test_targets_must_be_linear():
-    with pytest.raises(dt.TargetError, match="LayerNorm, which IA3 cannot adapt"):
+    with pytest.raises(dt.TargetError, match="LayerNorm, which ia3 cannot adapt"):
         dt.apply(build("bert"), dt.IA3Config(target_modules=["LayerNorm"]))
 
 

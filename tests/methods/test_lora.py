@@ -238,6 +238,29 @@ def test_standalone_lora_linear():
     torch.testing.assert_close(layer.weight.detach(), W0, atol=1e-6, rtol=0)
 
 
+def test_a_model_built_from_lora_linear_takes_every_verb(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(dt.LoRALinear(16, 8, rank=4), nn.ReLU(), dt.LoRALinear(8, 4, rank=2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.deltas["default"].lora_B.weight.normal_()
+    x = torch.randn(3, 16)
+    expected = model(x).detach()
+    report = dt.parameter_report(model)
+    assert report.trainable == report.stored == 4 * (16 + 8) + 2 * (8 + 4) == 120
+    dt.save_adapter(model, tmp_path / "adapter")
+    _, tensors = dt.read_adapter(tmp_path / "adapter")
+    assert sorted(tensors) == ["0.lora_A.weight", "0.lora_B.weight", "2.lora_A.weight", "2.lora_B.weight"]
+    torch.testing.assert_close(tensors["2.lora_B.weight"], model[2].deltas["default"].lora_B.weight.detach())
+    with dt.disable_adapters(model):
+        torch.testing.assert_close(model(x), model[2].base_layer(model[0].base_layer(x).relu()))
+    dt.merge(model)
+    torch.testing.assert_close(model(x).detach(), expected)
+    plain = dt.merge_and_unload(model)
+    assert [type(m) for m in plain] == [nn.Linear, nn.ReLU, nn.Linear]
+    torch.testing.assert_close(plain(x).detach(), expected)
+
+
 # --- parity with Hugging Face peft -------------------------------------------------------
 
 PARITY = [

@@ -19,15 +19,9 @@ def plain(**kwargs) -> dt.PrefixTuningConfig:
     return dt.PrefixTuningConfig(num_virtual_tokens=N, reparameterize=False, **kwargs)
 
 
-def layer_deltas(model, adapter: str = "default") -> list:
-    """The adapter's per-layer deltas, in model order."""
-    return [m.deltas[adapter] for m in model.modules() if hasattr(m, "deltas") and adapter in m.deltas]
-
-
-def set_prefixes(model, values: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        for delta, value in zip(layer_deltas(model), values, strict=True):
-            delta.prefix.copy_(value)
+def prefixes_of(model, adapter: str = "default") -> torch.Tensor:
+    """The adapter's plain prefixes, (layers, 2, n, d_kv), layers in model order."""
+    return model.deltatune_virtual_tokens.deltas[adapter].prefixes
 
 
 # --- config and refusals -----------------------------------------------------------------
@@ -82,7 +76,7 @@ def test_bert_attention_equals_attention_over_extra_key_rows():
     attention = model.bert.encoder.layer[0].attention.self
     rows, x = torch.randn(1, N, HIDDEN), torch.randn(1, 5, HIDDEN)
     with torch.no_grad():
-        attention.key.deltas["default"].prefix.copy_(torch.stack([attention.key(rows)[0], attention.value(rows)[0]]))
+        prefixes_of(model)[0].copy_(torch.stack([attention.key(rows)[0], attention.value(rows)[0]]))
         with_prefix = attention(x)[0]
         with dt.disable_adapters(model):
             with_rows = attention(torch.cat([rows, x], dim=1))[0][:, N:]
@@ -96,7 +90,7 @@ def test_llama_attention_by_hand():
     attn, T = model.model.layers[0].self_attn, 5
     x = torch.randn(1, T, HIDDEN)
     cos, sin = model.model.rotary_emb(x, torch.arange(T)[None])
-    prefix = attn.k_proj.deltas["default"].prefix.detach()
+    prefix = prefixes_of(model)[0].detach()
     with torch.no_grad():
         got = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
         q, k, v = (p(x).view(1, T, -1, 8).transpose(1, 2) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -115,7 +109,7 @@ def test_t5_prefixes_get_no_relative_position_bias():
     perturb(model, scale=1.0)
     attn, T = model.encoder.block[0].layer[0].SelfAttention, 5
     x = torch.randn(1, T, HIDDEN)
-    prefix = attn.k.deltas["default"].prefix.detach()
+    prefix = prefixes_of(model)[0].detach()  # the encoder's first layer comes first
     with torch.no_grad():
         got, bias, _ = attn(x)
         q, k, v = (p(x).view(1, T, 4, 8).transpose(1, 2) for p in (attn.q, attn.k, attn.v))
@@ -167,8 +161,8 @@ def test_two_active_prefixes_act_as_one_concatenated_prefix(family):
         dt.apply(model, plain(), name)
     dt.set_adapter(model, ["a", "b"])
     single = dt.apply(build(family), dt.PrefixTuningConfig(num_virtual_tokens=2 * N, reparameterize=False))
-    pairs = zip(layer_deltas(model, "a"), layer_deltas(model, "b"))
-    set_prefixes(single, [torch.cat([a.prefix, b.prefix], dim=1) for a, b in pairs])
+    with torch.no_grad():
+        prefixes_of(single).copy_(torch.cat([prefixes_of(model, "a"), prefixes_of(model, "b")], dim=2))
     torch.testing.assert_close(output(model, inputs(family)), output(single, inputs(family)),
                                atol=1e-5, rtol=0)
 
@@ -192,14 +186,26 @@ def test_the_file_holds_folded_prefixes_and_loads_without_the_mlp(family, tmp_pa
     perturb(model, scale=1.0)
     expected = output(model, inputs(family))
     _, tensors = dt.read_adapter(dt.save_adapter(model, tmp_path / "adapter"))
-    assert all(k.endswith(".prefix") and t.shape == (2, N, KV[family]) for k, t in tensors.items())
-    assert sum(t.numel() for t in tensors.values()) == LAYERS * 2 * N * KV[family]
+    assert {k: tuple(t.shape) for k, t in tensors.items()} == {
+        "deltatune_virtual_tokens.prefixes": (LAYERS, 2, N, KV[family])}
     loaded = dt.load_adapter(build(family), tmp_path / "adapter")
     torch.testing.assert_close(output(loaded, inputs(family)), expected, atol=1e-5, rtol=0)
     names = [n for n, p in loaded.named_parameters() if p.requires_grad]
-    assert names and all(n.endswith("deltas.default.prefix") for n in names)
+    assert names == ["deltatune_virtual_tokens.deltas.default.prefixes"]
     report = dt.parameter_report(loaded)
     assert report.trainable == report.stored and report.not_stored == 0
+
+
+@pytest.mark.parametrize("family", ["bert", "t5"])
+def test_the_mlp_runs_once_per_forward_and_never_reuses_an_old_output(family):
+    model = dt.apply(build(family), dt.PrefixTuningConfig(num_virtual_tokens=N, hidden=H))
+    encoder = model.deltatune_virtual_tokens.deltas["default"].encoder
+    calls = []
+    encoder.down.register_forward_hook(lambda *_: calls.append(1))
+    model.train()
+    for _ in range(2):  # a second step must not backpropagate through the first one's graph
+        model(**inputs(family)).logits.pow(2).mean().backward()
+    assert len(calls) == 2 and encoder.out is None
 
 
 def test_the_mlp_trains_and_the_file_follows_it():

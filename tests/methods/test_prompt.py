@@ -18,7 +18,7 @@ N = 4
 
 
 def prompt_of(model: nn.Module, adapter: str = "default") -> torch.Tensor:
-    return model.get_input_embeddings().deltas[adapter].prompt
+    return model.deltatune_virtual_tokens.deltas[adapter].prompt
 
 
 def token_model(kind: type, labels: int = 5) -> nn.Module:
@@ -87,17 +87,17 @@ def test_text_init_repeats_the_token_embeddings():
     torch.testing.assert_close(prompt_of(model).detach(), weight[[7, 9, 7, 9, 7]].detach())
 
 
-def test_text_init_tokenizes_with_the_local_tokenizer_and_records_the_ids(tiny_model_dir, tmp_path):
+def test_text_init_tokenizes_with_the_local_tokenizer_and_the_saved_config_records_the_ids(tiny_model_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
     text = "classify the review"
     ids = AutoTokenizer.from_pretrained(tiny_model_dir)(text, add_special_tokens=False)["input_ids"]
     config = dt.PromptTuningConfig(num_virtual_tokens=N, init="text", init_text=text)
     model = dt.apply(AutoModel.from_pretrained(tiny_model_dir), config)
-    assert config.init_token_ids == ids
+    assert config.init_token_ids is None  # the caller's config is never written
+    assert dt.read_adapter(dt.save_adapter(model, tmp_path / "adapter"))[0]["config"]["init_token_ids"] == ids
     weight = model.get_input_embeddings().weight
     torch.testing.assert_close(prompt_of(model).detach(), weight[(ids * N)[:N]].detach())
-    dt.save_adapter(model, tmp_path / "adapter")
     elsewhere = AutoModel.from_pretrained(tiny_model_dir)
     elsewhere.config._name_or_path = str(tmp_path / "no-tokenizer-here")
     dt.load_adapter(elsewhere, tmp_path / "adapter")  # the saved config carries the ids
@@ -183,6 +183,7 @@ def test_removing_the_adapter_removes_the_hooks():
     assert model._forward_pre_hooks and model._forward_hooks  # still needed by "b"
     dt.unload(model)
     assert not model._forward_pre_hooks and not model._forward_hooks
+    assert "deltatune_virtual_tokens" not in dict(model.named_modules())  # the holder went with the last prompt
     assert torch.equal(output(model, inputs("llama")), base)
 
 

@@ -39,6 +39,19 @@ def test_training_beats_chance_and_writes_the_run_folder(tmp_path, sentiment_csv
     assert (run / "curves.png").stat().st_size > 0 and (run / "run.yaml").is_file()
 
 
+def test_a_run_leaves_its_config_as_given_and_records_what_it_derived(tmp_path, sentiment_csv):
+    import yaml
+
+    config = tiny_config(tmp_path, sentiment_csv, "training.max_steps=1")
+    given = config.to_dict()
+    train(config)
+    assert config.to_dict() == given and config.data.labels is None
+    recorded = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
+    assert recorded["data"]["labels"] == ["negative", "positive"]
+    assert recorded["training"]["metric_for_best_model"] == "accuracy"
+    train(config, resume=True)  # the recorded run and the given config are the same run
+
+
 def test_the_task_head_always_trains_and_is_saved(tmp_path, sentiment_csv):
     train(tiny_config(tmp_path, sentiment_csv, "training.max_steps=2", "method.target_modules=[query]"))
     keys = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors").keys()

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..env import offline_and_quiet
 from ..io.atomic import atomic_write_text
 from ..train.config import RunConfig, best_model_metric
 from ..train.inference import load_run
-from ..train.logs import read_metrics
+from ..train.logs import eta_text, read_metrics
 from ..train.loop import PHASES
 from .config import CompareConfig
 from .halving import Candidate, halve
@@ -58,6 +59,7 @@ def compare(config: CompareConfig, echo: Callable[[str], Any] = print) -> dict[s
         The report: ``rows`` (one per model x size x method, seeds aggregated), ``answer``
         (Pareto fronts and picks) and ``seconds`` (where the comparison's time went).
     """
+    offline_and_quiet()  # a Python caller gets the command line's environment
     folder = Path(config.output_dir)
     (folder / "cells").mkdir(parents=True, exist_ok=True)
     cells = grid(config)
@@ -141,9 +143,3 @@ def _curve(run_dir: str, metric: str) -> list[list[float]]:
 def _cell_file(folder: Path, cell: Cell) -> Path:
     return folder / "cells" / f"{cell.key}.json"
 
-
-def eta_text(started: float, finished: int, total: int) -> str:
-    if not finished:
-        return ""
-    left = (time.perf_counter() - started) / finished * (total - finished)
-    return f"(ETA {int(left // 60)}:{int(left % 60):02d})"

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from .method import deltas_of, method_for
-from .verbs import adapter_state_dict, require_state, trainable_parameters
+from .verbs import adapter_state, adapter_state_dict, require_state, trainable_parameters
 
 
 @dataclass
@@ -65,7 +65,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
-    state = getattr(model, "_deltatune_state", None)
+    state = adapter_state(model)
     if state is None or not state.configs:
         nbytes = sum(p.numel() * p.element_size() for p in params.values())
         return ParameterReport(total, trainable, total, 0, total, nbytes)

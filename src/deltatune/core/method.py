@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,18 +20,90 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from .errors import AdapterFileError, ConfigError
 from .layer import AdapterState, Delta, DeltaLayer
-from .targets import ALL_LINEAR, resolve_targets
+from .peft_keys import PROMPT_PREFIX, TUNER_PREFIX
+from .targets import resolve_targets
 
 FAMILIES = ("additive", "selective", "re-parameterisation", "full")
 
 
-def help_field(default: Any, help: str, **kwargs: Any) -> Any:
-    """A dataclass field with its documentation beside it (shown by ``deltatune methods``)."""
+@dataclass(frozen=True)
+class Range:
+    """The numbers a field allows, written as an interval: ``"[1, inf)"`` (1 or more),
+    ``"(0, inf)"``, ``"[0, 1)"``, ``"[2, 100]"``. NaN is in no range, and an infinity only
+    where the interval closes on it (``"[0, inf]"``)."""
+
+    low: float
+    high: float
+    open_low: bool
+    open_high: bool
+
+    @classmethod
+    def parse(cls, text: str) -> "Range":
+        match = re.fullmatch(r"([\[(])\s*([-+.\w]+)\s*,\s*([-+.\w]+)\s*([\])])", text)
+        if not match:
+            raise ValueError(f"range {text!r} is not an interval such as '[0, 1)'")
+        left, low, high, right = match.groups()
+        low, high = (int(t) if t.lstrip("-").isdigit() else float(t) for t in (low, high))  # "1", not "1.0", in words
+        return cls(low, high, left == "(", right == ")")
+
+    def __contains__(self, x: float) -> bool:  # False for NaN, as every comparison with NaN is
+        return ((self.low < x or (x == self.low and not self.open_low))
+                and (x < self.high or (x == self.high and not self.open_high)))
+
+    def __str__(self) -> str:  # "at least 1", "greater than 0 and below 1", "from 2 to 100"
+        low = f"{'greater than' if self.open_low else 'at least'} {self.low}" if self.low != -math.inf else ""
+        high = f"{'below' if self.open_high else 'at most'} {self.high}" if self.high != math.inf else ""
+        if low and high and not (self.open_low or self.open_high):
+            return f"from {self.low} to {self.high}"
+        return " and ".join(w for w in (low, high) if w) or "a finite number"
+
+
+FINITE = Range.parse("(-inf, inf)")
+
+
+def help_field(default: Any, help: str, range: str | None = None, typical: Any = None, **kwargs: Any) -> Any:
+    """A dataclass field with its documentation beside it (shown by ``deltatune methods``).
+
+    Args:
+        range: the numbers the field allows, as a :class:`Range` interval (``"[1, inf)"``);
+            checked by :func:`check_fields`, for a list field on each item. Any float field is
+            finite, range or not.
+        typical: the value an out-of-range error suggests (default: ``default``).
+    """
+    metadata = {"help": help, "range": Range.parse(range) if range else None,
+                "typical": default if typical is None else typical}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
-    return field(default=default, metadata={"help": help}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+def check_fields(config: Any, where: str) -> None:
+    """Check each field of a config dataclass: its type, then the range declared with it.
+
+    Raises:
+        ConfigError: naming ``<where>.<key>``, the value and the type or range allowed.
+    """
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        check_value(f, hints[f.name], getattr(config, f.name), f"{where}.{f.name}" if where else f.name)
+
+
+def check_value(f: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
+    """One value of field ``f`` (of type ``tp``), named ``key`` in the error."""
+    if not type_ok(value, tp):
+        raise ConfigError(f"{key} = {value!r} has the wrong type.", f"expected {type_name(tp)}.")
+    allowed = f.metadata.get("range") or FINITE
+    many = isinstance(value, (list, tuple))
+    numbers = [v for v in (value if many else [value]) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    if all(v in allowed for v in numbers):
+        return
+    infinite = any(isinstance(v, float) and not math.isfinite(v) for v in numbers)
+    rule = f"a finite number {allowed}" if infinite and allowed != FINITE else str(allowed)
+    typical = f.metadata.get("typical")
+    raise ConfigError(f"{key} = {value!r} is out of range: {'each item ' if many else ''}must be {rule}.",
+                      f"e.g. {f.name}: {typical}." if typical is not None else f"leave {f.name} unset (null).")
 
 
 @dataclass
@@ -43,19 +117,12 @@ class MethodConfig:
             "adapter, e.g. the task head ['classifier'].")
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_fields(self, self.method)
         self.validate()
 
     def validate(self) -> None:
-        """Check values; raise ConfigError naming the field, the value and what is allowed."""
-
-    def _check_types(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if not type_ok(value, hints[f.name]):
-                raise ConfigError(f"{self.method}.{f.name} = {value!r} has the wrong type.",
-                                  f"expected {type_name(hints[f.name])}.")
+        """Check what types and ranges cannot (fields together); raise ConfigError naming the
+        field, the value and what is allowed."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
@@ -129,15 +196,31 @@ class Method:
         self.config = config
 
     def plan(self, model: nn.Module) -> Any:
-        """Check the config against the model and return what ``inject`` needs.
+        """Check the config against the model and return what ``inject`` needs: the names of
+        the modules it will wrap, as a list or as the keys of a dict (name -> what goes there).
 
-        Runs before anything changes, so every error leaves the model untouched.
+        Runs before anything changes, so every error leaves the model untouched. The engine
+        then checks those modules against ``modules_to_save`` and other adapters' wrappers.
         """
         return None
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: Any) -> None:
         """Add this adapter's modules to the model (in place)."""
         raise NotImplementedError(f"{type(self).__name__}.inject")
+
+    def targets(self, model: nn.Module, entries: str | list[str], supported: tuple[type, ...],
+                field_name: str = "target_modules", linear_types: tuple[type, ...] = (nn.Linear,)) -> list[str]:
+        """``resolve_targets`` for this method: ``"all-linear"`` leaves out the modules trained in full."""
+        return resolve_targets(model, entries, supported, self.name, field_name, linear_types,
+                               exclude=self.saved_modules(model))
+
+    def saved_modules(self, model: nn.Module) -> list[str]:
+        """The modules ``modules_to_save`` selects (trained in full), outermost first."""
+        if not self.config.modules_to_save or self.in_place:
+            return []
+        names = resolve_targets(model, self.config.modules_to_save, (nn.Module,), self.name,
+                                field_name="modules_to_save")
+        return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
     def extra_trainable(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """Base parameters this adapter trains in place (e.g. LoRA's bias='all'), by name."""
@@ -154,14 +237,54 @@ class Method:
     def remove(self, model: nn.Module, adapter_name: str) -> None:
         """Undo anything ``inject`` did beyond adding deltas (hooks, root modules)."""
 
+    # --- Hugging Face peft's format: each method translates itself ------------------------
+    #: ``peft_type`` in peft's adapter_config.json; None: peft has no format for this method.
+    peft_type: ClassVar[str | None] = None
+    #: peft's prompt learning: keys under ``base_model.``, and a task type.
+    peft_prompt_learning: ClassVar[bool] = False
+    #: peft config fields that mean nothing for loading here (settings deltatune detects itself).
+    peft_ignored: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def config_from_peft(cls, peft_config: dict[str, Any]) -> dict[str, Any]:
+        """This method's config, as plain data, from peft's ``adapter_config.json``."""
+        raise NotImplementedError(f"{cls.__name__} has no peft format")
+
+    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """peft's method-specific config fields for an adapter file."""
+        raise NotImplementedError(f"{type(self).__name__} has no peft format")
+
+    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our file's tensors under peft's keys."""
+        prefix = PROMPT_PREFIX if self.peft_prompt_learning else TUNER_PREFIX
+        return {prefix + k: v for k, v in tensors.items()}
+
+    @classmethod
+    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """peft's tensors under our keys."""
+        prefix = PROMPT_PREFIX if cls.peft_prompt_learning else TUNER_PREFIX
+        return {k.removeprefix(prefix): v for k, v in tensors.items()}
+
+    @classmethod
+    def check_peft_base(cls, model: nn.Module) -> None:
+        """Refuse, before the model changes, a peft adapter whose outputs we would not reproduce here."""
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: make a method reachable by its name and its config class."""
+    """Class decorator: make a method reachable by its name and its config class.
+
+    Raises:
+        ValueError: an unknown family, or another class already registered under the name.
+    """
     if cls.family not in FAMILIES:
         raise ValueError(f"{cls.__name__}.family must be one of {FAMILIES}")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other.__qualname__ + other.__module__ != cls.__qualname__ + cls.__module__:
+        raise ValueError(f"method name '{cls.name}' is taken by {other.__module__}.{other.__qualname__}; "
+                         f"give {cls.__module__}.{cls.__qualname__} another name.")
     cls.config_class.method = cls.name
     _REGISTRY[cls.name] = cls
     return cls
@@ -183,10 +306,19 @@ def method_for(config: MethodConfig) -> Method:
     return method_class(config.method)(config)
 
 
+def peft_method(peft_type: Any) -> type[Method]:
+    """The method that reads peft adapters of ``peft_type``."""
+    readers = {cls.peft_type: cls for cls in _REGISTRY.values() if cls.peft_type}
+    if peft_type not in readers:
+        raise AdapterFileError(f"peft adapters of type '{peft_type}' cannot be read by deltatune.",
+                               f"supported peft types: {', '.join(readers)}.")
+    return readers[peft_type]
+
+
 def config_from_dict(values: dict[str, Any], where: str = "method") -> MethodConfig:
     """Build a method config from plain data (YAML, JSON): ``{"method": "lora", "r": 8, ...}``."""
     if not isinstance(values, dict) or "method" not in values:
-        raise ConfigError(f"'{where}' needs a 'method' key.", f"e.g. method: lora (one of {', '.join(sorted(_REGISTRY))}).")
+        raise ConfigError(f"'{where}' needs a 'method' key.", f"one of: {', '.join(sorted(registered()))}.")
     return method_class(values["method"]).config_class.from_dict(values, where)
 
 
@@ -238,40 +370,3 @@ def check_not_nested(model: nn.Module, names: list[str]) -> None:
                 raise ConfigError(f"'{name}' overlaps '{other}', which another adapter already wraps.",
                                   "adapters may share a module but not nest: target other modules "
                                   "or delete_adapter() the other adapter first.")
-
-
-def check_not_saved(model: nn.Module, names: list[str], config: MethodConfig) -> list[str]:
-    """Return ``names`` less those that are, contain or sit inside a module of
-    ``config.modules_to_save``; an explicit target that does is refused.
-
-    A trained copy runs instead of its original, so an adapter inside it would never run and
-    one around it would nest two wrappers. ``"all-linear"`` simply skips such modules, as it
-    skips the output head. Checked in ``plan``, before anything changes.
-    """
-    if not config.modules_to_save:
-        return names
-    saved = resolve_targets(model, config.modules_to_save, (nn.Module,), config.method,
-                            field_name="modules_to_save")
-    broad = getattr(config, "target_modules", None) in (ALL_LINEAR, [ALL_LINEAR])
-    kept = []
-    for name in names:
-        clash = next((s for s in saved if s == name or name.startswith(s + ".")
-                      or s.startswith(name + ".")), None)
-        if clash and not broad:
-            raise ConfigError(f"'{name}' is a {config.method} target and overlaps '{clash}' in "
-                              "modules_to_save.", "a module is either adapted or trained in full, not both.")
-        if not clash:
-            kept.append(name)
-    return kept
-
-
-def release_hooks(model: nn.Module, attr: str, adapter_name: str) -> None:
-    """Hooks that one method's adapters share on a model (kept at ``model.<attr>``, with a
-    ``users`` set and a ``remove()``): the last adapter to leave removes them."""
-    hooks = getattr(model, attr, None)
-    if hooks is None:
-        return
-    hooks.users.discard(adapter_name)
-    if not hooks.users:
-        hooks.remove()
-        delattr(model, attr)

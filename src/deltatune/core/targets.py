@@ -66,6 +66,20 @@ def _closest(entry: str, names: Sequence[str], n: int = 5) -> list[str]:
     return difflib.get_close_matches(pattern, suffixes, n=n, cutoff=0.4)
 
 
+def _no_match_hint(entry: str, named: list[tuple[str, nn.Module]], supported: tuple[type, ...],
+                   shown: int = 8) -> str:
+    """Real names to write instead: the closest to ``entry``, else the last name parts of the
+    modules the field can select (``query, key, value, dense``: what ``qkv`` was meant to be)."""
+    close = _closest(entry, [n for n, _ in named])
+    if close:
+        return f"did you mean one of: {', '.join(close)}?"
+    ends = list(dict.fromkeys(n.split(".")[-1] for n, m in named
+                              if isinstance(m, supported) and not n.split(".")[-1].isdigit()))
+    kinds = "" if nn.Module in supported else "/".join(t.__name__ for t in supported) + " "
+    listed = ", ".join(ends[:shown]) + (", ..." if len(ends) > shown else "")
+    return f"this model's {kinds}modules end in: {listed}." if ends else f"this model has no {kinds}module."
+
+
 def _check_regex(entry: str, field_name: str) -> None:
     if not entry.startswith("re:"):
         return
@@ -83,6 +97,7 @@ def resolve_targets(
     method: str,
     field_name: str = "target_modules",
     linear_types: tuple[type, ...] = (nn.Linear,),
+    exclude: Sequence[str] = (),
 ) -> list[str]:
     """Return the names of the modules that ``entries`` select, checking every entry.
 
@@ -93,6 +108,8 @@ def resolve_targets(
         method: the method's name, for messages.
         field_name: the config field being resolved, for messages.
         linear_types: what ``"all-linear"`` selects (e.g. also transformers' ``Conv1D``).
+        exclude: modules ``"all-linear"`` leaves out with everything inside and around them
+            (those trained in full).
 
     Returns:
         Module names in model order.
@@ -102,7 +119,8 @@ def resolve_targets(
     """
     named = list(iter_base_modules(model))
     if entries == ALL_LINEAR or entries == [ALL_LINEAR]:
-        chosen = [n for n, m in named if isinstance(m, linear_types) and not is_head(n, model)]
+        chosen = [n for n, m in named if isinstance(m, linear_types) and not is_head(n, model)
+                  and not any(n == e or n.startswith(e + ".") or e.startswith(n + ".") for e in exclude)]
         if not chosen:
             raise TargetError(f"'{ALL_LINEAR}' found no linear layer in {type(model).__name__}.",
                               f"name the modules in {field_name} explicitly.")
@@ -113,11 +131,8 @@ def resolve_targets(
         _check_regex(entry, field_name)
         hits = [(n, m) for n, m in named if matches(n, entry)]
         if not hits:
-            names = [n for n, _ in named]
-            close = _closest(entry, names)
-            hint = f"did you mean one of: {', '.join(close)}?" if close else "check the spelling."
             raise TargetError(f"{field_name} entry '{entry}' matches no module of "
-                              f"{type(model).__name__}.", hint)
+                              f"{type(model).__name__}.", _no_match_hint(entry, named, supported))
         wrong = [(n, m) for n, m in hits if not isinstance(m, supported)]
         if wrong:
             name, module = wrong[0]

@@ -10,16 +10,29 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .layer import AdapterState, ModuleCopy
-from .method import (MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers,
-                     method_for)
-from .targets import resolve_targets
+from .method import (MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for,
+                     registered)
 
 STATE_ATTR = "_deltatune_state"
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
-    """The model's adapter bookkeeping, or None for a model deltatune has not touched."""
-    return getattr(model, STATE_ATTR, None)
+    """The model's adapter bookkeeping, or None for a model deltatune has not touched.
+
+    A model built from wrappers made on their own (``LoRALinear``) gets one state the first
+    time a verb sees it: its wrappers then switch, merge and save together.
+    """
+    state = getattr(model, STATE_ATTR, None)
+    if state is not None:
+        return state
+    layers = [layer for _, layer in iter_layers(model)]
+    own = [layer._adapter_state for layer in layers if layer._adapter_state.configs]
+    if not own:
+        return None
+    for layer in layers:
+        layer._adapter_state = own[0]
+    setattr(model, STATE_ATTR, own[0])
+    return own[0]
 
 
 def require_state(model: nn.Module) -> AdapterState:
@@ -58,25 +71,25 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
                           "pass another adapter_name, or delete_adapter() the old one.")
     _refuse_if_merged(model, "add an adapter")
     method = method_for(config)
+    saved = method.saved_modules(model)
     plan = method.plan(model)
-    saved = [] if method.family == "full" else _plan_modules_to_save(model, config)
+    _check_wrapped(model, list(plan or []), saved, config.method)
     method.inject(model, adapter_name, state, plan)
     add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
-    state.configs[adapter_name] = config
+    state.configs[adapter_name] = method.config  # as applied: values derived from the model filled in
     setattr(model, STATE_ATTR, state)
     set_adapter(model, adapter_name)
     return model
 
 
-def _plan_modules_to_save(model: nn.Module, config: MethodConfig) -> list[str]:
-    if not config.modules_to_save:
-        return []
-    names = resolve_targets(model, config.modules_to_save, (nn.Module,), config.method,
-                            field_name="modules_to_save")
-    # Keep only the outermost matches: a copy of a module already copies its children.
-    names = [n for n in names if not any(n.startswith(o + ".") for o in names)]
-    check_not_nested(model, names)
-    return names
+def _check_wrapped(model: nn.Module, wrapped: list[str], saved: list[str], method: str) -> None:
+    """Every method's modules: none also trained in full, none inside or around another wrapper."""
+    for name in wrapped:
+        clash = next((s for s in saved if s == name or name.startswith(s + ".") or s.startswith(name + ".")), None)
+        if clash:
+            raise ConfigError(f"'{name}' is a {method} target and overlaps '{clash}' in modules_to_save.",
+                              "a module is either adapted or trained in full, not both.")
+    check_not_nested(model, wrapped + saved)
 
 
 def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -153,7 +166,8 @@ def merge(model: nn.Module) -> None:
         method = method_for(state.configs[name])
         if not method.mergeable:
             raise MergeError(f"adapter '{name}' ({method.name}) cannot be merged: {method.merge_refusal}.",
-                             "serve it unmerged, or train a mergeable method (lora, ia3).")
+                             "serve it unmerged, or train a mergeable method ("
+                             f"{', '.join(n for n, c in registered().items() if c.mergeable)}).")
     _refuse_if_tied(model, state.active)
     with torch.no_grad():
         try:
@@ -247,51 +261,3 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
         tensors.update({f"{name}.{k}": v for k, v in delta.stored_state().items()})
     tensors.update(method_for(config).extra_state(model, adapter_name))
     return tensors
-
-
-def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
-                            adapter_name: str = "default") -> None:
-    """Copy stored tensors into an adapter already applied with the same config.
-
-    Raises:
-        AdapterFileError: keys missing or unexpected, or a tensor of the wrong shape; the
-            message names the module.
-    """
-    expected = adapter_state_dict(model, adapter_name)
-    check_tensors_match(expected, tensors)
-    owners = {}
-    for name, _, delta in deltas_of(model, adapter_name):
-        for key in delta.stored_state():
-            owners[f"{name}.{key}"] = (delta, key)
-    per_delta: dict[int, tuple] = {}
-    with torch.no_grad():
-        for key, value in tensors.items():
-            if key in owners:
-                delta, rel = owners[key]
-                per_delta.setdefault(id(delta), (delta, {}))[1][rel] = value
-            else:
-                expected[key].copy_(value)
-        for delta, values in per_delta.values():
-            delta.load_stored_state(values)
-
-
-def check_tensors_match(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
-    """Missing/unexpected set arithmetic and shape checks, with the module named."""
-    from .errors import AdapterFileError
-
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (first: {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
-        raise AdapterFileError(f"the adapter file does not fit this model: {'; '.join(parts)}.",
-                               "load it into the base model it was trained on, with the same method config.")
-    for key, value in found.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise AdapterFileError(
-                f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(expected[key].shape)} "
-                "in this model: the adapter was trained on another base model.",
-                "load it into the base model it was trained on.")

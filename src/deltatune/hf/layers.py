@@ -2,24 +2,31 @@
 
 GPT-2's ``Conv1D`` is a linear layer whose weight is stored transposed, ``(in, out)``;
 ``nn.Linear`` stores ``(out, in)``. Methods that read feature sizes or rescale weight rows and
-columns ask here instead of branching on the type themselves.
+columns ask here instead of branching on the type themselves. transformers is not imported
+for it: no model can hold a ``Conv1D`` before transformers has loaded the class, so listing
+methods (``deltatune methods``) stays fast.
 """
 
 from __future__ import annotations
 
+import sys
+
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-LINEAR_TYPES: tuple[type, ...] = (nn.Linear, Conv1D)
 
 
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0], module.weight.shape[1]
-    return module.in_features, module.out_features
+def linear_types() -> tuple[type, ...]:
+    """``nn.Linear``, and transformers' ``Conv1D`` once transformers has loaded it."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    return (nn.Linear, conv1d) if conv1d is not None else (nn.Linear,)
 
 
 def weight_is_transposed(module: nn.Module) -> bool:
     """True when the weight is stored ``(in, out)`` (``Conv1D``), not ``(out, in)``."""
-    return isinstance(module, Conv1D)
+    return isinstance(module, linear_types()[1:])
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
+    if weight_is_transposed(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features

@@ -18,11 +18,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
 from ..core.errors import AdapterFileError, ConfigError, DeltatuneError
 from ..core.method import config_from_dict, deltas_of
-from ..core.verbs import (adapter_state_dict, apply, delete_adapter, load_adapter_state_dict,
-                          require_adapter)
+from ..core.verbs import adapter_state_dict, apply, delete_adapter, require_adapter
+from ..hf.layers import weight_is_transposed
+from ..version import __version__
 from . import peft_format
 from .atomic import atomic_write, atomic_write_text
 
@@ -51,6 +51,8 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_class": type(model).__name__,
         "base_fingerprint": base_fingerprint(model, adapter_name),
+        # peft's fan_in_fan_out: the adapted weights are stored (in, out), as GPT-2's Conv1D.
+        "fan_in_fan_out": any(weight_is_transposed(layer.base_layer) for _, layer, _ in deltas_of(model, adapter_name)),
     }
 
 
@@ -152,9 +154,7 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
     if on_disk is None:
         raise AdapterFileError(f"'{config_path}' is missing.", "save the adapter again.")
     if peft_format.is_peft_config(on_disk):
-        return {"format": "peft", "config": peft_format.config_from_peft(on_disk),
-                "base_model_name_or_path": on_disk.get("base_model_name_or_path"),
-                "peft_config": on_disk}  # its layout and task type; kept by convert
+        return peft_format.describe_peft(on_disk)
     if on_disk.get("format") != FORMAT:
         raise AdapterFileError(f"'{config_path}' is neither a deltatune nor a peft adapter config.",
                                "point to a directory written by deltatune.save_adapter or peft's save_pretrained.")
@@ -179,36 +179,12 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         peft_format.check_base(description, model)
     apply(model, config, adapter_name)
     try:
-        load_adapter_state_dict(model, _resolve_any_module(tensors, model, adapter_name), adapter_name)
+        load_adapter_state_dict(model, tensors, adapter_name)
         _check_fingerprint(model, adapter_name, description)
     except DeltatuneError:
         delete_adapter(model, adapter_name)
         raise
     return model
-
-
-def _resolve_any_module(tensors: dict[str, torch.Tensor], model: nn.Module,
-                        adapter_name: str) -> dict[str, torch.Tensor]:
-    """Give keys stored without their module (peft's prompt and prefixes) the modules that have
-    them here: the one module, or, for a tensor with one more dimension than each module's
-    (stacked), every module with that key, in model order, a slice each."""
-    if not any(k.startswith(peft_format.ANY_MODULE) for k in tensors):
-        return tensors
-    expected = adapter_state_dict(model, adapter_name)
-    resolved = {}
-    for key, value in tensors.items():
-        suffix = "." + key.removeprefix(peft_format.ANY_MODULE)
-        owners = [k for k in expected if k.endswith(suffix)] if key.startswith(peft_format.ANY_MODULE) else []
-        if not owners:
-            resolved[key] = value
-        elif value.dim() == expected[owners[0]].dim() + 1:
-            if len(value) != len(owners):
-                raise AdapterFileError(f"the adapter file holds '{key}' for {len(value)} layers; this model "
-                                       f"has {len(owners)}.", "load it into the base model it was trained on.")
-            resolved.update(zip(owners, value))
-        else:
-            resolved[owners[0]] = value
-    return resolved
 
 
 def _check_fingerprint(model: nn.Module, adapter_name: str, description: dict[str, Any]) -> None:
@@ -218,3 +194,49 @@ def _check_fingerprint(model: nn.Module, adapter_name: str, description: dict[st
             f"the adapter was saved for another base model ({description.get('base_model_name_or_path') or 'unknown'}, "
             f"fingerprint {expected}): the shapes of the modules it adapts differ here.",
             "load it into the base model it was trained on.")
+
+
+def load_adapter_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor],
+                            adapter_name: str = "default") -> None:
+    """Copy stored tensors into an adapter already applied with the same config.
+
+    Raises:
+        AdapterFileError: keys missing or unexpected, or a tensor of the wrong shape; the
+            message names the module.
+    """
+    expected = adapter_state_dict(model, adapter_name)
+    check_tensors_match(expected, tensors)
+    owners = {}
+    for name, _, delta in deltas_of(model, adapter_name):
+        for key in delta.stored_state():
+            owners[f"{name}.{key}"] = (delta, key)
+    per_delta: dict[int, tuple] = {}
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key in owners:
+                delta, rel = owners[key]
+                per_delta.setdefault(id(delta), (delta, {}))[1][rel] = value
+            else:
+                expected[key].copy_(value)
+        for delta, values in per_delta.values():
+            delta.load_stored_state(values)
+
+
+def check_tensors_match(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    """Missing/unexpected set arithmetic and shape checks, with the module named."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise AdapterFileError(f"the adapter file does not fit this model: {'; '.join(parts)}.",
+                               "load it into the base model it was trained on, with the same method config.")
+    for key, value in found.items():
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise AdapterFileError(
+                f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(expected[key].shape)} "
+                "in this model: the adapter was trained on another base model.",
+                "load it into the base model it was trained on.")

@@ -31,30 +31,26 @@ from typing import Literal
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, check_not_saved,
-                           help_field, register)
-from ..core.targets import matches, resolve_targets
+from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, hidden_size, model_type
-from ..hf.layers import LINEAR_TYPES, linear_shape
+from ..hf.layers import linear_shape, linear_types
 
 __all__ = ["AdapterConfig"]
 
-ACTIVATIONS = sorted(ACT2FN)
-
-
 @dataclass
 class AdapterConfig(MethodConfig):
-    bottleneck: int = help_field(64, "Width m of the bottleneck (down d -> m, up m -> d); at most d.")
+    bottleneck: int = help_field(64, "Width m of the bottleneck (down d -> m, up m -> d); at most d.",
+                                 range="[1, inf)")
     activation: str = help_field("gelu", "Non-linearity between the projections: a transformers "
                                          "activation name (gelu, relu, silu, tanh, ...).")
     placement: Literal["houlsby", "pfeiffer", "parallel"] = help_field(
         "houlsby", "houlsby: after attention and feed-forward outputs; pfeiffer: after the "
                    "feed-forward output only; parallel: beside the feed-forward sub-layer.")
-    scaling: float = help_field(1.0, "Factor s on the adapter's output.")
+    scaling: float = help_field(1.0, "Factor s on the adapter's output.", range="(0, inf)")
     init: Literal["near_identity", "kaiming"] = help_field(
         "near_identity", "How the down-projection starts: N(0, 0.01^2) or kaiming-uniform. The "
                          "up-projection always starts at zero, so a fresh adapter changes nothing.")
@@ -63,15 +59,11 @@ class AdapterConfig(MethodConfig):
               "suffixes, 're:<regex>' or 'all-linear'. Default: chosen by placement.")
 
     def validate(self) -> None:
-        if self.bottleneck < 1:
-            raise ConfigError(f"adapter.bottleneck = {self.bottleneck} is invalid: it must be at least 1.",
-                              "use bottleneck: 64 (typical: hidden size / 16 to hidden size / 4).")
+        from transformers.activations import ACT2FN  # here: listing methods must not load transformers
+
         if self.activation not in ACT2FN:
             raise ConfigError(f"adapter.activation = {self.activation!r} is not a known activation.",
-                              f"choose one of: {', '.join(ACTIVATIONS)}.")
-        if not math.isfinite(self.scaling):
-            raise ConfigError(f"adapter.scaling = {self.scaling} is not a finite number.",
-                              "use scaling: 1.0.")
+                              f"choose one of: {', '.join(sorted(ACT2FN))}.")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("adapter.target_modules is empty: no adapter would be added.",
                               "leave it out to use placement's location, or name modules.")
@@ -100,6 +92,8 @@ class BottleneckDelta(Delta):
         self.source_arg = site.source_arg
         self.scaling = config.scaling
         self.down = nn.Linear(site.d_in, config.bottleneck)
+        from transformers.activations import ACT2FN
+
         self.act = ACT2FN[config.activation]
         self.up = nn.Linear(config.bottleneck, site.d_out)
         if config.init == "kaiming":
@@ -142,15 +136,12 @@ class Adapter(Method):
     merge_refusal = ("the activation between its two projections is non-linear, so no base "
                      "weight can hold it")
 
-    def plan(self, model: nn.Module) -> list[Site]:
+    def plan(self, model: nn.Module) -> dict[str, Site]:
         parallel = self.config.placement == "parallel"
-        supported = (nn.Module,) if parallel else LINEAR_TYPES
-        names = resolve_targets(model, self._entries(model), supported, "adapter",
-                                linear_types=LINEAR_TYPES)
-        names = check_not_saved(model, names, self.config)
-        check_not_nested(model, names)
-        sites = [_site(model, name, parallel) for name in names]
-        for site in sites:
+        supported = (nn.Module,) if parallel else linear_types()
+        names = self.targets(model, self._entries(model), supported, linear_types=linear_types())
+        sites = {name: _site(model, name, parallel) for name in names}
+        for site in sites.values():
             _check_bottleneck(self.config.bottleneck, site)
         return sites
 
@@ -162,15 +153,13 @@ class Adapter(Method):
                         "parallel": roles.ffn}
         return list(dict.fromkeys(by_placement[self.config.placement]))
 
-    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[Site]) -> None:
-        by_name = {site.name: site for site in plan}
-        add_deltas(model, list(by_name), adapter_name, state,
-                   lambda _, name: BottleneckDelta(by_name[name], self.config))
+    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: dict[str, Site]) -> None:
+        add_deltas(model, list(plan), adapter_name, state, lambda _, name: BottleneckDelta(plan[name], self.config))
 
 
 def _site(model: nn.Module, name: str, parallel: bool) -> Site:
     module = model.get_submodule(name)
-    if isinstance(module, LINEAR_TYPES):
+    if isinstance(module, linear_types()):
         d_in, d_out = linear_shape(module)
     else:  # a whole sub-layer (parallel): it maps the hidden state to itself
         d_in = d_out = hidden_size(model)

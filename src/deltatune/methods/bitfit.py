@@ -23,16 +23,13 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta
-from ..core.method import Method, MethodConfig, add_deltas, check_not_nested, register
-from ..core.targets import iter_base_modules, resolve_targets
-from ..hf.layers import LINEAR_TYPES
+from ..core.method import Method, MethodConfig, add_deltas, register
+from ..core.targets import iter_base_modules
+from ..hf.layers import linear_types
 
 __all__ = ["BitFitConfig"]
 
 # Modules whose bias lies along the output's last axis, so a change can be added at the output.
-BIASED_TYPES: tuple[type, ...] = (*LINEAR_TYPES, nn.LayerNorm)
-
-
 @dataclass
 class BitFitConfig(MethodConfig):
     """No options: every bias outside ``modules_to_save`` trains."""
@@ -59,7 +56,7 @@ class BiasDelta(Delta):
 
 
 def has_bias(module: nn.Module) -> bool:
-    return isinstance(module, BIASED_TYPES) and isinstance(getattr(module, "bias", None), nn.Parameter)
+    return isinstance(module, (*linear_types(), nn.LayerNorm)) and isinstance(getattr(module, "bias", None), nn.Parameter)
 
 
 @register
@@ -72,8 +69,7 @@ class BitFit(Method):
     count_formula = "the number of bias elements (outside modules_to_save)"
 
     def plan(self, model: nn.Module) -> list[str]:
-        saved = resolve_targets(model, self.config.modules_to_save, (nn.Module,), "bitfit",
-                                field_name="modules_to_save") if self.config.modules_to_save else []
+        saved = self.saved_modules(model)
         names = [name for name, module in iter_base_modules(model) if has_bias(module)
                  and not any(name == s or name.startswith(s + ".") for s in saved)]
         if not names:
@@ -81,7 +77,6 @@ class BitFit(Method):
             raise ConfigError(f"bitfit found no bias to train in {type(model).__name__}{where}: "
                               "its linear and layer-norm modules have no bias terms.",
                               "use a method that adapts weights instead, such as lora or ia3.")
-        check_not_nested(model, names)
         return names
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:

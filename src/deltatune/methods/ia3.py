@@ -22,17 +22,18 @@ adapter files convert to peft's by a key prefix alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..core.errors import ConfigError, MergeError
 from ..core.layer import AdapterState, Delta
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, check_not_saved,
-                           help_field, register)
-from ..core.targets import matches, resolve_targets
+from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.peft_keys import modules_with, targets_from_peft
+from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, model_type
-from ..hf.layers import LINEAR_TYPES, linear_shape, weight_is_transposed
+from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
 __all__ = ["IA3Config"]
 
@@ -124,10 +125,8 @@ class IA3(Method):
         if entries is None:
             roles = anatomy_of(model, "IA3's default target_modules")
             entries = list(dict.fromkeys(roles.key + roles.value + roles.ffn_out))
-        targets = resolve_targets(model, entries, LINEAR_TYPES, "IA3", linear_types=LINEAR_TYPES)
+        targets = self.targets(model, entries, linear_types(), linear_types=linear_types())
         feedforward = self._feedforward(model, targets)
-        targets = check_not_saved(model, targets, self.config)
-        check_not_nested(model, targets)
         return {name: name in feedforward for name in targets}
 
     def _feedforward(self, model: nn.Module, targets: list[str]) -> list[str]:
@@ -136,8 +135,7 @@ class IA3(Method):
             roles = ANATOMIES.get(model_type(model))
             ffn_out = roles.ffn_out if roles else []
             return [n for n in targets if any(matches(n, e) for e in ffn_out)]
-        names = resolve_targets(model, entries, LINEAR_TYPES, "IA3", field_name="feedforward_modules",
-                                linear_types=LINEAR_TYPES)
+        names = self.targets(model, entries, linear_types(), "feedforward_modules", linear_types())
         outside = [n for n in names if n not in targets]
         if outside:
             raise ConfigError(f"ia3.feedforward_modules selects '{outside[0]}', which is not in "
@@ -149,3 +147,18 @@ class IA3(Method):
         init = self.config.init_ia3_weights
         add_deltas(model, list(plan), adapter_name, state,
                    lambda base, name: IA3Delta(base, plan[name], init))
+
+    peft_type = "IA3"
+    peft_ignored = ("fan_in_fan_out", "init_ia3_weights")
+
+    @classmethod
+    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
+        return {"method": "ia3", "target_modules": targets_from_peft(peft["target_modules"]),
+                "feedforward_modules": targets_from_peft(peft.get("feedforward_modules") or [])}
+
+    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        targets = modules_with(tensors, "ia3_l")
+        # A feed-forward vector scales the layer's input: stored as (1, d_in), as peft stores it.
+        feedforward = [m for m in targets if tensors[f"{m}.ia3_l"].shape[0] == 1]
+        return {"target_modules": targets, "feedforward_modules": feedforward, "init_ia3_weights": True,
+                "fan_in_fan_out": description.get("fan_in_fan_out", False)}

@@ -18,8 +18,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, ModuleCopy
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field,
-                           register)
+from ..core.method import Method, MethodConfig, add_deltas, help_field, register
 from ..core.targets import module_names, resolve_targets
 from ..hf.anatomy import anatomy_of
 
@@ -28,13 +27,9 @@ __all__ = ["LayerTuningConfig"]
 
 @dataclass
 class LayerTuningConfig(MethodConfig):
-    top_k: int = help_field(2, "How many of the top (last) transformer blocks train, per stack.")
+    top_k: int = help_field(2, "How many of the top (last) transformer blocks train, per stack.",
+                            range="[1, inf)")
     include_final_norm: bool = help_field(True, "Also train the norm after the last block, if any.")
-
-    def validate(self) -> None:
-        if self.top_k < 1:
-            raise ConfigError(f"layer.top_k = {self.top_k} is invalid: at least one block must train.",
-                              "use top_k: 2, or method: full to train everything.")
 
 
 def top_blocks(names: list[str], pattern: str, k: int) -> list[str]:
@@ -66,7 +61,6 @@ class LayerTuning(Method):
                               f"use a top_k of at most {depth}, or method: full.")
         if self.config.include_final_norm and roles.final_norm:
             blocks += resolve_targets(model, roles.final_norm, (nn.Module,), "layer tuning")
-        check_not_nested(model, blocks)
         return blocks
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:

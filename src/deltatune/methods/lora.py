@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,22 +26,20 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, check_not_saved,
-                           help_field, register)
-from ..core.targets import resolve_targets
+from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
-from ..hf.layers import LINEAR_TYPES, linear_shape, weight_is_transposed
+from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
 __all__ = ["LoraConfig", "LoRALinear"]
-
-SUPPORTED = (*LINEAR_TYPES, nn.Embedding)
 
 
 @dataclass
 class LoraConfig(MethodConfig):
-    r: int = help_field(8, "Rank of the update B A.")
-    lora_alpha: float = help_field(16, "Scale numerator: the update is multiplied by lora_alpha / r.")
-    lora_dropout: float = help_field(0.0, "Dropout on the adapter's input, in [0, 1).")
+    r: int = help_field(8, "Rank of the update B A.", range="[1, inf)")
+    lora_alpha: float = help_field(16, "Scale numerator: the update is multiplied by lora_alpha / r.",
+                                   range="(0, inf)")
+    lora_dropout: float = help_field(0.0, "Dropout on the adapter's input.", range="[0, 1)", typical=0.05)
     target_modules: str | list[str] | None = help_field(
         None, "Modules to adapt: names, dotted suffixes, 're:<regex>', or 'all-linear'. "
               "Default: the architecture's query and value projections.")
@@ -52,12 +50,6 @@ class LoraConfig(MethodConfig):
         "kaiming", "How A starts (B always starts at zero): kaiming-uniform or N(0, 1/r).")
 
     def validate(self) -> None:
-        if self.r < 1:
-            raise ConfigError(f"lora.r = {self.r} is invalid: the rank must be at least 1.",
-                              "use r: 8 (typical values 4 to 64).")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ConfigError(f"lora.lora_dropout = {self.lora_dropout} is outside [0, 1).",
-                              "use a value such as 0.05 or 0.1.")
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("lora.target_modules is empty: LoRA would adapt nothing.",
                               "name modules, e.g. ['query', 'value'], or use 'all-linear'.")
@@ -138,10 +130,7 @@ class Lora(Method):
         if entries is None:
             roles = anatomy_of(model, "LoRA's default target_modules")
             entries = list(dict.fromkeys(roles.query + roles.value))
-        names = resolve_targets(model, entries, SUPPORTED, "LoRA", linear_types=LINEAR_TYPES)
-        names = check_not_saved(model, names, self.config)
-        check_not_nested(model, names)
-        return names
+        return self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
         if self.config.bias != "none":
@@ -168,6 +157,43 @@ class Lora(Method):
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
 
+    peft_type = "LORA"
+    peft_ignored = ("fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+                    "corda_config", "qalora_group_size", "ensure_weight_tying", "arrow_config", "kasa_config",
+                    "lora_ga_config", "monteclora_config", "velora_config")
+
+    @classmethod
+    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
+        refuse_unsupported(peft, PEFT_UNSUPPORTED)
+        return {"method": "lora", "r": peft["r"], "lora_alpha": peft["lora_alpha"],
+                "lora_dropout": peft.get("lora_dropout", 0.0), "target_modules": targets_from_peft(peft["target_modules"]),
+                "bias": peft.get("bias", "none"), "use_rslora": peft.get("use_rslora", False),
+                "init": "gaussian" if peft.get("init_lora_weights") == "gaussian" else "kaiming"}
+
+    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        config = self.config
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                "target_modules": modules_with(tensors, "lora_A.", "lora_embedding_A"), "bias": config.bias,
+                "use_rslora": config.use_rslora, "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+                "fan_in_fan_out": description.get("fan_in_fan_out", False)}
+
+    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # peft keeps an adapted layer's own (trained) bias under its base_layer.
+        adapted = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
+        return {TUNER_PREFIX + (f"{k[:-5]}.base_layer.bias" if k.endswith(".bias") and k[:-5] in adapted else k): v
+                for k, v in tensors.items()}
+
+    @classmethod
+    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(TUNER_PREFIX).replace(".base_layer.", "."): v for k, v in tensors.items()}
+
+
+# peft fields with a meaning deltatune does not implement: a file that uses one is refused.
+PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+                    "layers_pattern": None, "lora_bias": False, "target_parameters": None,
+                    "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None,
+                    "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None}
+
 
 class LoRALinear(DeltaLayer):
     """A single ``nn.Linear`` with a LoRA update, for building models from scratch.
@@ -179,8 +205,8 @@ class LoRALinear(DeltaLayer):
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, lora_alpha: float = 16,
                  lora_dropout: float = 0.0, bias: bool = True):
-        config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                            target_modules=["linear"])
-        super().__init__(nn.Linear(in_features, out_features, bias=bias))
+        config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+        super().__init__(nn.Linear(in_features, out_features, bias=bias),
+                         AdapterState(configs={"default": config}, active=["default"]))
         self.base_layer.requires_grad_(False)
         self.add_delta("default", make_lora_delta(self.base_layer, config))

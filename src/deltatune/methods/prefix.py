@@ -21,8 +21,9 @@ them stored: the adapter file holds the MLP's output P (folded, detached), and a
 loaded from a file is plain prefixes again, since reparameterize only matters for training.
 
 How the prefixes reach the attention without patching model code: one :class:`PrefixDelta`
-per layer, attached to that layer's key projection (which it leaves unchanged), holds them. A
-forward pre-hook on each self-attention module, while a prefix adapter is active and not
+per adapter holds every layer's, (layers, 2, n, d_kv), as virtual tokens at the model's root
+(``hf/virtual_tokens.py``, the mechanism prompt tuning shares; the MLP runs once per model
+forward). A forward pre-hook on each self-attention module, while a prefix adapter is active and not
 disabled, hands the module a stand-in for its key/value cache whose ``update`` returns the
 keys and values with the prefixes in front (wrapping the real cache during generation, which
 therefore never stores the prefixes), and widens the attention mask (and T5's relative
@@ -40,20 +41,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
+from torch.utils.hooks import RemovableHandle
 
-from ..core.errors import ConfigError
+from ..core.errors import AdapterFileError, ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, deltas_of, help_field,
-                           register, release_hooks)
+from ..core.method import Method, MethodConfig, help_field, register
+from ..core.peft_keys import PROMPT_PREFIX
 from ..core.targets import resolve_targets
-from ..hf.anatomy import anatomy_of, hidden_size, model_type
+from ..hf import virtual_tokens
+from ..hf.anatomy import ANATOMIES, anatomy_of, hidden_size, model_type
+from ..hf.layers import linear_shape, linear_types
 
 __all__ = ["PrefixTuningConfig"]
 
-HOOKS_ATTR = "_deltatune_prefix_hooks"
 # Families whose anatomy "attention" role also lists cross-attention, which gets no prefix.
 SELF_ATTENTION = {"t5": ["SelfAttention"]}
 ATTENTION_KINDS = (None, "eager", "sdpa")
@@ -61,85 +62,73 @@ ATTENTION_KINDS = (None, "eager", "sdpa")
 
 @dataclass
 class PrefixTuningConfig(MethodConfig):
-    num_virtual_tokens: int = help_field(20, "Number n of learned key/value positions per layer.")
+    num_virtual_tokens: int = help_field(20, "Number n of learned key/value positions per layer.",
+                                         range="[1, inf)")
     reparameterize: bool = help_field(
         True, "Train the prefixes through a shared MLP (peft's prefix_projection); the file "
               "stores only its output.")
     hidden: int = help_field(
-        512, "Hidden width of the re-parameterisation MLP (peft's encoder_hidden_size).")
-
-    def validate(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"prefix.num_virtual_tokens = {self.num_virtual_tokens} is invalid: "
-                              "the prefix needs at least one position.", "use 20 (typical: 10 to 200).")
-        if self.hidden < 1:
-            raise ConfigError(f"prefix.hidden = {self.hidden} is invalid: the MLP needs a width.",
-                              "use 512, or reparameterize: false to train the prefixes directly.")
+        512, "Hidden width of the re-parameterisation MLP (peft's encoder_hidden_size).", range="[1, inf)")
 
 
 class PrefixEncoder(nn.Module):
     """Every layer's prefixes from one MLP: E -> Linear -> tanh -> Linear."""
 
-    def __init__(self, n: int, d: int, hidden: int, widths: list[int]):
+    def __init__(self, n: int, d: int, hidden: int, layers: int, width: int):
         super().__init__()
         self.embedding = nn.Embedding(n, d)
         self.down = nn.Linear(d, hidden)
-        self.up = nn.Linear(hidden, 2 * sum(widths))
-        self.offsets = [2 * sum(widths[:i]) for i in range(len(widths) + 1)]
+        self.up = nn.Linear(hidden, layers * 2 * width)
+        self.shape = (n, layers, 2, width)
+        #: the output while a model forward runs (set to () by the model's pre-hook, back to None
+        #: after it), so the MLP runs once per forward and a stale graph is never reused.
+        self.out: tuple[torch.Tensor, ...] | None = None
 
-    def layer(self, index: int) -> torch.Tensor:
-        """Layer ``index``'s keys and values, 2 x n x d_kv (only its rows of ``up`` are computed)."""
-        hidden = torch.tanh(self.down(self.embedding.weight))
-        rows = slice(self.offsets[index], self.offsets[index + 1])
-        out = F.linear(hidden, self.up.weight[rows], self.up.bias[rows])
-        return out.view(out.shape[0], 2, -1).transpose(0, 1)
+    def forward(self) -> torch.Tensor:
+        """Every layer's keys and values, (layers, 2, n, d_kv)."""
+        if self.out:
+            return self.out[0]
+        out = self.up(torch.tanh(self.down(self.embedding.weight)))  # (n, layers * 2 * d_kv)
+        out = out.view(self.shape).permute(1, 2, 0, 3)  # (layers, 2, n, d_kv)
+        if self.out is not None:
+            self.out = (out,)
+        return out
 
 
 class PrefixDelta(Delta):
-    """One layer's prefixes: a plain parameter, or row ``index`` of a shared :class:`PrefixEncoder`.
+    """One adapter's prefixes for every layer: a plain parameter, or a :class:`PrefixEncoder`'s output."""
 
-    The encoder is registered in the first layer's delta only, so it is counted and trained once.
-    """
-
-    def __init__(self, n: int, width: int, encoder: PrefixEncoder | None = None, index: int = 0):
+    def __init__(self, n: int, layers: int, width: int, encoder: PrefixEncoder | None = None):
         super().__init__()
-        self.n, self.index = n, index
-        self.shared = (encoder,) if encoder is not None else None  # a tuple: not a submodule
+        self.n = n
         if encoder is None:
-            self.prefix = nn.Parameter(torch.randn(2, n, width))
-        elif index == 0:
+            self.prefixes = nn.Parameter(torch.randn(layers, 2, n, width))
+        else:
             self.encoder = encoder
 
-    @property
-    def mlp(self) -> PrefixEncoder | None:
-        """The shared MLP when this delta owns it (the first layer's, while re-parameterised)."""
-        return self._modules.get("encoder")
-
     def current(self) -> torch.Tensor:
-        """Keys and values, 2 x n x d_kv."""
-        return self.shared[0].layer(self.index) if self.shared else self.prefix
+        """(layers, 2, n, d_kv)."""
+        return self.encoder() if "encoder" in self._modules else self.prefixes
 
     def stored_state(self) -> dict[str, torch.Tensor]:
-        if not self.shared:
-            return {"prefix": self.prefix}
+        if "encoder" not in self._modules:
+            return {"prefixes": self.prefixes}
         with torch.no_grad():  # fold the MLP: the file holds what it computes
-            return {"prefix": self.current().detach().clone()}
+            return {"prefixes": self.current().detach().clone()}
 
     def load_stored_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if self.shared:  # a loaded adapter is plain prefixes: the MLP cannot be recovered
-            device = self.shared[0].up.weight.device
-            self.shared = None
-            self._modules.pop("encoder", None)
-            self.prefix = nn.Parameter(torch.empty(tensors["prefix"].shape, device=device))
+        if "encoder" in self._modules:  # a loaded adapter is plain prefixes: the MLP cannot be recovered
+            device = self.encoder.up.weight.device
+            del self.encoder
+            self.prefixes = nn.Parameter(torch.empty(tensors["prefixes"].shape, device=device))
         super().load_stored_state(tensors)
 
 
 @dataclass
 class Site:
-    """One self-attention module and the key projection whose wrapper holds its prefixes."""
+    """One self-attention module and the width of its keys and values."""
 
     attention: str
-    key: str
     width: int
 
 
@@ -154,7 +143,8 @@ class PrefixTuning(Method):
                      "when reparameterize)")
     merge_refusal = "the prefixes add attention positions, which no base weight can hold"
 
-    def plan(self, model: nn.Module) -> list[Site]:
+    def plan(self, model: nn.Module) -> dict[str, list[Site]]:
+        """The virtual-token holder -> every self-attention module, in layer order."""
         kind = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if kind not in ATTENTION_KINDS:
             raise ConfigError(f"prefix tuning supports eager and sdpa attention, not '{kind}'.",
@@ -162,42 +152,99 @@ class PrefixTuning(Method):
         roles = anatomy_of(model, "prefix tuning")
         entries = SELF_ATTENTION.get(model_type(model), roles.attention)
         attentions = resolve_targets(model, entries, (nn.Module,), "prefix tuning", "attention")
-        keys = resolve_targets(model, roles.key, (nn.Linear, Conv1D), "prefix tuning", "key")
+        keys = resolve_targets(model, roles.key, linear_types(), "prefix tuning", "key")
         sites = [site(model, a, keys, fused=roles.key == roles.query) for a in attentions]
-        check_not_nested(model, [s.key for s in sites])
+        if len({s.width for s in sites}) > 1:
+            raise ConfigError(f"prefix tuning needs one key width for all layers; {type(model).__name__} has "
+                              f"{sorted({s.width for s in sites})}.", "use prompt tuning, LoRA or IA3 for this model.")
         if roles.decoder_only and "position_ids" not in inspect.signature(model.forward).parameters:
             raise ConfigError(f"prefix tuning cannot shift the positions of {type(model).__name__}: its "
                               "forward takes no position_ids.", "apply it to the transformers model itself.")
-        return sites
+        return {virtual_tokens.HOLDER: sites}
 
-    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[Site]) -> None:
-        n, widths = self.config.num_virtual_tokens, [s.width for s in plan]
-        encoder = None
-        if self.config.reparameterize:
-            encoder = PrefixEncoder(n, hidden_size(model), self.config.hidden, widths)
-        index = {s.key: i for i, s in enumerate(plan)}
-        add_deltas(model, [s.key for s in plan], adapter_name, state,
-                   lambda _, name: PrefixDelta(n, widths[index[name]], encoder, index[name]))
-        hooks = getattr(model, HOOKS_ATTR, None) or PrefixHooks(model, plan)
-        hooks.users.add(adapter_name)
-        setattr(model, HOOKS_ATTR, hooks)
+    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: dict[str, list[Site]]) -> None:
+        sites = plan[virtual_tokens.HOLDER]
+        n, layers, width = self.config.num_virtual_tokens, len(sites), sites[0].width
+        encoder = PrefixEncoder(n, hidden_size(model), self.config.hidden, layers, width) if self.config.reparameterize else None
+        virtual_tokens.add(model, adapter_name, state, PrefixDelta(n, layers, width, encoder),
+                           lambda: prefix_hooks(model, sites))
 
     def not_stored(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """The re-parameterisation MLP: trained, but the file holds its output instead."""
-        params = {}
-        for name, _, delta in deltas_of(model, adapter_name):
-            mlp = delta.mlp if isinstance(delta, PrefixDelta) else None
-            if mlp is not None:
-                prefix = f"{name}.deltas.{adapter_name}.encoder."
-                params.update({prefix + k: p for k, p in mlp.named_parameters()})
-        return params
+        delta = getattr(model, virtual_tokens.HOLDER).deltas[adapter_name]
+        encoder = delta._modules.get("encoder")
+        prefix = f"{virtual_tokens.HOLDER}.deltas.{adapter_name}.encoder."
+        return {prefix + k: p for k, p in encoder.named_parameters()} if encoder is not None else {}
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:
-        release_hooks(model, HOOKS_ATTR, adapter_name)
+        virtual_tokens.release(model, adapter_name)
+
+    # peft stores every layer's prefixes as one tensor, (n, layers * 2 * d_kv): for each
+    # position, every layer's key then value. Ours: (layers, 2, n, d_kv).
+    peft_type = "PREFIX_TUNING"
+    peft_prompt_learning = True
+    peft_ignored = ("num_attention_heads", "num_layers", "token_dim", "prefix_projection", "encoder_hidden_size")
+
+    @classmethod
+    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
+        if (peft.get("num_transformer_submodules") or 1) != 1:
+            raise AdapterFileError("this peft prefix adapter is for an encoder-decoder model: peft prefixes the "
+                                   "decoder's self-attention only, deltatune the encoder's and the decoder's, so "
+                                   "the outputs would differ.", "use peft for this adapter.")
+        # The file holds the prefixes themselves (peft saves its projection's output).
+        return {"method": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"], "reparameterize": False}
+
+    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kind = description.get("base_model_type")
+        if kind in ANATOMIES and not ANATOMIES[kind].decoder_only:
+            raise AdapterFileError(
+                f"a prefix adapter for a '{kind}' model has no peft format with the same outputs: peft cannot run "
+                "prefix tuning on encoders with transformers 5 (they take no past_key_values), and with older "
+                "transformers it shifts the input's positions by num_virtual_tokens, which deltatune's encoder "
+                "prefixes do not.", "keep the deltatune format, or share LoRA, IA3 or prompt tuning with peft users.")
+        layers, _, n, width = tensors[PREFIXES_KEY].shape
+        # num_attention_heads: peft takes it from the base model's config when it loads.
+        return {"num_virtual_tokens": n, "token_dim": width, "num_layers": layers, "num_attention_heads": None,
+                "num_transformer_submodules": 1, "encoder_hidden_size": width,
+                "prefix_projection": False}  # the file holds plain prefixes (folded)
+
+    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefixes = tensors[PREFIXES_KEY]  # (layers, 2, n, d_kv)
+        flat = prefixes.permute(2, 0, 1, 3).reshape(prefixes.shape[2], -1)  # (n, layers * 2 * d_kv)
+        rest = {PROMPT_PREFIX + k: v for k, v in tensors.items() if k != PREFIXES_KEY}
+        return {"prompt_embeddings": flat.contiguous(), **rest}
+
+    @classmethod
+    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {PREFIXES_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX):
+                _unflatten(v, peft) if k == "prompt_embeddings" else v for k, v in tensors.items()}
+
+    @classmethod
+    def check_peft_base(cls, model: nn.Module) -> None:
+        anatomy = ANATOMIES.get(model_type(model))
+        if anatomy is not None and not anatomy.decoder_only:
+            raise AdapterFileError(
+                f"this peft prefix adapter would not give peft's outputs on a '{model_type(model)}' model: peft "
+                "runs prefixes as a key/value cache, which shifts the input's positions by num_virtual_tokens "
+                "(and needs transformers < 5 on encoders); deltatune's encoder prefixes keep them.",
+                "load it into the decoder-only model (GPT-2, LLaMA-style) it was trained for.")
+
+
+PREFIXES_KEY = f"{virtual_tokens.HOLDER}.prefixes"  # the prefixes' key in adapter files
+
+
+def _unflatten(value: torch.Tensor, peft: dict[str, Any]) -> torch.Tensor:
+    """peft's (n, layers * 2 * d_kv) -> (layers, 2, n, d_kv), as peft's get_prompt splits it."""
+    n, layers, width = (peft.get(k) for k in ("num_virtual_tokens", "num_layers", "token_dim"))
+    if not all(isinstance(v, int) for v in (n, layers, width)) or tuple(value.shape) != (n, layers * 2 * width):
+        raise AdapterFileError(f"this peft prefix adapter holds prompt_embeddings of shape {tuple(value.shape)}, "
+                               f"not num_virtual_tokens x (num_layers * 2 * token_dim) = ({n}, {layers} * 2 * "
+                               f"{width}).", "the adapter_config.json does not belong to these weights: save it again.")
+    return value.view(n, layers, 2, width).permute(1, 2, 0, 3).contiguous()  # (layers, 2, n, d_kv)
 
 
 def site(model: nn.Module, attention: str, keys: list[str], fused: bool) -> Site:
-    """Pair an attention module with its key projection and check that it can take a cache."""
+    """An attention module and its key width, checked to take a cache."""
     module = model.get_submodule(attention)
     params = inspect.signature(module.forward).parameters
     if not {"cache", "past_key_values"} & set(params):
@@ -211,52 +258,58 @@ def site(model: nn.Module, attention: str, keys: list[str], fused: bool) -> Site
                           "this model's layout differs from its family's role map; use another method.")
     base = model.get_submodule(key)
     base = base.base_layer if isinstance(base, DeltaLayer) else base
-    width = base.weight.shape[1] if isinstance(base, Conv1D) else base.out_features
-    return Site(attention, key, width // 3 if fused else width)
+    width = linear_shape(base)[1]
+    return Site(attention, width // 3 if fused else width)
 
 
-class PrefixHooks:
+def active_prefixes(model: nn.Module) -> torch.Tensor | None:
+    """The active adapters' prefixes side by side, (layers, 2, n_total, d_kv), or None."""
+    prefixes = [d.current() for d in virtual_tokens.active(model, PrefixDelta)]
+    return torch.cat(prefixes, dim=2) if prefixes else None
+
+
+def prefix_hooks(model: nn.Module, sites: list[Site]) -> list[RemovableHandle]:
     """One forward pre-hook per self-attention module, shared by the model's prefix adapters
-    (several active prefixes are concatenated)."""
+    (several active prefixes are concatenated), and hooks on the model around each forward."""
+    handles = [model.get_submodule(s.attention).register_forward_pre_hook(AttentionHook(model, index), with_kwargs=True)
+               for index, s in enumerate(sites)]
+    if anatomy_of(model).decoder_only:
+        handles.append(model.register_forward_pre_hook(PositionHook(), with_kwargs=True))
+    # Re-parameterised prefixes: the MLP runs once per model forward, not once per layer.
+    return handles + [model.register_forward_pre_hook(lambda m, _: _keep_mlp_output(m, ())),
+                      model.register_forward_hook(lambda m, *_: _keep_mlp_output(m, None))]
 
-    def __init__(self, model: nn.Module, plan: list[Site]):
-        self.users: set[str] = set()
-        self.handles = [model.get_submodule(s.attention).register_forward_pre_hook(
-            AttentionHook(model.get_submodule(s.key), model.get_submodule(s.attention)),
-            with_kwargs=True) for s in plan]
-        if anatomy_of(model).decoder_only:
-            hook = PositionHook(model.get_submodule(plan[0].key), model)
-            self.handles.append(model.register_forward_pre_hook(hook, with_kwargs=True))
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _keep_mlp_output(model: nn.Module, value: tuple | None) -> None:
+    """``()``: keep each MLP's output until ``None`` drops it (the model forward is over)."""
+    for delta in virtual_tokens.active(model, PrefixDelta):
+        if "encoder" in delta._modules:
+            delta.encoder.out = value
 
 
 class AttentionHook:
     """Before one self-attention module runs: give it the active prefixes and widen its masks."""
 
-    def __init__(self, key_layer: DeltaLayer, attention: nn.Module):
-        self.key_layer = key_layer
-        self.params = list(inspect.signature(attention.forward).parameters)
-        self.cache_arg = "cache" if "cache" in self.params else "past_key_values"
-        self.mask_arg = "attention_mask" if "attention_mask" in self.params else "mask"
+    def __init__(self, model: nn.Module, index: int):
+        self.model, self.index = model, index
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        prefixes = [d.current() for d in self.key_layer.active_deltas() if isinstance(d, PrefixDelta)]
-        kw = {**dict(zip(self.params, args)), **kwargs}
+        kw = virtual_tokens.arguments(module, args, kwargs)
         cross = kw.get("key_value_states") is not None or kw.get("encoder_hidden_states") is not None
-        if not prefixes or cross:
+        prefixes = None if cross else active_prefixes(self.model)
+        if prefixes is None:
             return None
-        prefix = torch.cat(prefixes, dim=1)
-        cache = kw.get(self.cache_arg)
+        prefix = prefixes[self.index]  # (2, n, d_kv)
+        cache_arg = "cache" if "cache" in virtual_tokens.parameter_names(type(module)) else "past_key_values"
+        mask_arg = "attention_mask" if "attention_mask" in virtual_tokens.parameter_names(type(module)) else "mask"
+        cache = virtual_tokens.cache_of(kw)
         cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches hold two
         past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0) if cache is not None else 0
-        hidden = kw[self.params[0]]  # every attention module takes its input first
+        hidden = kw[virtual_tokens.parameter_names(type(module))[0]]  # every attention module takes its input first
         queries, n = hidden.shape[1], prefix.shape[1]
-        kw[self.cache_arg] = PrefixedCache(cache, prefix)
+        kw[cache_arg] = PrefixedCache(cache, prefix)
         causal = getattr(module, "is_causal", False)
-        kw[self.mask_arg] = widen_mask(kw.get(self.mask_arg), n, queries, past, causal, hidden)
+        kw[mask_arg] = widen_mask(kw.get(mask_arg), n, queries, past, causal, hidden)
         if hasattr(module, "compute_bias"):
             kw["position_bias"] = widen_bias(module, kw.get("position_bias"), n, queries, past, hidden)
         return (), kw
@@ -271,22 +324,12 @@ class PositionHook:
     forward pass, since its ids are shifted alike.
     """
 
-    def __init__(self, key_layer: DeltaLayer, model: nn.Module):
-        self.key_layer = key_layer
-        self.params = list(inspect.signature(model.forward).parameters)
-
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        n = sum(d.n for d in self.key_layer.active_deltas() if isinstance(d, PrefixDelta))
+        n = sum(d.n for d in virtual_tokens.active(model, PrefixDelta))
         if not n:
             return None
-        kw = {**dict(zip(self.params, args)), **kwargs}
-        positions = kw.get("position_ids")
-        if positions is None:  # what the model would count: the cache's tokens, then the input
-            tokens = kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]
-            cache = kw.get("cache") if kw.get("cache") is not None else kw.get("past_key_values")
-            start = cache.get_seq_length() if cache is not None else 0
-            positions = torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]
-        kw["position_ids"] = positions + n
+        kw = virtual_tokens.arguments(model, args, kwargs)
+        kw["position_ids"] = virtual_tokens.positions(kw) + n
         return (), kw
 
 

@@ -9,9 +9,9 @@ The only trainable tensor is P: ``num_virtual_tokens * d`` parameters (d = embed
 independent of depth. Not mergeable: P lengthens the sequence, and no base weight can hold it.
 A fresh prompt changes the outputs (there is no "zero" prompt).
 
-How it reaches the model without a task-specific wrapper: P lives in a :class:`PromptDelta`
-attached to the input embedding module (which it leaves unchanged), and hooks on the root
-model, while a prompt adapter is active and not disabled,
+How it reaches the model without a task-specific wrapper: P is a virtual-token delta held at
+the model's root (``hf/virtual_tokens.py``), and hooks on the root model, while a prompt
+adapter is active and not disabled,
 
 - embed ``input_ids`` themselves and pass ``inputs_embeds = [P ; E(x)]`` instead;
 - put ones in front of ``attention_mask``, zeros in front of ``token_type_ids``, ``-100`` in
@@ -35,13 +35,13 @@ logits are never trimmed. Outputs are trimmed only when the model returns a ``Mo
 ``random`` draws from N(0, std of the embedding matrix); ``text`` uses the embeddings of
 ``init_text`` repeated or cut to ``num_virtual_tokens``. Its token ids come from
 ``init_token_ids`` when given, otherwise from a tokenizer saved locally at the model's
-``config._name_or_path``; ``apply`` then records them in ``init_token_ids``, so the saved
-config reloads without the tokenizer.
+``config._name_or_path``; the applied adapter's config (not the caller's) records them, so
+the saved config reloads without the tokenizer.
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -49,21 +49,22 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import AdapterFileError, ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import (Method, MethodConfig, add_deltas, check_not_nested, help_field, register,
-                           release_hooks)
+from ..core.method import Method, MethodConfig, help_field, register
+from ..core.peft_keys import PROMPT_PREFIX
+from ..hf import virtual_tokens
 
 __all__ = ["PromptTuningConfig"]
 
-HOOKS_ATTR = "_deltatune_prompt_hooks"
 # Output fields with a sequence axis at dim 1 that the prompt lengthened.
 TOKEN_OUTPUTS = {"logits": 3, "last_hidden_state": 3, "start_logits": 2, "end_logits": 2}
 
 
 @dataclass
 class PromptTuningConfig(MethodConfig):
-    num_virtual_tokens: int = help_field(20, "Length n of the learned prompt put before the input.")
+    num_virtual_tokens: int = help_field(20, "Length n of the learned prompt put before the input.",
+                                         range="[1, inf)")
     init: Literal["vocab", "random", "text"] = help_field(
         "vocab", "How the prompt starts: rows of the embedding matrix sampled at random (vocab), "
                  "N(0, embedding std) (random), or the embeddings of init_text (text).")
@@ -71,36 +72,27 @@ class PromptTuningConfig(MethodConfig):
         None, "Text whose token embeddings start the prompt (init: text).")
     init_token_ids: list[int] | None = help_field(
         None, "Token ids of init_text; without them apply() tokenizes init_text with the tokenizer "
-              "saved at the model's config._name_or_path and records the ids here.")
+              "saved at the model's config._name_or_path and the adapter's saved config records them.",
+        range="[0, inf)")
 
     def validate(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ConfigError(f"prompt.num_virtual_tokens = {self.num_virtual_tokens} is invalid: "
-                              "the prompt needs at least one token.", "use 20 (typical: 8 to 100).")
         if self.init == "text" and not self.init_text:
             raise ConfigError(f"prompt.init_text = {self.init_text!r}: init 'text' needs the text.",
                               "set init_text, e.g. 'Classify the sentiment of this review:'.")
         if self.init != "text" and (self.init_text is not None or self.init_token_ids is not None):
             raise ConfigError(f"prompt.init = {self.init!r} ignores init_text and init_token_ids.",
                               "set init: text, or remove init_text and init_token_ids.")
-        if self.init_token_ids is not None and (not self.init_token_ids or min(self.init_token_ids) < 0):
-            raise ConfigError(f"prompt.init_token_ids = {self.init_token_ids!r} is invalid: it needs "
-                              "at least one id, none negative.", "leave it unset to tokenize init_text.")
+        if self.init_token_ids == []:
+            raise ConfigError("prompt.init_token_ids = [] is invalid: it needs at least one id.",
+                              "leave it unset to tokenize init_text.")
 
 
 class PromptDelta(Delta):
-    """Holds one adapter's prompt P; the embedding it is attached to computes what it did."""
+    """One adapter's prompt P, (n, d); the hooks put it in front of the input embeddings."""
 
     def __init__(self, prompt: torch.Tensor):
         super().__init__()
         self.prompt = nn.Parameter(prompt.detach().float().clone())
-
-
-@dataclass
-class PromptPlan:
-    embedding_name: str
-    init: torch.Tensor
-    token_ids: list[int] | None
 
 
 @register
@@ -113,24 +105,24 @@ class PromptTuning(Method):
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
 
-    def plan(self, model: nn.Module) -> PromptPlan:
-        name, embedding = input_embedding(model)
-        check_not_nested(model, [name])
-        ids = self._token_ids(model, embedding.num_embeddings) if self.config.init == "text" else None
-        return PromptPlan(name, initial_prompt(embedding.weight.detach(), self.config.init,
-                                               self.config.num_virtual_tokens, ids), ids)
+    def plan(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The virtual-token holder -> the prompt's starting value."""
+        embedding = input_embedding(model)
+        ids = None
+        if self.config.init == "text":
+            ids = self._token_ids(model, embedding.num_embeddings)
+            # The adapter's own config (the caller's is left alone) records the ids, so the
+            # saved config reloads without the tokenizer.
+            self.config = dataclasses.replace(self.config, init_token_ids=ids)
+        return {virtual_tokens.HOLDER: initial_prompt(embedding.weight.detach(), self.config.init,
+                                                      self.config.num_virtual_tokens, ids)}
 
-    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: PromptPlan) -> None:
-        name = plan.embedding_name
-        add_deltas(model, [name], adapter_name, state, lambda base, _: PromptDelta(plan.init))
-        if plan.token_ids is not None:
-            self.config.init_token_ids = plan.token_ids  # the saved config then needs no tokenizer
-        hooks = getattr(model, HOOKS_ATTR, None) or PromptHooks(model, model.get_submodule(name))
-        hooks.users.add(adapter_name)
-        setattr(model, HOOKS_ATTR, hooks)
+    def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: dict[str, torch.Tensor]) -> None:
+        virtual_tokens.add(model, adapter_name, state, PromptDelta(plan[virtual_tokens.HOLDER]),
+                           lambda: PromptHooks(model).handles)
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:
-        release_hooks(model, HOOKS_ATTR, adapter_name)
+        virtual_tokens.release(model, adapter_name)
 
     def _token_ids(self, model: nn.Module, vocab: int) -> list[int]:
         ids = self.config.init_token_ids or tokenize(model, self.config.init_text)
@@ -142,17 +134,42 @@ class PromptTuning(Method):
                               f"vocabulary of {vocab}.", "use ids from this model's tokenizer.")
         return list(ids)
 
+    peft_type = "PROMPT_TUNING"
+    peft_prompt_learning = True
+    peft_ignored = ("num_attention_heads", "num_layers", "token_dim", "tokenizer_name_or_path", "tokenizer_kwargs",
+                    "prompt_tuning_init", "prompt_tuning_init_text")
 
-def input_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
-    """The input embedding's module name (found by identity) and the embedding itself."""
+    @classmethod
+    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
+        if (peft.get("num_transformer_submodules") or 1) != 1:
+            raise AdapterFileError("this peft prompt has prompts for an encoder and a decoder; deltatune "
+                                   "prompts the encoder only.", "use peft for encoder-decoder prompts.")
+        return {"method": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"]}
+
+    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"num_virtual_tokens": self.config.num_virtual_tokens, "token_dim": tensors[PROMPT_KEY].shape[1],
+                "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+
+    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings" if k == PROMPT_KEY else PROMPT_PREFIX + k: v for k, v in tensors.items()}
+
+    @classmethod
+    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {PROMPT_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX): v for k, v in tensors.items()}
+
+
+PROMPT_KEY = f"{virtual_tokens.HOLDER}.prompt"  # the prompt's key in adapter files
+
+
+def input_embedding(model: nn.Module) -> nn.Embedding:
+    """The model's input embedding (the module itself, if an adapter wraps it)."""
     getter = getattr(model, "get_input_embeddings", None)
     module = getter() if getter else None
-    name = next((n for n, m in model.named_modules() if m is module and module is not None), None)
     base = module.base_layer if isinstance(module, DeltaLayer) else module
-    if name is None or not isinstance(base, nn.Embedding):
+    if not isinstance(base, nn.Embedding):
         raise ConfigError(f"prompt tuning needs the input embedding of {type(model).__name__}, and "
                           "get_input_embeddings() gives none.", "use a transformers model.")
-    return name, base
+    return base
 
 
 def tokenize(model: nn.Module, text: str) -> list[int]:
@@ -184,9 +201,8 @@ class PromptHooks:
     """The hooks that put the active prompts in front of the input: one set per model, shared by
     its prompt adapters (several active prompts are concatenated)."""
 
-    def __init__(self, model: nn.Module, embedding: DeltaLayer):
-        self.embedding = embedding
-        self.users: set[str] = set()
+    def __init__(self, model: nn.Module):
+        self.model = model
         self.made: tuple[torch.Tensor, int] | None = None  # (inputs_embeds built, prompt length)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             encoder = model.get_encoder()
@@ -196,30 +212,26 @@ class PromptHooks:
             self.handles = [model.register_forward_pre_hook(self.before_model, with_kwargs=True),
                             model.register_forward_hook(self.after_model, with_kwargs=True)]
 
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
     def prompt(self) -> torch.Tensor | None:
-        prompts = [d.prompt for d in self.embedding.active_deltas() if isinstance(d, PromptDelta)]
+        """The active prompts one after the other, (n, d), or None."""
+        prompts = [d.prompt for d in virtual_tokens.active(self.model, PromptDelta)]
         return torch.cat(prompts) if prompts else None
 
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         prompt = self.prompt()
         if prompt is None:
             return None
-        kw, n = keywords(model, args, kwargs), prompt.shape[0]
-        cache = kw.get("cache", kw.get("past_key_values"))
-        if cache is not None and cache.get_seq_length() > 0:  # generating: the cache holds the prompt
+        kw, n = virtual_tokens.arguments(model, args, kwargs), prompt.shape[0]
+        if virtual_tokens.cached_length(kw) > 0:  # generating: the cache holds the prompt
             _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=False))
         else:
-            embeds = self._embed(kw)
-            kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None
+            embeds = self._embed(kw)  # (batch, seq, d)
+            kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None  # (batch, n + seq, d)
             self.made = (kw["inputs_embeds"], n)
-            _update(kw, "labels", lambda t: _padded(t, n, -100, like=embeds.shape[:2]))
-            _update(kw, "token_type_ids", lambda t: _padded(t, n, 0))
+            _update(kw, "labels", lambda t: virtual_tokens.padded(t, n, -100, like=embeds.shape[:2]))
+            _update(kw, "token_type_ids", lambda t: virtual_tokens.padded(t, n, 0))
             _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=True))
-        _update(kw, "attention_mask", lambda m: _padded(m, n, 1))
+        _update(kw, "attention_mask", lambda m: virtual_tokens.padded(m, n, 1))
         return (), kw
 
     def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -230,24 +242,24 @@ class PromptHooks:
         for key in list(output.keys()):
             value = output[key]
             if key == "hidden_states" and isinstance(value, tuple):
-                output[key] = tuple(h[:, n:] if h.shape[1] == length else h for h in value)
+                output[key] = tuple(h[:, n:] if h.shape[1] == length else h for h in value)  # (batch, seq, d)
             elif key in TOKEN_OUTPUTS and value.dim() >= TOKEN_OUTPUTS[key] and value.shape[1] == length:
-                output[key] = value[:, n:]
+                output[key] = value[:, n:]  # (batch, seq, ...)
         return output
 
     def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         prompt = self.prompt()
         if prompt is None:
             return None
-        kw = keywords(encoder, args, kwargs)
-        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, self._embed(kw)), None
+        kw = virtual_tokens.arguments(encoder, args, kwargs)
+        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, self._embed(kw)), None  # (batch, n + seq, d)
         kw["attention_mask"] = _padded_to(kw.get("attention_mask"), kw["inputs_embeds"].shape[1])
         return (), kw
 
     def widen_encoder_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """The decoder attends to the encoder's output, which is n positions longer."""
         prompt = self.prompt()
-        kw = keywords(model, args, kwargs)
+        kw = virtual_tokens.arguments(model, args, kwargs)
         mask, encoded = kw.get("attention_mask"), kw.get("encoder_outputs")
         if prompt is None or mask is None:
             return None
@@ -256,18 +268,14 @@ class PromptHooks:
         return (), kw
 
     def _embed(self, kw: dict) -> torch.Tensor:
+        """The input's embeddings, (batch, seq, d), through the embedding module (and any adapter on it)."""
         if kw.get("inputs_embeds") is not None:
             return kw["inputs_embeds"]
-        return self.embedding(kw["input_ids"])
-
-
-def keywords(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """All call arguments by name, so hooks can rewrite them whichever way they were passed."""
-    names = list(inspect.signature(module.forward).parameters)
-    return {**dict(zip(names, args)), **kwargs}
+        return self.model.get_input_embeddings()(kw["input_ids"])
 
 
 def _prepend(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+    """(n, d) and (batch, seq, d) -> (batch, n + seq, d)."""
     return torch.cat([prompt.to(embeds.dtype).expand(len(embeds), -1, -1), embeds], dim=1)
 
 
@@ -277,22 +285,15 @@ def _update(kw: dict, key: str, change: Any) -> None:
         kw[key] = change(kw[key])
 
 
-def _padded(tensor: torch.Tensor, n: int, value: int, like: torch.Size | None = None) -> torch.Tensor:
-    """``n`` columns of ``value`` in front of a [batch, seq] tensor (when shaped ``like``, if given)."""
-    if tensor.dim() != 2 or (like is not None and tensor.shape != like):
-        return tensor
-    return torch.cat([tensor.new_full((tensor.shape[0], n), value), tensor], dim=1)
-
-
 def _padded_to(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
     if mask is None or mask.shape[1] >= length:
         return mask
-    return _padded(mask, length - mask.shape[1], 1)
+    return virtual_tokens.padded(mask, length - mask.shape[1], 1)
 
 
 def _shifted(positions: torch.Tensor, n: int, with_prompt: bool) -> torch.Tensor:
     """The user's positions move up by n; the prompt, when it is in this call, takes 0..n-1."""
     if not with_prompt:
         return positions + n
-    front = torch.arange(n, device=positions.device).expand(*positions.shape[:-1], n)
-    return torch.cat([front, positions + n], dim=-1)
+    front = torch.arange(n, device=positions.device).expand(*positions.shape[:-1], n)  # (..., n)
+    return torch.cat([front, positions + n], dim=-1)  # (..., n + seq)

@@ -19,8 +19,9 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from ..compare.runner import eta_text
 from ..core.errors import ConfigError, DeltatuneError
+from ..env import offline_and_quiet
+from ..train.logs import eta_text
 from ..train.loop import check_output_folder, train
 from .report import TrialRecord, TuneResult, format_cell, best_trial, write_report
 from .space import TuneConfig, load_tune_config
@@ -55,6 +56,7 @@ def tune(config: TuneConfig | str | Path, trials: int, output_dir: str | Path | 
         ConfigError: an invalid config or search space, ``trials`` below 1, or a folder that
             holds a search of another config.
     """
+    offline_and_quiet()  # a Python caller gets the command line's environment
     config = config if isinstance(config, TuneConfig) else load_tune_config(config)
     config = config if output_dir is None else config.in_folder(output_dir)
     if trials < 1:

@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
+from ..core.method import check_fields, help_field
 from ..tasks.base import lower_is_better
-from ..train.config import (RunConfig, apply_override, as_number, best_model_metric, check_keys, did_you_mean,
+from ..train.config import (RunConfig, apply_override, as_number, best_model_metric, check_keys, config_hash, did_you_mean,
                             read_yaml, set_path)
-from ..train.loop import config_hash
 
 SPEC_KEYS = ["low", "high", "log", "step", "choices"]
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]  # model, task, data, method, training
@@ -39,11 +39,14 @@ class Param:
     """One searched value: a range (integers when both bounds are) or a list of choices."""
 
     key: str  # config path, e.g. training.learning_rate
-    low: int | float | None = None
-    high: int | float | None = None
+    low: int | float | None = help_field(None, "The range's lower bound.", range="(-inf, inf)", typical=1e-4)
+    high: int | float | None = help_field(None, "The range's upper bound.", range="(-inf, inf)", typical=1e-2)
     log: bool = False  # sample uniformly in log space (learning rates)
-    step: int | float | None = None  # only multiples of step above low
+    step: int | float | None = help_field(None, "Only multiples of step above low.", range="(0, inf)", typical=1)
     choices: tuple | None = None
+
+    def __post_init__(self) -> None:
+        check_fields(self, f"search.{self.key}")
 
     @property
     def integer(self) -> bool:
@@ -164,15 +167,15 @@ def _param(key: str, spec: Any) -> Param:
     log = spec.get("log", False)
     if not isinstance(log, bool):
         raise ConfigError(f"{where}.log = {log!r} is not true or false.", "write log: true for a log-scale range.")
+    param = Param(key, low=low, high=high, log=log, step=step)  # finite bounds, a positive step
     if low >= high:
         raise ConfigError(f"{where}: low = {low} is not below high = {high}.",
                           "give low < high; to fix a value, set it in the run config instead.")
     if log and low <= 0:
         raise ConfigError(f"{where}: a log range needs low > 0, got {low}.", "raise low, or drop log: true.")
-    if step is not None and (step <= 0 or log):
-        raise ConfigError(f"{where}.step = {step} is invalid{' with log: true' if log else ''}.",
-                          "use a positive step on a linear range.")
-    return Param(key, low=low, high=high, log=log, step=step)
+    if step is not None and log:
+        raise ConfigError(f"{where}.step = {step} is invalid with log: true.", "use step on a linear range.")
+    return param
 
 
 def _choices(where: str, key: str, spec: dict[str, Any]) -> Param:

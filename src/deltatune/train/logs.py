@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -72,3 +73,12 @@ def plot_curves(folder: Path, metric: str) -> Path | None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def eta_text(started: float, finished: int, total: int) -> str:
+    """``(ETA m:ss)`` for the ``total - finished`` items left, at the pace since ``started``
+    (a ``time.perf_counter()`` reading); empty before the first item is done."""
+    if not finished:
+        return ""
+    left = (time.perf_counter() - started) / finished * (total - finished)
+    return f"(ETA {int(left // 60)}:{int(left % 60):02d})"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import statistics
@@ -20,12 +19,11 @@ from tqdm.auto import tqdm
 
 from ..core.accounting import parameter_report
 from ..core.errors import DeltatuneError
-from ..core.verbs import load_adapter_state_dict
-from ..io.adapter_files import WEIGHTS_NAME, save_adapter
+from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 from ..io.atomic import atomic_write_text
 from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RunConfig, config_hash
 from .logs import MetricsLog, plot_curves
 from .memory import peak_memory_mb, reset_peak
 from .setup import Run, setup
@@ -85,14 +83,6 @@ class Progress:
     best_eval: dict[str, float] = field(default_factory=dict)  # validation metrics of the best step
     #: torch's RNG state after the last optimizer step: an interrupt mid-step resumes from there.
     rng: Any = field(default=None, repr=False)
-
-
-def config_hash(config: RunConfig) -> str:
-    """What must match for --resume: everything but where the run goes and how it shows progress."""
-    data = config.to_dict()
-    data["training"] = {k: v for k, v in data["training"].items() if k not in ("output_dir", "progress")}
-    data["data"].pop("labels", None)
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train(config: RunConfig, resume: bool = False,

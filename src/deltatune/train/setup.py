@@ -88,8 +88,11 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     started = time.perf_counter()
     data = tokenised(config, task, tokenizer, path)
     data_seconds = time.perf_counter() - started
-    config.data.labels = list(getattr(task, "labels", []) or []) or None
-    training.metric_for_best_model = best_model_metric(config)
+    # The run's own config, with what the data and task decided filled in (run.yaml records
+    # them); the caller's config is left as given.
+    training = dataclasses.replace(training, metric_for_best_model=best_model_metric(config))
+    labels = list(getattr(task, "labels", []) or []) or None
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, labels=labels), training=training)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
     _check_max_length(config, model)
