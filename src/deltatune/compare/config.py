@@ -17,6 +17,7 @@ Each method's learning rate is searched on validation data over the grid its own
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError
-from ..core.method import config_from_dict, method_class, registered
-from ..train.config import RunConfig, apply_override, check_keys
+from ..core.method import check_fields, check_value, config_from_dict, help_field, method_class, registered
+from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128
@@ -38,6 +39,7 @@ DEFAULT = {
     "forgetting_texts": 64,
 }
 
+LEARNING_RATE = next(f for f in dataclasses.fields(TrainingConfig) if f.name == "learning_rate")
 GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
              "search", "evaluations"]
 
@@ -46,16 +48,20 @@ GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency
 class CompareConfig:
     base: dict[str, Any]  # model / task / data / training sections, as in a run config
     methods: list[dict[str, Any]]  # {"method": name, ...overrides, "learning_rate"?: float}
-    seeds: list[int] = field(default_factory=lambda: [42])
-    train_sizes: list[int | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = help_field([42], "One run of each method per seed.", range=SEEDS)
+    train_sizes: list[int | None] = help_field([None], "Training rows per run (null: all); several: the "
+                                               "low-data regime.", range="[1, inf)", typical=[64, 256])
     models: list[str | None] = field(default_factory=lambda: [None])
     output_dir: str = "runs/compare"
-    latency_batches: int = 1
-    forgetting_texts: int = 128
+    latency_batches: int = help_field(1, "Test batches timed for the latency ratios.", range="[1, inf)")
+    forgetting_texts: int = help_field(128, "General texts whose embeddings measure forgetting.", range="[1, inf)")
     #: search each method's learning rate (its file's grid) on the first seed; false: its default.
     search: bool = True
-    #: validation passes per run, evenly spaced: the learning curve and the halving rungs.
-    evaluations: int = 6
+    evaluations: int = help_field(6, "Validation passes per run, evenly spaced: the learning curve and "
+                                     "the halving rungs.", range="[2, 100]")
+
+    def __post_init__(self) -> None:
+        check_fields(self, "")
 
     def learning_rates(self, method: dict[str, Any]) -> list[float]:
         """The candidates for one entry: its pinned value, else its method's grid (or default)."""
@@ -102,8 +108,13 @@ def default_methods() -> list[str]:
 
 def _method_entry(entry: Any) -> dict[str, Any]:
     entry = {"method": entry} if isinstance(entry, str) else dict(entry)
+    where = f"methods[{entry.get('method')}]"
     checked = {k: v for k, v in entry.items() if k != "learning_rate"}
-    config_from_dict(checked, where=f"methods[{entry.get('method')}]")  # fail now, not mid-way
+    config_from_dict(checked, where=where)  # fail now, not mid-way
+    if "learning_rate" in entry:  # a pinned rate has training.learning_rate's type and range
+        rate = entry["learning_rate"]
+        entry["learning_rate"] = as_number(rate, where) if isinstance(rate, str) else rate
+        check_value(LEARNING_RATE, float, entry["learning_rate"], f"{where}.learning_rate")
     return entry
 
 
@@ -111,9 +122,6 @@ def _validate(config: CompareConfig) -> None:
     for seed_list, name in ((config.seeds, "seeds"), (config.train_sizes, "train_sizes"), (config.models, "models")):
         if not isinstance(seed_list, list) or not seed_list:
             raise ConfigError(f"'{name}' must be a non-empty list.", f"e.g. {name}: [{'42' if name == 'seeds' else '...'}]")
-    if not isinstance(config.evaluations, int) or not 2 <= config.evaluations <= 100:
-        raise ConfigError(f"evaluations = {config.evaluations!r} is out of range.",
-                          "use an integer from 2 to 100 (validation passes per run).")
     names = [m["method"] for m in config.methods]
     if len(set(names)) != len(names):
         raise ConfigError("a method appears twice in 'methods'.", "list each method once.")

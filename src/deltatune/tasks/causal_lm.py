@@ -36,7 +36,7 @@ class CausalLmTaskConfig(TaskConfig):
     completion_column: str = help_field("completion", "Column with the completion the model learns.")
     chat_template: bool = help_field(True, "Render the prompt with the tokenizer's chat template, where it has one.")
     packing: bool = help_field(False, "Join training examples into blocks of model.max_length tokens.")
-    max_new_tokens: int = help_field(64, "Tokens generated per prompt by predict.")
+    max_new_tokens: int = help_field(64, "Tokens generated per prompt by predict.", range="[1, inf)")
 
 
 def fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:

@@ -41,9 +41,10 @@ class QaTaskConfig(TaskConfig):
     question_column: str = help_field("question", "Column with the question.")
     context_column: str = help_field("context", "Column with the passage that holds the answer.")
     answers_column: str = help_field("answers", "Column with the answers: {text: [...], answer_start: [...]}.")
-    stride: int = help_field(32, "Tokens shared by neighbouring windows of a long context.")
-    max_answer_length: int = help_field(30, "The longest answer predicted, in tokens.")
-    n_best: int = help_field(20, "Start and end candidates per window when looking for the best span.")
+    stride: int = help_field(32, "Tokens shared by neighbouring windows of a long context.", range="[0, inf)")
+    max_answer_length: int = help_field(30, "The longest answer predicted, in tokens.", range="[1, inf)")
+    n_best: int = help_field(20, "Start and end candidates per window when looking for the best span.",
+                             range="[1, inf)")
 
 
 def answer_list(value: Any) -> list[Answer]:

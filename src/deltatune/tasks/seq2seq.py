@@ -29,8 +29,9 @@ ROUGE = ("rouge1", "rouge2", "rougeL")
 class Seq2SeqTaskConfig(TaskConfig):
     source_column: str = help_field("source", "Column with the input text.")
     target_column: str = help_field("target", "Column with the output text the model learns.")
-    max_target_length: int = help_field(64, "Target tokens kept for training; longer targets are cut.")
-    max_new_tokens: int = help_field(64, "Tokens generated per input in evaluation and predict.")
+    max_target_length: int = help_field(64, "Target tokens kept for training; longer targets are cut.",
+                                        range="[1, inf)")
+    max_new_tokens: int = help_field(64, "Tokens generated per input in evaluation and predict.", range="[1, inf)")
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,15 +20,17 @@ import yaml
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
 from ..data.bundled import BUNDLED
-from ..core.method import MethodConfig, config_from_dict, help_field, type_name, type_ok
+from ..core.method import MethodConfig, check_fields, config_from_dict, help_field
 from ..tasks.base import TaskConfig, task_class
+
+SEEDS = "[0, 4294967295]"  # what numpy accepts as a seed (32 bits)
 
 
 @dataclass
 class ModelConfig:
     name_or_path: str = help_field(DEFAULT_MODEL, f"A bundled model name ({', '.join(MODELS)}) or a local "
                                    "directory that from_pretrained can load.")
-    max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.")
+    max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
 
@@ -44,35 +48,44 @@ class DataConfig:
     label_column: str = help_field("label", "Column with the label (a name or an integer).")
     labels: list[str] | None = help_field(None, "The label (or tag) set, in order; default: the labels "
                                           "seen in train, sorted.")
-    validation_size: float = help_field(0.1, "Fraction of train carved as validation when no file is given.")
-    test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.")
-    max_train_samples: int | None = help_field(None, "Keep at most this many training rows.")
-    max_eval_samples: int | None = help_field(None, "Keep at most this many validation and test rows.")
-    max_test_samples: int | None = help_field(None, "Keep at most this many test rows; default: max_eval_samples.")
-    seed: int = help_field(42, "Seed for shuffling and carving splits.")
+    validation_size: float = help_field(0.1, "Fraction of train carved as validation when no file is given.",
+                                        range="(0, 1)")
+    test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.", range="(0, 1)")
+    max_train_samples: int | None = help_field(None, "Keep at most this many training rows.",
+                                               range="[1, inf)", typical=1000)
+    max_eval_samples: int | None = help_field(None, "Keep at most this many validation and test rows.",
+                                              range="[1, inf)", typical=500)
+    max_test_samples: int | None = help_field(None, "Keep at most this many test rows; default: max_eval_samples.",
+                                              range="[1, inf)", typical=500)
+    seed: int = help_field(42, "Seed for shuffling and carving splits.", range=SEEDS)
 
 
 @dataclass
 class TrainingConfig:
     output_dir: str = help_field("runs/default", "Run folder: metrics, report, adapter, checkpoints.")
-    epochs: float = help_field(2, "Passes over the training data.")
-    max_steps: int | None = help_field(None, "Stop after this many optimizer steps (overrides epochs).")
-    batch_size: int = help_field(32, "Examples per step per process (before accumulation).")
-    eval_batch_size: int = help_field(64, "Examples per evaluation batch.")
+    epochs: float = help_field(2, "Passes over the training data.", range="(0, inf)")
+    max_steps: int | None = help_field(None, "Stop after this many optimizer steps (overrides epochs); "
+                                       "0 or null: train for epochs.", range="[0, inf)", typical=1000)
+    batch_size: int = help_field(32, "Examples per step per process (before accumulation).", range="[1, inf)")
+    eval_batch_size: int = help_field(64, "Examples per evaluation batch.", range="[1, inf)")
     learning_rate: float = help_field(1e-3, "Peak AdamW learning rate (1e-3 suits LoRA; use ~5e-5 "
-                                      "for full fine-tuning).")
-    weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norms).")
+                                      "for full fine-tuning).", range="[0, inf)")
+    weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norms).",
+                                     range="[0, inf)", typical=0.01)
     lr_scheduler: Literal["linear", "cosine", "constant"] = help_field("linear", "Decay after warm-up.")
-    warmup_steps: int = help_field(30, "Steps of linear warm-up from 0 to learning_rate.")
-    gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.")
-    max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.")
+    warmup_steps: int = help_field(30, "Steps of linear warm-up from 0 to learning_rate.", range="[0, inf)")
+    gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.", range="[1, inf)")
+    max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.", range="(0, inf)")
     mixed_precision: Literal["no", "bf16", "fp16"] = help_field("no", "Autocast precision where supported.")
-    seed: int = help_field(42, "Seed for initialisation, dropout and batch order.")
+    seed: int = help_field(42, "Seed for initialisation, dropout and batch order.", range=SEEDS)
     eval_steps: int | float | None = help_field(None, "Evaluate every N steps; below 1, a fraction of the "
-                                                "run's steps (0.125: eight evaluations); default: every epoch.")
-    logging_steps: int = help_field(10, "Log the training loss every N steps.")
-    save_steps: int | None = help_field(None, "Write a resumable checkpoint every N steps (and at each evaluation).")
-    early_stopping_patience: int | None = help_field(None, "Stop after N evaluations without improvement.")
+                                                "run's steps (0.125: eight evaluations); 0 or null: every epoch.",
+                                                range="[0, inf)", typical=0.125)
+    logging_steps: int = help_field(10, "Log the training loss every N steps.", range="[1, inf)")
+    save_steps: int | None = help_field(None, "Write a resumable checkpoint every N steps (and at each evaluation); "
+                                        "0 or null: only at evaluations.", range="[0, inf)", typical=200)
+    early_stopping_patience: int | None = help_field(None, "Stop after N evaluations without improvement.",
+                                                     range="[1, inf)", typical=3)
     metric_for_best_model: str | None = help_field(None, "Validation metric that picks the best checkpoint; "
                                                    "default: the task's (accuracy, f1, exact_match, perplexity).")
     group_by_length: bool = help_field(True, "Batch examples of similar length to spend less time on padding.")
@@ -111,6 +124,13 @@ def best_model_metric(config: RunConfig) -> str:
     return config.training.metric_for_best_model or task_class(config.task.type).primary_metric
 
 
+def config_hash(config: RunConfig) -> str:
+    """What must match for --resume: everything but where the run goes and how it shows progress."""
+    data = config.to_dict()
+    data["training"] = {k: v for k, v in data["training"].items() if k not in ("output_dir", "progress")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _task_kind(data: Any) -> type[TaskConfig]:
     """The task's own options class, chosen by ``task.type``."""
     if not isinstance(data, dict) or "type" not in data:
@@ -137,14 +157,11 @@ def did_you_mean(key: Any, known: list[str]) -> str:
 def _section(kind: type, data: dict[str, Any], where: str) -> Any:
     check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
     hints = typing.get_type_hints(kind)
-    for key, value in data.items():
-        if isinstance(value, str) and hints[key] in (float, float | None, int | None, int):
-            value = as_number(value, f"{where}.{key}")  # YAML reads 5e-4 as a string
-            data = {**data, key: value}
-        if not type_ok(value, hints[key]):
-            raise ConfigError(f"{where}.{key} = {value!r} has the wrong type.",
-                              f"expected {type_name(hints[key])}.")
-    return kind(**data)
+    numbers = {key: as_number(value, f"{where}.{key}") for key, value in data.items()  # YAML reads 5e-4 as a string
+               if isinstance(value, str) and hints[key] in (float, float | None, int | None, int, int | float | None)}
+    section = kind(**{**data, **numbers})
+    check_fields(section, where)  # types, then ranges: before anything is written
+    return section
 
 
 def as_number(text: str, where: str) -> float | str:
@@ -187,10 +204,31 @@ def read_yaml(path: str | Path) -> Any:
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``--set key.path=value``. ``--set method=NAME`` replaces the method section with
+    NAME's defaults but keeps ``modules_to_save``: what trains in full (a head, new cross-attention)
+    belongs to the task, not to the method."""
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set '{item}' is not of the form key.path=value.", "e.g. --set training.epochs=2")
-    set_path(data, key.strip(), yaml.safe_load(raw), f"--set '{item}'")
+    key, value = key.strip(), yaml.safe_load(raw)
+    section = data.get("method") if isinstance(data, dict) and isinstance(data.get("method"), dict) else {}
+    if key == "method" and isinstance(value, str):
+        value = {"method": value, **{k: v for k, v in section.items() if k == "modules_to_save"}}
+    elif key == "method.method":
+        _check_method_switch(section, value, item)
+    set_path(data, key, value, f"--set '{item}'")
+
+
+def _check_method_switch(section: dict[str, Any], name: Any, item: str) -> None:
+    """``--set method.method=NAME`` keeps the section's other keys: name those NAME does not take."""
+    from ..core.method import method_class
+
+    known = {f.name for f in dataclasses.fields(method_class(str(name)).config_class)}
+    stale = sorted(set(section) - known - {"method"})
+    if stale:
+        raise ConfigError(f"--set '{item}': the method section still holds {', '.join(stale)}, which {name} "
+                          f"does not take.", f"--set method={name} starts from {name}'s defaults "
+                                             "(modules_to_save is kept).")
 
 
 def set_path(data: dict[str, Any], key: str, value: Any, where: str) -> None:
