@@ -1,31 +1,47 @@
-"""deltatune: fine-tune pre-trained transformers fully or with PEFT, and account for it honestly."""
+"""deltatune: fine-tune pre-trained transformers fully or with PEFT, and account for it honestly.
 
-__version__ = "0.1.0"
+Every public name is imported on first use (PEP 562 ``__getattr__``), so ``import deltatune``
+and ``deltatune --help`` start without torch; ``dt.LoraConfig``, ``dt.apply`` and
+``from deltatune import *`` work as if everything were imported here.
+"""
 
-from . import assets  # dt.assets.model_path(): the bundled models, offline
-from .core.accounting import ParameterReport, parameter_report
-from .core.errors import AdapterFileError, ConfigError, DeltatuneError, MergeError, TargetError
-from .core.method import MethodConfig, config_from_dict, registered
-from .core.verbs import (active_adapters, adapter_state_dict, apply, delete_adapter,
-                         disable_adapters, merge, merge_and_unload, set_adapter, unload, unmerge)
-from .hf.trainer import TrainerCallback
-from .io.adapter_files import load_adapter, read_adapter, save_adapter
-from .methods import *  # noqa: F401,F403  (every method's config class, e.g. LoraConfig)
-from .methods import __all__ as _method_names
+import importlib
 
-__all__ = [*_method_names,
-    "AdapterFileError", "ConfigError", "DeltatuneError", "MergeError",
-    "MethodConfig", "ParameterReport", "TrainerCallback", "TargetError", "active_adapters", "adapter_state_dict",
-    "apply", "config_from_dict", "delete_adapter", "disable_adapters", "load_adapter", "merge",
-    "merge_and_unload", "parameter_report", "read_adapter", "registered", "save_adapter",
-    "assets", "set_adapter", "tune", "unload", "unmerge",
-]
+from .version import __version__
+
+# every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
+_METHOD_NAMES = ["AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",
+                 "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig"]
+
+# public name -> the module (under deltatune) that defines it
+_HOMES = {
+    **dict.fromkeys(_METHOD_NAMES, "methods"),
+    **dict.fromkeys(["AdapterFileError", "ConfigError", "DeltatuneError", "MergeError", "TargetError"],
+                    "core.errors"),
+    **dict.fromkeys(["MethodConfig", "config_from_dict", "registered"], "core.method"),
+    **dict.fromkeys(["ParameterReport", "parameter_report"], "core.accounting"),
+    **dict.fromkeys(["active_adapters", "adapter_state_dict", "apply", "delete_adapter", "disable_adapters",
+                     "merge", "merge_and_unload", "set_adapter", "unload", "unmerge"], "core.verbs"),
+    "TrainerCallback": "train.trainer_callback",
+    **dict.fromkeys(["load_adapter", "read_adapter", "save_adapter"], "io.adapter_files"),
+    "tune": "search",  # Optuna and the training loop
+}
+
+__all__ = [*_HOMES, "assets"]  # assets: dt.assets.model_path(), the bundled models, offline
 
 
 def __getattr__(name: str):
-    """``deltatune.tune``, imported on first use: the search pulls in Optuna and the training loop."""
-    if name == "tune":
-        from .search import tune
+    """Import the module that defines ``name`` (once: the value is then kept in this module)."""
+    if name == "assets":
+        return importlib.import_module(".assets", __name__)
+    if name not in _HOMES:
+        raise AttributeError(f"module 'deltatune' has no attribute '{name}'")
+    if _HOMES[name] != "core.errors":
+        importlib.import_module(".methods", __name__)  # registers every method: dt.registered() lists them
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
-        return tune
-    raise AttributeError(f"module 'deltatune' has no attribute '{name}'")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -1,16 +1,25 @@
-"""The command line: parse arguments, call the Python API, print what happened."""
+"""The command line: parse arguments, call the Python API, print what happened.
+
+Each command imports what it needs when it runs, so ``--help`` and a mistyped argument answer at
+once: torch and transformers are loaded only by the commands that use them.
+"""
 
 from __future__ import annotations
 
 import argparse
 import functools
 import json
-import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .core.errors import DeltatuneError
+from .core.errors import AdapterFileError, ConfigError, DeltatuneError
+from .env import offline_and_quiet
+
+ADAPTER_HELP = ("a run folder (its best adapter, RUN/adapter), an adapter folder, or a peft adapter folder "
+                "(adapter_config.json + adapter_model.safetensors)")
+RUN_HELP = "a run folder (its best adapter, RUN/adapter) or that adapter folder: the run gives the task and labels"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    _quiet_libraries()
+    offline_and_quiet()
+    from . import methods  # noqa: F401  (registers every method: run configs and adapter files name theirs)
+
     try:
         return args.run(args) or 0
     except DeltatuneError as error:
@@ -50,18 +61,19 @@ def _run_commands(sub: Any) -> None:
     train = sub.add_parser("train", help="train one run from a YAML config (default: the bundled example)")
     train.add_argument("config", nargs="?", help="run config YAML")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set training.epochs=2")
+                       help="override a config value, e.g. --set training.epochs=2; --set method=ia3 takes "
+                            "that method's defaults (keeping modules_to_save)")
     train.add_argument("--output-dir", help="run folder (training.output_dir)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     train.set_defaults(run=_train)
 
     evaluate = sub.add_parser("eval", help="evaluate a run's adapter")
-    evaluate.add_argument("run_dir", metavar="RUN_OR_ADAPTER")
+    evaluate.add_argument("adapter", metavar="ADAPTER", help=RUN_HELP)
     evaluate.add_argument("--data", help="a data file with the run's columns (default: the run's test split)")
     evaluate.set_defaults(run=_eval)
 
     predict = sub.add_parser("predict", help="predict with a run's adapter (labels, tags, answers, completions)")
-    predict.add_argument("run_dir", metavar="RUN_OR_ADAPTER")
+    predict.add_argument("adapter", metavar="ADAPTER", help=RUN_HELP)
     predict.add_argument("text", nargs="*", help="texts (sentences to classify or tag, prompts to complete)")
     predict.add_argument("--input", help="a .txt file (one text per line) or a data file (rows with the "
                                          "task's columns; qa needs question and context)")
@@ -87,18 +99,18 @@ def _run_commands(sub: Any) -> None:
 def _adapter_commands(sub: Any) -> None:
     """Commands on adapter files and the registry: convert, inspect, export, methods, demo."""
     convert = sub.add_parser("convert", help="convert an adapter between deltatune and peft formats")
-    convert.add_argument("source")
-    convert.add_argument("target")
+    convert.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
+    convert.add_argument("output", metavar="OUTPUT", help="the folder to write the converted adapter to")
     convert.add_argument("--to", choices=["peft", "deltatune"], required=True)
     convert.set_defaults(run=_convert)
 
     inspect = sub.add_parser("inspect", help="print an adapter's method, config, base and tensors")
-    inspect.add_argument("path")
+    inspect.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
     inspect.set_defaults(run=_inspect)
 
     export = sub.add_parser("export", help="merge an adapter into its base and save a plain model")
-    export.add_argument("adapter")
-    export.add_argument("output")
+    export.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
+    export.add_argument("output", metavar="OUTPUT", help="the folder to write the merged model to")
     export.add_argument("--base", help="the base model folder (default: the one recorded in the adapter)")
     export.set_defaults(run=_export)
 
@@ -109,17 +121,49 @@ def _adapter_commands(sub: Any) -> None:
     demo.set_defaults(run=_demo)
 
 
-def _quiet_libraries() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    import transformers
+@dataclass(frozen=True)
+class Located:
+    adapter: Path  # the folder holding adapter_config.json and adapter_model.safetensors
+    run: Path | None  # the run folder it belongs to, if any
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    import datasets
 
-    datasets.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
+def locate_adapter(path: str | Path, need_run: bool = False) -> Located:
+    """The adapter an ADAPTER argument names, said on stderr: a run folder gives its best
+    adapter (RUN/adapter); an adapter folder (deltatune or peft format) is taken as it is.
+
+    Raises:
+        ConfigError: ``need_run`` (eval, predict) and the path is no run folder nor a run's adapter.
+        AdapterFileError: a run without an adapter yet; a path with neither a run nor adapter files.
+    """
+    from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+
+    path = Path(path)
+    run = path if (path / "run.yaml").is_file() else None
+    if run is None and path.name == "adapter" and (path.parent / "run.yaml").is_file():
+        run = path.parent
+    if run is not None:
+        if not (run / "adapter" / WEIGHTS_NAME).is_file():
+            raise AdapterFileError(f"run '{run}' has no adapter yet (it is saved at the first evaluation).",
+                                   f"resume it: deltatune train {run / 'run.yaml'} --output-dir {run} --resume")
+        print(f"using adapter {run / 'adapter'} (best checkpoint of run {run})", file=sys.stderr)
+        return Located(run / "adapter", run)
+    has_files = any((path / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
+    if need_run:
+        bare = " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)"
+        raise ConfigError(f"'{path}' is not a deltatune run folder (no run.yaml).",
+                          f"pass a folder written by 'deltatune train' or its adapter folder{bare if has_files else ''}.")
+    if not has_files:
+        raise AdapterFileError(f"'{path}' is neither a run folder nor an adapter folder"
+                               f"{'' if path.is_dir() else ' (it does not exist)'}.", f"pass {ADAPTER_HELP}.")
+    print(f"using adapter {path} ({_adapter_format(path / CONFIG_NAME)} format)", file=sys.stderr)
+    return Located(path, None)
+
+
+def _adapter_format(config: Path) -> str:
+    try:
+        return "peft" if "peft_type" in json.loads(config.read_text(encoding="utf-8")) else "deltatune"
+    except (OSError, ValueError):
+        return "deltatune"  # no or broken adapter_config.json: the weights file carries the config
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -183,28 +227,29 @@ def _tune(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from .io.convert import convert
 
-    print(f"wrote {convert(args.source, args.target, args.to)} ({args.to} format)")
+    print(f"wrote {convert(locate_adapter(args.adapter).adapter, args.output, args.to)} ({args.to} format)")
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
     from .io.convert import inspect_adapter
 
-    print(inspect_adapter(args.path))
+    print(inspect_adapter(locate_adapter(args.adapter).adapter))
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
     from .io.export import export_merged
 
-    print(f"wrote a plain transformers model to {export_merged(args.adapter, args.output, args.base)}")
+    adapter = locate_adapter(args.adapter).adapter
+    print(f"wrote a plain transformers model to {export_merged(adapter, args.output, args.base)}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .train.inference import evaluate_run
 
-    metrics = evaluate_run(args.run_dir, args.data)
+    metrics = evaluate_run(locate_adapter(args.adapter, need_run=True).run, args.data)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -215,7 +260,7 @@ def _predict(args: argparse.Namespace) -> int:
     texts = list(args.text) + (read_texts(args.input, args.column) if args.input else [])
     if not texts:
         raise DeltatuneError("predict needs texts.", "pass them as arguments or with --input FILE.")
-    rows = predict_texts(args.run_dir, texts)
+    rows = predict_texts(locate_adapter(args.adapter, need_run=True).run, texts)
     lines = "\n".join(json.dumps(row) for row in rows)
     if args.output:
         Path(args.output).write_text(lines + "\n", encoding="utf-8")
