@@ -7,6 +7,7 @@ import os
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments
 
 import deltatune as dt
@@ -84,13 +85,21 @@ class _Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": i % 3}
 
 
-def test_an_adapted_model_trains_under_the_transformers_trainer(tmp_path):
+def _trainer(folder, seed: int = 0) -> Trainer:
+    """A tiny LoRA run under transformers.Trainer: 4 steps, a checkpoint every 2."""
     model = build("bert")
+    torch.manual_seed(seed)  # the LoRA initialisation; resuming must overwrite it
     dt.apply(model, dt.LoraConfig(r=4, modules_to_save=["classifier"]))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=4,
+    args = TrainingArguments(output_dir=str(folder), max_steps=4, save_steps=2, per_device_train_batch_size=4,
                              learning_rate=1e-2, report_to=[], use_cpu=True, logging_steps=1)
-    Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[dt.TrainerCallback()]).train()
+    return Trainer(model=model, args=args, train_dataset=_Tokens(), callbacks=[dt.TrainerCallback()])
+
+
+def test_an_adapted_model_trains_under_the_transformers_trainer(tmp_path):
+    trainer = _trainer(tmp_path)
+    model = trainer.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(".deltas.default." in n for n in changed)
     batch = inputs("bert")
@@ -98,3 +107,31 @@ def test_an_adapted_model_trains_under_the_transformers_trainer(tmp_path):
     dt.load_adapter(fresh, tmp_path / "checkpoint-4" / "adapter")
     torch.testing.assert_close(output(fresh, batch), output(model.eval(), batch), atol=1e-5, rtol=0)
     assert (tmp_path / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_trainer_checkpoints_hold_the_trainable_tensors_not_the_base_model(tmp_path):
+    trainer = _trainer(tmp_path / "out")
+    trainer.train()
+    model = trainer.model
+    checkpoint = tmp_path / "out" / "checkpoint-4"
+    sizes = {f.name: f.stat().st_size for f in checkpoint.iterdir() if f.is_file()}
+    assert set(sizes) == {"config.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth",
+                          "trainer_state.json", "training_args.bin"}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(load_file(checkpoint / "model.safetensors")) == trainable
+    adapter = (checkpoint / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert sizes["model.safetensors"] < 2 * adapter  # the same tensors, under longer names
+    assert not model._keys_to_ignore_on_save  # put back: a save after training is whole again
+    model.save_pretrained(tmp_path / "whole")
+    whole = (tmp_path / "whole" / "model.safetensors").stat().st_size
+    assert sum(sizes.values()) < whole / 2 and sizes["model.safetensors"] < whole / 10
+
+
+def test_a_trainer_run_resumed_from_an_adapter_only_checkpoint_ends_with_the_same_weights(tmp_path):
+    straight = _trainer(tmp_path / "straight")
+    straight.train()
+    resumed = _trainer(tmp_path / "resumed", seed=1)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
+    expected = dict(straight.model.named_parameters())
+    for name, param in resumed.model.named_parameters():
+        torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)

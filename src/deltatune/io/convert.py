@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .adapter_files import read_adapter, write_adapter
+from .export import base_class
 
 
 def convert(source: str | Path, target: str | Path, to: str) -> Path:
@@ -30,7 +31,7 @@ def inspect_adapter(path: str | Path) -> str:
     lines = [f"adapter:     {path} ({description.get('format', 'deltatune')} format)",
              f"method:      {config['method']}",
              f"base model:  {description.get('base_model_name_or_path') or 'unknown'} "
-             f"({description.get('base_model_class') or description.get('base_model_type') or '?'})",
+             f"({base_class(description) or description.get('base_model_type') or '?'})",
              f"fingerprint: {description.get('base_fingerprint') or '-'}",
              "config:      " + ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method"),
              f"tensors:     {len(tensors)}, {total:,} parameters, {nbytes:,} bytes"]

@@ -1,55 +1,228 @@
-"""Merged export: an adapter folded into its base, written as a plain transformers model."""
+"""Merged export: an adapter folded into its base, written as a plain transformers model.
+
+The export carries what the run knew: its label names (``config.json``'s ``id2label``), the
+base model's tokenizer, and a ``README.md`` model card with the method, the base model, the
+data and the metrics. A run keeps its adapter in ``RUN/adapter`` beside ``run.yaml`` and
+``report.json``; an adapter folder without a run gives a card that says what is unknown.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import transformers
+import yaml
 from torch import nn
 
-from ..core.errors import AdapterFileError
+from ..core.errors import AdapterFileError, TargetError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
+from ..version import __version__
 from .adapter_files import load_adapter, read_adapter
-from .atomic import follow_umask
+from .atomic import atomic_write_text, follow_umask
 
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
+RUN_CONFIG, RUN_REPORT, RUN_ADAPTER = "run.yaml", "report.json", "adapter"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+#: peft's task types -> the transformers auto class with that task's head.
+PEFT_TASK_CLASSES = {"SEQ_CLS": "AutoModelForSequenceClassification",
+                     "TOKEN_CLS": "AutoModelForTokenClassification",
+                     "QUESTION_ANS": "AutoModelForQuestionAnswering", "CAUSAL_LM": "AutoModelForCausalLM",
+                     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "FEATURE_EXTRACTION": "AutoModel"}
+#: the end of a model class's name -> the Hub's pipeline tag (first match wins).
+PIPELINE_TAGS = {"ForSequenceClassification": "text-classification", "ForTokenClassification": "token-classification",
+                 "ForQuestionAnswering": "question-answering", "ForCausalLM": "text-generation",
+                 "LMHeadModel": "text-generation", "ForConditionalGeneration": "text2text-generation",
+                 "EncoderDecoderModel": "text2text-generation", "Model": "feature-extraction"}
 
 
-def base_for(adapter: str | Path, base: str | None = None) -> nn.Module:
-    """The base model an adapter was saved from, loaded from a local folder (never the hub)."""
+@dataclass
+class Run:
+    """What a run folder recorded, as plain data: its ``run.yaml`` and ``report.json``."""
+
+    folder: Path
+    config: dict[str, Any]
+    report: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list[str]:
+        return [str(label) for label in (self.config.get("data") or {}).get("labels") or []]
+
+
+def locate(path: str | Path) -> tuple[Path, Run | None]:
+    """(adapter folder, its run or None) for a run folder or an adapter folder."""
+    path = Path(path)
+    if (path / RUN_CONFIG).is_file():
+        path = path / RUN_ADAPTER
+    folder = path.resolve().parent
+    if path.resolve().name != RUN_ADAPTER or not (folder / RUN_CONFIG).is_file():
+        return path, None
+    report = folder / RUN_REPORT
+    return path, Run(folder, _read(folder / RUN_CONFIG, yaml.safe_load),
+                     _read(report, json.loads) if report.is_file() else {})
+
+
+def _read(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
+        raise AdapterFileError(f"'{path}' cannot be read ({error}).",
+                               "restore it, or export a copy of the adapter folder without its run.") from error
+    return data if isinstance(data, dict) else {}
+
+
+def base_class(description: dict[str, Any]) -> str | None:
+    """The transformers class an adapter was saved from, by name.
+
+    deltatune records it; peft records it as ``auto_mapping`` when its config has no task type
+    (deltatune's ``convert --to peft`` writes it too), and otherwise its task type names the head.
+    """
+    peft = description.get("peft_config") or {}
+    return (description.get("base_model_class") or (peft.get("auto_mapping") or {}).get("base_model_class")
+            or PEFT_TASK_CLASSES.get(peft.get("task_type")))
+
+
+def base_for(adapter: str | Path, base: str | None = None, run: Run | None = None) -> nn.Module:
+    """The base model an adapter was saved from, loaded from a local folder (never the hub),
+    with the run's label names and config overrides when there is a run."""
     description, tensors = read_adapter(adapter)
     path = base or description.get("base_model_name_or_path")
     if not path or not Path(path).is_dir():
         raise AdapterFileError(f"the base model of '{adapter}' is not a local folder ({path!r}).",
                                "pass --base with the folder of the base model.")
-    class_name = description.get("base_model_class") or "AutoModel"
+    class_name = base_class(description) or "AutoModel"
     model_class = getattr(transformers, class_name, None)
     if model_class is None:
         raise AdapterFileError(f"transformers has no model class '{class_name}'.", "pass --base and upgrade transformers.")
     head = next((tensors[k] for k in HEADS if k in tensors), None)
-    kwargs = {"num_labels": head.shape[0]} if head is not None and "Classification" in class_name else {}
+    kwargs = dict((run.config.get("model") or {}).get("config_overrides") or {}) if run else {}
+    if head is not None and "Classification" in class_name:
+        kwargs["num_labels"] = head.shape[0]
+        kwargs.update(_label_maps(run.labels if run else [], head.shape[0], run))
     return model_class.from_pretrained(path, **kwargs)
 
 
+def _label_maps(labels: list[str], outputs: int, run: Run | None) -> dict[str, dict]:
+    if not labels:
+        return {}
+    if len(labels) != outputs:
+        raise AdapterFileError(f"{run.folder / RUN_CONFIG} names {len(labels)} labels, but the adapter's "
+                               f"head has {outputs} outputs.", "export the adapter this run wrote.")
+    return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
+
+
 def export_merged(adapter: str | Path, output: str | Path, base: str | None = None) -> Path:
-    """Merge the adapter into its base and save model, config and tokenizer to ``output``.
+    """Merge the adapter into its base and save model, config, tokenizer and a model card to ``output``.
+
+    Args:
+        adapter: an adapter folder (deltatune or peft format), or a run folder (its ``adapter``).
+        output: the folder to write; ``from_pretrained`` and ``pipeline`` load it without deltatune.
+        base: the base model's folder, if not the one the adapter records.
 
     Raises:
-        MergeError: the method cannot merge (adapters, prompts, prefixes).
-        AdapterFileError: the base model cannot be found locally.
+        MergeError: the method cannot merge (adapters, prompts, prefixes); nothing is written.
+        AdapterFileError: the base model cannot be found locally, or the run's labels do not
+            fit the adapter's head.
     """
-    model = base_for(adapter, base)
-    load_adapter(model, adapter)
-    state = adapter_state(model)
-    method = method_for(state.configs["default"])
+    adapter, run = locate(adapter)
+    description = read_adapter(adapter)[0]
+    model = base_for(adapter, base, run)
+    try:
+        load_adapter(model, adapter)
+    except TargetError as error:
+        if base_class(description):
+            raise
+        raise AdapterFileError(f"the adapter in '{adapter}' does not record its model class, and it does not fit "
+                               f"{type(model).__name__}: {error.message}",
+                               "convert it again from the deltatune adapter with this version of deltatune, "
+                               "or add the task_type peft uses for it to adapter_config.json.") from error
+    method = method_for(adapter_state(model).configs["default"])
     plain = unload(model) if method.in_place else merge_and_unload(model)
     output = Path(output)
     plain.save_pretrained(output)
-    base_path = base or read_adapter(adapter)[0].get("base_model_name_or_path")
-    try:
-        transformers.AutoTokenizer.from_pretrained(base_path).save_pretrained(output)
-    except (OSError, ValueError):
-        pass  # a base without a tokenizer: the model is still complete
+    tokenizer = _save_tokenizer(base or description.get("base_model_name_or_path"), output)
+    atomic_write_text(output / "README.md", model_card(description, plain, run, base, tokenizer))
     follow_umask(*output.iterdir())  # save_pretrained's safetensors files are 0o600
     return output
+
+
+def _save_tokenizer(path: str | None, output: Path) -> bool:
+    # transformers 5 builds an empty tokenizer (special tokens only) for a folder without one
+    if not path or not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        return False
+    try:
+        transformers.AutoTokenizer.from_pretrained(path).save_pretrained(output)
+    except (OSError, ValueError, TypeError):
+        return False  # a base without a tokenizer: the model is still complete
+    return True
+
+
+def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, base: str | None,
+               tokenizer: bool) -> str:
+    """A Hugging Face model card: YAML front matter, then how the model was made and how it scored."""
+    config = description["config"]
+    loaded_from = base or description.get("base_model_name_or_path")
+    base_name = str(base or (run and (run.config.get("model") or {}).get("name_or_path")) or loaded_from or "unknown")
+    class_name = type(model).__name__
+    tag = next((t for suffix, t in PIPELINE_TAGS.items() if class_name.endswith(suffix)), None)
+    front = {"library_name": "transformers", "base_model": base_name, "tags": ["deltatune", config["method"]],
+             **({"pipeline_tag": tag} if tag else {})}
+    # every transformers config has an id2label; only a classification head gives it a meaning
+    id2label = dict(model.config.id2label) if "Classification" in class_name else {}
+    settings = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method")
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {config['method']} merged into {Path(base_name).name}", "",
+             f"A `{class_name}`: the base model's weights with a **{config['method']}** adapter merged in. "
+             "Plain transformers loads it, without deltatune or peft.", "",
+             "## How it was made", "",
+             f"- Base model: `{base_name}`" + (f" (weights from `{loaded_from}`)" if loaded_from != base_name else ""),
+             f"- Method: {config['method']} ({settings})",
+             f"- Merged and saved by `deltatune export` (deltatune {__version__}) from a "
+             f"{description.get('format', 'deltatune')}-format adapter",
+             "- Tokenizer: " + ("the base model's, saved beside the weights" if tokenizer
+                                else "not included (the base model folder has none)")]
+    lines += _run_lines(run, id2label) if run else _unknown_lines(id2label)
+    if tag:
+        lines += ["", "## Use", "", "```python", "from transformers import pipeline", "",
+                  f'pipe = pipeline("{tag}", model="PATH/TO/THIS/FOLDER")', "```"]
+    if run:
+        lines += ["", "## The run's configuration", "", f"From `{run.folder / RUN_CONFIG}`:", "", "```yaml",
+                  yaml.safe_dump(run.config, sort_keys=False).rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _run_lines(run: Run, id2label: dict) -> list[str]:
+    data, training = run.config.get("data") or {}, run.config.get("training") or {}
+    task = (run.config.get("task") or {}).get("type", "unknown")
+    parameters = run.report.get("parameters") or {}
+    lines = [f"- Task: {task}, trained on `{data.get('train_file') or data.get('source') or 'unknown'}`",
+             f"- Training: {run.report.get('steps', '?')} steps, learning rate {training.get('learning_rate')}, "
+             f"batch size {training.get('batch_size')}, seed {training.get('seed')}; the adapter of step "
+             f"{run.report.get('best_step', '?')}, the best on validation"]
+    if id2label:
+        lines.append("- Labels: " + ", ".join(f"{i} = {name}" for i, name in id2label.items()))
+    if parameters:
+        lines.append(f"- Trainable parameters: {parameters.get('trainable', 0):,} of {parameters.get('total', 0):,} "
+                     f"({parameters.get('trainable_percent', 0):.2f}%)")
+    metrics = {k: v for k, v in (run.report.get("metrics") or {}).items() if isinstance(v, (int, float))}
+    lines += ["", "## Metrics", ""]
+    if not metrics:
+        return lines + ["None: the run stopped before its final evaluation."]
+    return lines + ["Measured by the run: `eval_*` on its validation split at the best step, `test_*` on its "
+                    "test split.", "", "| metric | value |", "|---|---|",
+                    *(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))]
+
+
+def _unknown_lines(id2label: dict) -> list[str]:
+    lines = ["", "## Not known", "",
+             "This model was exported from a bare adapter folder, without the run that trained it (no "
+             f"`{RUN_CONFIG}` beside it), so this card cannot say:", ""]
+    if id2label:
+        lines.append(f"- the label names: `config.json` holds transformers' placeholders "
+                     f"({', '.join(id2label.values())}); set `id2label` and `label2id` there if you know them;")
+    return lines + ["- the training data and hyperparameters;", "- any metrics."]
