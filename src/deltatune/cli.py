@@ -135,18 +135,15 @@ def locate_adapter(path: str | Path, need_run: bool = False) -> Located:
         ConfigError: ``need_run`` (eval, predict) and the path is no run folder nor a run's adapter.
         AdapterFileError: a run without an adapter yet; a path with neither a run nor adapter files.
     """
-    from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+    from .io.adapter_files import CONFIG_NAME, RUN_CONFIG, WEIGHTS_NAME, locate
 
-    path = Path(path)
-    run = path if (path / "run.yaml").is_file() else None
-    if run is None and path.name == "adapter" and (path.parent / "run.yaml").is_file():
-        run = path.parent
+    path, run = locate(path)
     if run is not None:
-        if not (run / "adapter" / WEIGHTS_NAME).is_file():
+        if not (path / WEIGHTS_NAME).is_file():
             raise AdapterFileError(f"run '{run}' has no adapter yet (it is saved at the first evaluation).",
-                                   f"resume it: deltatune train {run / 'run.yaml'} --output-dir {run} --resume")
-        print(f"using adapter {run / 'adapter'} (best checkpoint of run {run})", file=sys.stderr)
-        return Located(run / "adapter", run)
+                                   f"resume it: deltatune train {run / RUN_CONFIG} --output-dir {run} --resume")
+        print(f"using adapter {path} (best checkpoint of run {run})", file=sys.stderr)
+        return Located(path, run)
     has_files = any((path / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
     if need_run:
         bare = " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)"

@@ -28,7 +28,21 @@ from .atomic import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
+RUN_CONFIG, RUN_ADAPTER = "run.yaml", "adapter"  # a training run's folder: its config, its best adapter
 FORMAT = "deltatune"
+
+
+def locate(path: str | Path) -> tuple[Path, Path | None]:
+    """(adapter folder, its run folder or None), the one rule every command follows: a run
+    folder means its best adapter (``RUN/adapter``); a run's adapter folder knows its run; any
+    other folder is an adapter folder on its own (deltatune's or peft's)."""
+    path = Path(path)
+    if (path / RUN_CONFIG).is_file():
+        return path / RUN_ADAPTER, path
+    for folder in (path, path.resolve()):  # as given first, so messages show the user's path
+        if folder.name == RUN_ADAPTER and (folder.parent / RUN_CONFIG).is_file():
+            return path, folder.parent
+    return path, None
 
 
 def base_fingerprint(model: nn.Module, adapter_name: str) -> str:

@@ -22,11 +22,11 @@ from ..core.errors import AdapterFileError, TargetError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
 from ..version import __version__
-from .adapter_files import load_adapter, read_adapter
+from .adapter_files import RUN_CONFIG, load_adapter, locate, read_adapter
 from .atomic import atomic_write_text, follow_umask
 
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
-RUN_CONFIG, RUN_REPORT, RUN_ADAPTER = "run.yaml", "report.json", "adapter"
+RUN_REPORT = "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 #: peft's task types -> the transformers auto class with that task's head.
@@ -54,17 +54,14 @@ class Run:
         return [str(label) for label in (self.config.get("data") or {}).get("labels") or []]
 
 
-def locate(path: str | Path) -> tuple[Path, Run | None]:
-    """(adapter folder, its run or None) for a run folder or an adapter folder."""
-    path = Path(path)
-    if (path / RUN_CONFIG).is_file():
-        path = path / RUN_ADAPTER
-    folder = path.resolve().parent
-    if path.resolve().name != RUN_ADAPTER or not (folder / RUN_CONFIG).is_file():
-        return path, None
+def locate_run(path: str | Path) -> tuple[Path, Run | None]:
+    """(adapter folder, what its run recorded, or None): :func:`locate`'s rule."""
+    adapter, folder = locate(path)
+    if folder is None:
+        return adapter, None
     report = folder / RUN_REPORT
-    return path, Run(folder, _read(folder / RUN_CONFIG, yaml.safe_load),
-                     _read(report, json.loads) if report.is_file() else {})
+    return adapter, Run(folder, _read(folder / RUN_CONFIG, yaml.safe_load),
+                        _read(report, json.loads) if report.is_file() else {})
 
 
 def _read(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
@@ -129,7 +126,7 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
         AdapterFileError: the base model cannot be found locally, or the run's labels do not
             fit the adapter's head.
     """
-    adapter, run = locate(adapter)
+    adapter, run = locate_run(adapter)
     description = read_adapter(adapter)[0]
     model = base_for(adapter, base, run)
     try:
