@@ -19,8 +19,8 @@ import yaml
 
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
+from ..core.method import MethodConfig, check_fields, config_from_dict, help_field, method_class
 from ..data.bundled import BUNDLED
-from ..core.method import MethodConfig, check_fields, config_from_dict, help_field
 from ..tasks.base import TaskConfig, task_class
 
 SEEDS = "[0, 4294967295]"  # what numpy accepts as a seed (32 bits)
@@ -221,8 +221,6 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def _check_method_switch(section: dict[str, Any], name: Any, item: str) -> None:
     """``--set method.method=NAME`` keeps the section's other keys: name those NAME does not take."""
-    from ..core.method import method_class
-
     known = {f.name for f in dataclasses.fields(method_class(str(name)).config_class)}
     stale = sorted(set(section) - known - {"method"})
     if stale:
