@@ -6,6 +6,9 @@
 - ``not_stored``: trained but not in the file (e.g. prefix tuning's re-parameterisation MLP).
 - ``changed``: base parameters that differ from the original once merged (d x k per merged
   LoRA layer): the third count the PEFT literature asks for.
+- ``regenerable``: frozen tensors the adapter needs that its config rebuilds exactly (VeRA's
+  random projections, from a seed); in ``stored`` too when the file also holds them. Not
+  parameters, so not in ``total``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ class ParameterReport:
     changed: int
     stored_bytes: int
     per_module: dict[str, dict[str, int]] = field(default_factory=dict)
+    regenerable: int = 0
 
     @property
     def trainable_percent(self) -> float:
@@ -46,7 +50,8 @@ class ParameterReport:
         return (f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                 f"trainable%: {self.trainable_percent:.4f}\n"
                 f"stored params: {self.stored:,} ({_size(self.stored_bytes)}) || "
-                f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}")
+                f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}"
+                + (f" || regenerable from the config: {self.regenerable:,}" if self.regenerable else ""))
 
 
 def _size(n: int) -> str:
@@ -84,6 +89,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         changed=changed,
         stored_bytes=sum(t.numel() * t.element_size() for t in stored.values()),
         per_module=_per_module(trainable_parameters(model, name), stored),
+        regenerable=sum(t.numel() for t in method.regenerable(model, name).values()),
     )
 
 
