@@ -19,7 +19,7 @@ import yaml
 
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
-from ..core.method import MethodConfig, check_fields, config_from_dict, help_field, method_class
+from ..core.method import MethodConfig, check_fields, config_from_dict, help_field, method_class, registered
 from ..data.bundled import BUNDLED
 from ..tasks.base import TaskConfig, task_class
 
@@ -72,6 +72,12 @@ class TrainingConfig:
                                       "for full fine-tuning).", range="[0, inf)")
     weight_decay: float = help_field(0.0, "AdamW weight decay (not applied to biases and norms).",
                                      range="[0, inf)", typical=0.01)
+    loraplus_lr_ratio: float | None = help_field(
+        None, "LoRA+ (Hayou et al., 2024): train the B matrices, biases and norms at this many times "
+              "learning_rate, A at learning_rate; null: one rate for all. Needs a method with B matrices "
+              "(lora).", range="[1, inf)", typical=16)
+    loraplus_lr_embedding: float = help_field(1e-6, "With loraplus_lr_ratio: the learning rate of LoRA's "
+                                              "matrices on embedding layers (peft's default).", range="[0, inf)")
     lr_scheduler: Literal["linear", "cosine", "constant"] = help_field("linear", "Decay after warm-up.")
     warmup_steps: int = help_field(30, "Steps of linear warm-up from 0 to learning_rate.", range="[0, inf)")
     gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.", range="[1, inf)")
@@ -100,6 +106,9 @@ class RunConfig:
     method: MethodConfig = field(default_factory=lambda: config_from_dict({"method": "lora"}))
     training: TrainingConfig = field(default_factory=TrainingConfig)
 
+    def __post_init__(self) -> None:
+        check_loraplus(self.method.method, self.training.loraplus_lr_ratio, "training.loraplus_lr_ratio")
+
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
         data["method"] = self.method.to_dict()
@@ -122,6 +131,20 @@ def best_model_metric(config: RunConfig) -> str:
     """The validation metric that picks the best checkpoint: ``training.metric_for_best_model``,
     else the task's own (accuracy, f1, exact_match, perplexity, rouge1)."""
     return config.training.metric_for_best_model or task_class(config.task.type).primary_metric
+
+
+def check_loraplus(method: str, ratio: float | None, key: str) -> None:
+    """LoRA+ trains B matrices faster: refuse a ``loraplus_lr_ratio`` (named ``key``) for a
+    method without them, before any model is built.
+
+    Raises:
+        ConfigError: ``method`` is not ``factored``.
+    """
+    if ratio is None or method_class(method).factored:
+        return
+    factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.factored)
+    raise ConfigError(f"{key} = {ratio!r} trains B matrices faster, but method '{method}' has none.",
+                      f"use a method whose update is a product B A ({factored}), or leave {key} unset (null).")
 
 
 def config_hash(config: RunConfig) -> str:

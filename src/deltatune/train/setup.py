@@ -25,7 +25,8 @@ from ..core.verbs import apply
 from ..data.loading import load_splits
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
-from .config import RunConfig, best_model_metric
+from .config import RunConfig, TrainingConfig, best_model_metric
+from .optim import loraplus_param_groups
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -108,7 +109,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     eval_loaders = {name: DataLoader(data[name], batch_size=training.eval_batch_size, collate_fn=collate,
                                      generator=torch.Generator().manual_seed(training.seed))
                     for name in ("validation", "test")}
-    optimizer = torch.optim.AdamW(_param_groups(model, training.weight_decay), lr=training.learning_rate)
+    optimizer = torch.optim.AdamW(_optimizer_groups(model, training), lr=training.learning_rate)
     model, optimizer, train_loader, *loaders = accelerator.prepare(
         model, optimizer, train_loader, *eval_loaders.values())
     # After prepare: with several processes each one sees its share of the batches.
@@ -156,6 +157,14 @@ def _check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
     if limit and config.model.max_length > limit:
         raise ConfigError(f"model.max_length = {config.model.max_length} is longer than this model allows "
                           f"({limit} positions).", f"use a max_length of at most {limit}.")
+
+
+def _optimizer_groups(model: torch.nn.Module, training: TrainingConfig) -> list[dict]:
+    """LoRA+'s groups when training.loraplus_lr_ratio is set, else one rate for all."""
+    if training.loraplus_lr_ratio is None:
+        return _param_groups(model, training.weight_decay)
+    return loraplus_param_groups(model, training.learning_rate, training.loraplus_lr_ratio,
+                                 training.weight_decay, training.loraplus_lr_embedding)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
