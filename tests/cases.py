@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from torch import nn
+
 import deltatune as dt
 from tiny import HEADS
 
@@ -23,6 +25,11 @@ class Case:
     identity_at_init: bool = True  # a fresh adapter leaves outputs unchanged
     mergeable: bool = False
     exact_when_disabled: bool = True  # False where the method trains base weights in place
+    #: model -> how many numbers the adapter file holds that no trainable parameter holds, for a
+    #: method whose file joins trained and frozen parts in one tensor (PiSSA's rank-2r file holds
+    #: its frozen start B0, A0 beside B, A). None: a stored tensor that is not a trainable
+    #: parameter is frozen (or computed on save) as a whole.
+    frozen_in_stored: Callable[[nn.Module], int] | None = None
 
 
 # DistilBERT's attention takes no key/value cache: prefix tuning refuses it (tests/methods/test_prefix.py).
@@ -37,12 +44,26 @@ def _heads(family: str) -> list[str]:
     return HEADS[family]
 
 
+def _pissa_start(model: nn.Module) -> int:
+    """The numbers of PiSSA's frozen start B0, A0, which its file holds beside B and A."""
+    return sum(b.numel() for n, b in model.named_buffers() if n.endswith((".lora_A0", ".lora_B0")))
+
+
 CASES = [
     Case("lora", lambda f: dt.LoraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
     Case("lora-all-linear", lambda f: dt.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1),
          mergeable=True),
     Case("lora-rslora-bias", lambda f: dt.LoraConfig(r=4, use_rslora=True, bias="lora_only"),
          families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False),
+    Case("lora-dora", lambda f: dt.LoraConfig(r=4, use_dora=True, modules_to_save=_heads(f)), mergeable=True),
+    Case("lora-dora-all-linear-dropout", lambda f: dt.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1,
+                                                                 use_dora=True), families=["bert", "gpt2", "t5"],
+         mergeable=True),
+    Case("lora-pissa", lambda f: dt.LoraConfig(r=4, init="pissa", modules_to_save=_heads(f)), mergeable=True,
+         frozen_in_stored=_pissa_start),
+    Case("lora-pissa-niter-rslora-dora", lambda f: dt.LoraConfig(r=4, init="pissa_niter_2", use_rslora=True,
+                                                                 use_dora=True, target_modules="all-linear"),
+         families=["bert", "gpt2", "llama"], mergeable=True, frozen_in_stored=_pissa_start),
     Case("full", lambda f: dt.FullFineTuningConfig(modules_to_save=_heads(f)), exact_when_disabled=False),
     Case("layer", lambda f: dt.LayerTuningConfig(top_k=1, modules_to_save=_heads(f)), mergeable=True),
     Case("prompt", lambda f: dt.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=_heads(f)),
@@ -61,6 +82,11 @@ CASES = [
     Case("ia3-all-linear-random", lambda f: dt.IA3Config(target_modules="all-linear", init_ia3_weights=False),
          identity_at_init=False, mergeable=True),
     Case("bitfit", lambda f: dt.BitFitConfig(modules_to_save=_heads(f)), families=BIAS_FAMILIES, mergeable=True),
+    Case("vera", lambda f: dt.VeraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
+    # layers of several shapes slice one pair of projections; the file holds only the vectors
+    Case("vera-no-projection-all-linear", lambda f: dt.VeraConfig(
+        r=8, target_modules="all-linear", save_projection=False, projection_prng_key=7, vera_dropout=0.1),
+        families=["bert", "gpt2", "llama"], mergeable=True),
 ]
 
 

@@ -11,7 +11,7 @@ from .version import __version__
 
 # every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
 _METHOD_NAMES = ["AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",
-                 "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig"]
+                 "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
 
 # public name -> the module (under deltatune) that defines it
 _HOMES = {
@@ -23,6 +23,7 @@ _HOMES = {
     **dict.fromkeys(["active_adapters", "adapter_state_dict", "apply", "delete_adapter", "disable_adapters",
                      "merge", "merge_and_unload", "set_adapter", "unload", "unmerge"], "core.verbs"),
     "TrainerCallback": "train.trainer_callback",
+    "loraplus_param_groups": "train.optim",  # LoRA+'s optimizer groups, for any training loop
     **dict.fromkeys(["load_adapter", "read_adapter", "save_adapter"], "io.adapter_files"),
     "tune": "search",  # Optuna and the training loop
 }

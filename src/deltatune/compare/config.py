@@ -4,14 +4,17 @@
 model: {name_or_path: minilm-l6}
 data: {source: rotten-tomatoes, max_train_samples: 2000}
 training: {epochs: 1, batch_size: 32}
-methods: [full, lora, {method: adapter, bottleneck: 32, learning_rate: 2.0e-3}]
+methods: [full, lora, {method: lora, loraplus_lr_ratio: 16},   # LoRA+: the row "lora+16"
+          {method: adapter, bottleneck: 32, learning_rate: 2.0e-3}]
 seeds: [42]
 train_sizes: [64, 256, 1024]   # optional: the low-data regime
 models: [minilm-l6, /path/to/another]   # optional: scale
 output_dir: runs/compare
 ```
 Each method's learning rate is searched on validation data over the grid its own file declares
-(``Method.learning_rates``), by successive halving; an entry's ``learning_rate`` pins it.
+(``Method.learning_rates``), by successive halving; an entry's ``learning_rate`` pins it. An
+entry's ``loraplus_lr_ratio`` trains it with LoRA+ (``training.loraplus_lr_ratio``); its row is
+named ``lora+16``, apart from plain ``lora`` (:func:`entry_name`).
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError
-from ..core.method import check_fields, check_value, config_from_dict, help_field, method_class, registered
-from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys
+from ..core.method import (check_fields, check_value, config_from_dict, help_field, method_class, method_for,
+                           registered)
+from ..train.config import (SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys,
+                            check_loraplus)
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128
@@ -40,6 +45,9 @@ DEFAULT = {
 }
 
 LEARNING_RATE = next(f for f in dataclasses.fields(TrainingConfig) if f.name == "learning_rate")
+LORAPLUS = next(f for f in dataclasses.fields(TrainingConfig) if f.name == "loraplus_lr_ratio")
+#: keys of a methods entry that set the run's training section, not the method's config
+TRAINING_KEYS = ("learning_rate", "loraplus_lr_ratio")
 GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
              "search", "evaluations"]
 
@@ -74,9 +82,11 @@ class CompareConfig:
                    folder: Path, learning_rate: float) -> RunConfig:
         """The run config of one cell of the grid at one learning rate."""
         data = copy.deepcopy(self.base)
-        data["method"] = {k: v for k, v in method.items() if k != "learning_rate"}
+        data["method"] = {k: v for k, v in method.items() if k not in TRAINING_KEYS}
         data.setdefault("training", {}).update(seed=seed, learning_rate=learning_rate, output_dir=str(folder),
                                                progress=False, eval_steps=1 / self.evaluations)
+        if "loraplus_lr_ratio" in method:
+            data["training"]["loraplus_lr_ratio"] = method["loraplus_lr_ratio"]
         if size is not None:
             data.setdefault("data", {})["max_train_samples"] = size
         if model is not None:
@@ -109,20 +119,36 @@ def default_methods() -> list[str]:
 def _method_entry(entry: Any) -> dict[str, Any]:
     entry = {"method": entry} if isinstance(entry, str) else dict(entry)
     where = f"methods[{entry.get('method')}]"
-    checked = {k: v for k, v in entry.items() if k != "learning_rate"}
+    checked = {k: v for k, v in entry.items() if k not in TRAINING_KEYS}
     config_from_dict(checked, where=where)  # fail now, not mid-way
     if "learning_rate" in entry:  # a pinned rate has training.learning_rate's type and range
         rate = entry["learning_rate"]
         entry["learning_rate"] = as_number(rate, where) if isinstance(rate, str) else rate
         check_value(LEARNING_RATE, float, entry["learning_rate"], f"{where}.learning_rate")
+    if "loraplus_lr_ratio" in entry:  # training.loraplus_lr_ratio's type and range, for this entry alone
+        ratio = entry["loraplus_lr_ratio"]
+        entry["loraplus_lr_ratio"] = as_number(ratio, where) if isinstance(ratio, str) else ratio
+        check_value(LORAPLUS, float | None, entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
+        check_loraplus(entry["method"], entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
     return entry
+
+
+def entry_name(entry: dict[str, Any]) -> str:
+    """A methods entry's name in cells, folders and the report: its method's name for its config
+    (``Method.variant``: ``dora`` for ``{method: lora, use_dora: true}``), ``+RATIO`` with LoRA+."""
+    ratio = entry.get("loraplus_lr_ratio")
+    name = method_for(config_from_dict({k: v for k, v in entry.items() if k not in TRAINING_KEYS})).variant()
+    return name if ratio is None else f"{name}+{ratio:g}"
 
 
 def _validate(config: CompareConfig) -> None:
     for seed_list, name in ((config.seeds, "seeds"), (config.train_sizes, "train_sizes"), (config.models, "models")):
         if not isinstance(seed_list, list) or not seed_list:
             raise ConfigError(f"'{name}' must be a non-empty list.", f"e.g. {name}: [{'42' if name == 'seeds' else '...'}]")
-    names = [m["method"] for m in config.methods]
+    names = [entry_name(m) for m in config.methods]
     if len(set(names)) != len(names):
         raise ConfigError("a method appears twice in 'methods'.", "list each method once.")
     RunConfig.from_dict(copy.deepcopy(config.base))  # the shared sections are valid on their own
+    for entry in config.methods:  # and with each entry (training.loraplus_lr_ratio needs B matrices)
+        config.run_config(entry, config.seeds[0], None, None, Path(config.output_dir),
+                          config.learning_rates(entry)[0])

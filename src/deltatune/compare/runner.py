@@ -24,7 +24,7 @@ from ..train.config import RunConfig, best_model_metric
 from ..train.inference import load_run
 from ..train.logs import eta_text, read_metrics
 from ..train.loop import PHASES
-from .config import CompareConfig
+from .config import CompareConfig, entry_name
 from .halving import Candidate, halve
 from .measure import Reference, measure
 from .report import write_report
@@ -39,7 +39,7 @@ class Cell:
 
     @property
     def key(self) -> str:
-        parts = [self.method["method"], f"seed{self.seed}"]
+        parts = [entry_name(self.method), f"seed{self.seed}"]
         if self.size is not None:
             parts.append(f"n{self.size}")
         if self.model is not None:
@@ -101,7 +101,7 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
         references[model_key] = Reference(run_config, task, tokenizer, config.latency_batches,
                                           config.forgetting_texts)
     measured = measure(references[model_key], adapted)
-    return {"key": cell.key, "method": cell.method["method"], "seed": cell.seed,
+    return {"key": cell.key, "method": entry_name(cell.method), "seed": cell.seed,
             "train_size": cell.size, "model": model_key, "metric": metric, "learning_rate": winner.learning_rate,
             "candidates": [c.to_dict() for c in candidates], "result": result.to_dict(),
             "base_params": sum(p.numel() for p in references[model_key].model.parameters()),

@@ -33,6 +33,9 @@ class Delta(nn.Module):
 
     #: True when this delta runs its own module instead of the base (a trainable copy).
     replaces_base: bool = False
+    #: True when merging needs the base weight as no other delta left it (DoRA divides by the
+    #: norm of W0 plus its update): such a delta merges first on its module or not at all.
+    merges_on_original: bool = False
 
     def pre(self, args: tuple) -> tuple:
         """Transform the positional inputs before the base module runs."""
@@ -134,6 +137,10 @@ class DeltaLayer(nn.Module):
     def merge(self, adapter_name: str = "default") -> None:
         if adapter_name in self.merged:
             raise MergeError(f"adapter '{adapter_name}' is already merged.", "call unmerge() first.")
+        if self.merged and self.deltas[adapter_name].merges_on_original:
+            raise MergeError(f"adapter '{adapter_name}' rescales the original weight, which '{self.merged[-1]}' "
+                             "has already changed by merging first.",
+                             f"make '{adapter_name}' the first active adapter, or merge it alone.")
         self.deltas[adapter_name].merge(self.base_layer)
         self.merged.append(adapter_name)
 

@@ -191,6 +191,9 @@ class Method:
     learning_rates: ClassVar[tuple[float, ...]] = ()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
+    #: True when the update is a product B A of two trained matrices, which ``factor_roles``
+    #: names: LoRA+ (``training.loraplus_lr_ratio``) then trains B faster than A.
+    factored: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config
@@ -230,8 +233,31 @@ class Method:
         """Stored tensors beyond the deltas' own, by file key."""
         return {}
 
+    def variant(self) -> str:
+        """The name ``compare`` gives this config's runs: the method's, or one that tells an option
+        that makes another method apart (LoRA with ``use_dora`` is ``dora``)."""
+        return self.name
+
+    def saved_config(self) -> MethodConfig:
+        """The config an adapter file records: the one applied, unless the deltas store themselves
+        as a plainer adapter with the same outputs (PiSSA as a plain rank-2r LoRA)."""
+        return self.config
+
     def not_stored(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """Trainable parameters that the adapter file does not hold (training-only parts)."""
+        return {}
+
+    def factor_roles(self, model: nn.Module, adapter_name: str) -> dict[str, Literal["B", "embedding"]]:
+        """The factors of this adapter's products B A that an optimizer treats apart, by name in
+        the model (for ``factored`` methods): ``"B"``, the output-side matrix that LoRA+ trains
+        ``loraplus_lr_ratio`` times faster than A, and ``"embedding"``, both factors of an
+        embedding's update, which LoRA+ trains at a rate of their own. Parameters not named
+        here (A among them) keep the base learning rate."""
+        return {}
+
+    def regenerable(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Frozen tensors the adapter needs that its config rebuilds exactly (e.g. from a seed), by
+        file key; the file holds them only where ``extra_state`` returns them too."""
         return {}
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError, DeltatuneError
-from ..core.method import config_from_dict, deltas_of
+from ..core.method import config_from_dict, deltas_of, method_for
 from ..core.verbs import adapter_state_dict, apply, delete_adapter, require_adapter
 from ..hf.layers import weight_is_transposed
 from ..version import __version__
@@ -60,7 +60,7 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "format": FORMAT,
         "deltatune_version": __version__,
         "method": config.method,
-        "config": config.to_dict(),
+        "config": method_for(config).saved_config().to_dict(),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_class": type(model).__name__,

@@ -11,11 +11,33 @@ exactly what W0 costs at inference, and unmerging subtracts it again. ``use_rslo
 by alpha / sqrt(r) instead (Kalajdzievski, 2023), which keeps updates stable at large ranks.
 Works on ``nn.Linear``, transformers' ``Conv1D`` (GPT-2, weight stored transposed) and
 ``nn.Embedding``.
+
+Two options change the update (s = alpha/r; ||.||_c: the norm of each output feature's row).
+
+DoRA, ``use_dora=True`` (Liu et al., 2024): a trained magnitude m (d_out) times a direction that
+LoRA moves; n takes no gradient (the paper, section 4.3). With x' = dropout(x), as peft does:
+
+    W' = m / n * (W0 + s B A),   n = ||W0 + s B A||_c
+    h  = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x'
+
+m starts at ||W0||_c, so m/n = 1 at start. Trainable: r (d + k) + d per layer. Merging writes
+W' and keeps n for unmerging: W0 = W' n / m - s B A.
+
+PiSSA, ``init="pissa"`` (Meng et al., 2024): A and B start from W0's top-r singular triplets,
+s B0 A0 = U_r S_r V_r^T, and stay beside a frozen copy of that start:
+
+    h = W0 x + s (B A - B0 A0) x   ==   (W0 - s B0 A0) x + s B A x
+
+the residual base plus B A, with the same gradients for A and B, while W0 itself is never
+rewritten (disabling gives the original base). A file holds the plain rank-2r LoRA this
+equals, B' = [B, -B0], A' = [A; A0] with alpha scaled to keep s, so any LoRA reader loads it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -24,14 +46,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import ConfigError
+from ..core.errors import AdapterFileError, ConfigError
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.method import Method, MethodConfig, add_deltas, deltas_of, help_field, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
 __all__ = ["LoraConfig", "LoRALinear"]
+
+INITS = re.compile(r"kaiming|gaussian|pissa(_niter_\d+)?")
 
 
 @dataclass
@@ -46,13 +70,24 @@ class LoraConfig(MethodConfig):
     bias: Literal["none", "all", "lora_only"] = help_field(
         "none", "Which base biases also train: none, all, or those of the adapted layers.")
     use_rslora: bool = help_field(False, "Scale by lora_alpha / sqrt(r) (rank-stabilised LoRA).")
-    init: Literal["kaiming", "gaussian"] = help_field(
-        "kaiming", "How A starts (B always starts at zero): kaiming-uniform or N(0, 1/r).")
+    use_dora: bool = help_field(False, "DoRA: also train a magnitude per output feature; B A moves the "
+                                       "direction of W0 (+ d_out parameters per layer).")
+    init: str = help_field(
+        "kaiming", "How A and B start: 'kaiming' (A Kaiming-uniform, B zero), 'gaussian' (A ~ N(0, 1/r), "
+                   "B zero), 'pissa' (from W0's top-r singular vectors, PiSSA; linear layers only) or "
+                   "'pissa_niter_N' (the same by randomised SVD with N iterations: fast on large layers).")
 
     def validate(self) -> None:
         if self.target_modules is not None and not self.target_modules:
             raise ConfigError("lora.target_modules is empty: LoRA would adapt nothing.",
                               "name modules, e.g. ['query', 'value'], or use 'all-linear'.")
+        if not INITS.fullmatch(self.init):
+            raise ConfigError(f"lora.init = {self.init!r} is not a start LoRA knows.",
+                              "use 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_N' (e.g. pissa_niter_4).")
+
+    @property
+    def pissa(self) -> bool:
+        return self.init.startswith("pissa")
 
     @property
     def scaling(self) -> float:
@@ -60,14 +95,22 @@ class LoraConfig(MethodConfig):
 
 
 class LoraDelta(Delta):
-    """``(alpha/r) B A dropout(x)`` added to the output of one linear, Conv1D or embedding layer."""
+    """``s B A dropout(x)`` added to the output of one linear, Conv1D or embedding layer (s =
+    alpha/r); with PiSSA ``s (B A - B0 A0) dropout(x)``; with DoRA rescaled per output feature.
+
+    Below, a weight "oriented" is (d_out, d_in): Conv1D and embeddings store theirs the other way.
+    """
 
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0,
-                 init: str = "kaiming"):
+                 init: str = "kaiming", use_dora: bool = False):
         super().__init__()
         self.scaling = scaling
         self.is_embedding = isinstance(base, nn.Embedding)
-        self.fan_in_fan_out = weight_is_transposed(base)
+        self.transposed = self.is_embedding or weight_is_transposed(base)
+        self.pissa = init.startswith("pissa")
+        self.use_dora = self.merges_on_original = use_dora
+        self._base = (base,)  # DoRA reads W0 and the bias; a tuple, so the base is no submodule of ours
+        self._merged_norm: torch.Tensor | None = None  # DoRA's n while merged
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if self.is_embedding:
             # peft's layout: A (r x vocab) starts at zero, B random, so A x B = 0 at start too.
@@ -76,15 +119,48 @@ class LoraDelta(Delta):
             self._embedding_args = {"padding_idx": base.padding_idx, "max_norm": base.max_norm,
                                     "norm_type": base.norm_type,
                                     "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
-            return
-        in_features, out_features = linear_shape(base)
-        self.lora_A = nn.Linear(in_features, r, bias=False)
-        self.lora_B = nn.Linear(r, out_features, bias=False)
+        else:
+            in_features, out_features = linear_shape(base)
+            self.lora_A = nn.Linear(in_features, r, bias=False)
+            self.lora_B = nn.Linear(r, out_features, bias=False)
+            self._init_linear(base, r, init)
+        if use_dora:  # m starts at ||W0 + s B A||_c, so m/n = 1: the outputs do not change
+            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.oriented(base.weight)))
+
+    def _init_linear(self, base: nn.Module, r: int, init: str) -> None:
+        nn.init.zeros_(self.lora_B.weight)
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1.0 / r)
-        else:
+        elif not self.pissa:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
+        else:
+            A, B = pissa_start(self.oriented(base.weight), r, self.scaling, init)
+            with torch.no_grad():
+                self.lora_A.weight.copy_(A)
+                self.lora_B.weight.copy_(B)
+            # The frozen start, subtracted in every forward: not parameters, and not in the model's
+            # state_dict (the adapter file holds them, joined to A and B).
+            self.register_buffer("lora_A0", A.to(self.lora_A.weight.dtype), persistent=False)
+            self.register_buffer("lora_B0", B.to(self.lora_B.weight.dtype), persistent=False)
+
+    def oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        """A base-layout weight as (d_out, d_in) (a view: writing to it writes the base)."""
+        return weight.T if self.transposed else weight
+
+    def delta_weight(self) -> torch.Tensor:
+        """s (B A - B0 A0), oriented (d_out, d_in): the one place the update's formula is written;
+        merge adds it (DoRA then rescales), unmerge subtracts it."""
+        if self.is_embedding:
+            product = self.lora_embedding_B @ self.lora_embedding_A
+        else:
+            product = self.lora_B.weight @ self.lora_A.weight
+        if self.pissa:
+            product = product - self.lora_B0 @ self.lora_A0
+        return product * self.scaling
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """DoRA's n = ||W0 + s B A||_c, (d_out,), detached: no gradient flows through it (section 4.3)."""
+        return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
 
     def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
@@ -93,27 +169,89 @@ class LoraDelta(Delta):
         else:
             x = self.dropout(x.to(self.lora_A.weight.dtype))
             update = self.lora_B(self.lora_A(x))
-        return out + (update * self.scaling).to(out.dtype)
+            if self.pissa:
+                update = update - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        update = update * self.scaling
+        if self.use_dora:
+            return out + self._dora_change(x, out, update).to(out.dtype)
+        return out + update.to(out.dtype)
 
-    def delta_weight(self) -> torch.Tensor:
-        """(alpha/r) B A in the base weight's own layout."""
-        if self.is_embedding:
-            return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
-        weight = self.lora_B.weight @ self.lora_A.weight * self.scaling
-        return weight.T if self.fan_in_fan_out else weight
+    def _dora_change(self, x: torch.Tensor, out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """(m/n - 1) W0 x + (m/n) update: what DoRA adds to the base output ``out`` (peft's order)."""
+        base = self._base[0]
+        weight = self.oriented(base.weight)
+        factor = self.lora_magnitude_vector / self.weight_norm(weight)  # (d_out,)
+        if self.training and not self.is_embedding and isinstance(self.dropout, nn.Dropout):
+            base_out = F.linear(x, weight.to(x.dtype))  # W0 sees the same dropped-out x as B A
+        else:
+            bias = getattr(base, "bias", None)
+            base_out = out if bias is None else out - bias
+        return (factor - 1) * base_out + factor * update
 
     def merge(self, base: nn.Module) -> None:
-        base.weight.data += self.delta_weight().to(base.weight.dtype)
+        weight = self.oriented(base.weight.data)  # (d_out, d_in), a view: writes go to the base
+        if self.use_dora:  # n of the unmerged weight, kept: the merged weight no longer gives it
+            self._merged_norm = self.weight_norm(weight)
+        weight += self.delta_weight().detach().to(weight.dtype)
+        if self.use_dora:  # W' = m/n (W0 + s B A)
+            weight *= self._dora_factor().to(weight.dtype)
 
     def unmerge(self, base: nn.Module) -> None:
-        base.weight.data -= self.delta_weight().to(base.weight.dtype)
+        weight = self.oriented(base.weight.data)
+        if self.use_dora:  # W0 = W' n/m - s B A
+            weight /= self._dora_factor().to(weight.dtype)
+            self._merged_norm = None
+        weight -= self.delta_weight().detach().to(weight.dtype)
+
+    def _dora_factor(self) -> torch.Tensor:
+        """m/n as of the merge, a column (d_out, 1) that scales the rows of an oriented weight."""
+        return (self.lora_magnitude_vector.detach() / self._merged_norm)[:, None]
 
     def changed_numel(self, base: nn.Module) -> int:
         return base.weight.numel()
 
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.named_parameters())
+        if self.pissa:  # the plain rank-2r LoRA this equals: [B, -B0] [A; A0] = B A - B0 A0
+            tensors["lora_A.weight"] = torch.cat([self.lora_A.weight, self.lora_A0])
+            tensors["lora_B.weight"] = torch.cat([self.lora_B.weight, -self.lora_B0], dim=1)
+        return tensors
+
+    def load_stored_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if not self.pissa:
+            super().load_stored_state(tensors)
+            return
+        A, A0 = tensors["lora_A.weight"].chunk(2)  # split what stored_state joined
+        B, minus_B0 = tensors["lora_B.weight"].chunk(2, dim=1)
+        own = dict(self.named_parameters())
+        with torch.no_grad():
+            for key, value in {**tensors, "lora_A.weight": A, "lora_B.weight": B}.items():
+                own[key].copy_(value)
+            self.lora_A0.copy_(A0)
+            self.lora_B0.copy_(-minus_B0)
+
+
+def pissa_start(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """PiSSA's A (r, d_in) and B (d_out, r) for an oriented W0 (d_out, d_in), as peft computes them:
+
+        W0 ~ U_r S_r V_r^T,   A = sqrt(S_r / s) V_r^T,   B = U_r sqrt(S_r / s),   so s B A = U_r S_r V_r^T
+
+    ``init="pissa_niter_N"`` finds U_r, S_r, V_r by randomised SVD with N subspace iterations
+    (``torch.svd_lowrank``, Halko et al.): close to exact when the spectrum decays, much faster.
+    """
+    weight = weight.detach().float()
+    if init == "pissa":
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(weight, q=r, niter=int(init.rsplit("_", 1)[1]))
+        Vh = V.T
+    root = torch.sqrt(S / scaling)  # (r,)
+    return root[:, None] * Vh, U * root
+
 
 def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
-    return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init)
+    return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init, config.use_dora)
 
 
 @register
@@ -122,15 +260,19 @@ class Lora(Method):
     config_class = LoraConfig
     family = "re-parameterisation"
     mergeable = True
+    factored = True
     learning_rates = (1e-3, 3e-3, 1e-2)  # r=8 matrices on a small encoder take large steps
-    count_formula = "r * (d_in + d_out) per adapted layer"
+    count_formula = "r * (d_in + d_out) per adapted layer (+ d_out with use_dora)"
 
     def plan(self, model: nn.Module) -> list[str]:
         entries = self.config.target_modules
         if entries is None:
             roles = anatomy_of(model, "LoRA's default target_modules")
             entries = list(dict.fromkeys(roles.query + roles.value))
-        return self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
+        names = self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
+        if self.config.pissa:
+            check_pissa_targets(model, names, self.config)
+        return names
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
         if self.config.bias != "none":
@@ -157,6 +299,30 @@ class Lora(Method):
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
 
+    def variant(self) -> str:  # compare's row name: lora, dora, pissa or pissa-dora
+        options = (["pissa"] if self.config.pissa else []) + (["dora"] if self.config.use_dora else [])
+        return "-".join(options) or self.name
+
+    def saved_config(self) -> LoraConfig:
+        """PiSSA saves as the plain rank-2r LoRA it equals (``LoraDelta.stored_state``); lora_alpha
+        doubles (times sqrt(2) with rsLoRA) so that the scaling s stays the same."""
+        config = self.config
+        if not config.pissa:
+            return config
+        alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
+        return dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init="kaiming")
+
+    def factor_roles(self, model: nn.Module, adapter_name: str) -> dict[str, Literal["B", "embedding"]]:
+        # LoRA+ as peft groups it: B of linear and Conv1D layers; both factors of an embedding's
+        # update apart, at a rate of their own (there A starts at zero and B random, roles swapped).
+        roles: dict[int, str] = {}
+        for _, _, delta in deltas_of(model, adapter_name):
+            if isinstance(delta, LoraDelta) and delta.is_embedding:
+                roles.update({id(delta.lora_embedding_A): "embedding", id(delta.lora_embedding_B): "embedding"})
+            elif isinstance(delta, LoraDelta):
+                roles[id(delta.lora_B.weight)] = "B"
+        return {n: roles[id(p)] for n, p in model.named_parameters() if id(p) in roles}
+
     peft_type = "LORA"
     peft_ignored = ("fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config", "eva_config",
                     "corda_config", "qalora_group_size", "ensure_weight_tying", "arrow_config", "kasa_config",
@@ -165,9 +331,16 @@ class Lora(Method):
     @classmethod
     def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
         refuse_unsupported(peft, PEFT_UNSUPPORTED)
+        if str(peft.get("init_lora_weights")).lower().startswith("pissa"):
+            raise AdapterFileError(
+                f"this peft adapter was saved with init_lora_weights={peft['init_lora_weights']!r}: its "
+                "B A pairs with the residual base weights peft wrote into the model, not with the original.",
+                "save it from peft with save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+                "which writes the plain rank-2r LoRA deltatune (and any LoRA reader) loads.")
         return {"method": "lora", "r": peft["r"], "lora_alpha": peft["lora_alpha"],
                 "lora_dropout": peft.get("lora_dropout", 0.0), "target_modules": targets_from_peft(peft["target_modules"]),
                 "bias": peft.get("bias", "none"), "use_rslora": peft.get("use_rslora", False),
+                "use_dora": bool(peft.get("use_dora", False)),
                 "init": "gaussian" if peft.get("init_lora_weights") == "gaussian" else "kaiming"}
 
     def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -175,6 +348,7 @@ class Lora(Method):
         return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "target_modules": modules_with(tensors, "lora_A.", "lora_embedding_A"), "bias": config.bias,
                 "use_rslora": config.use_rslora, "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+                "use_dora": config.use_dora,
                 "fan_in_fan_out": description.get("fan_in_fan_out", False)}
 
     def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,8 +362,23 @@ class Lora(Method):
         return {k.removeprefix(TUNER_PREFIX).replace(".base_layer.", "."): v for k, v in tensors.items()}
 
 
+def check_pissa_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
+    """PiSSA starts from r singular vectors of each target's weight: linear layers, r <= min(d_in, d_out)."""
+    for name in names:
+        module = model.get_submodule(name)
+        module = getattr(module, "base_layer", module)
+        if isinstance(module, nn.Embedding):
+            raise ConfigError(f"lora.init = {config.init!r} cannot start the embedding '{name}' from "
+                              "singular vectors (peft falls back to its plain start there).",
+                              "target linear layers only, or use init: kaiming for embeddings.")
+        rank = min(linear_shape(module))
+        if config.r > rank:
+            raise ConfigError(f"lora.r = {config.r} is more than the {rank} singular vectors of '{name}' "
+                              f"that lora.init = {config.init!r} starts from.", f"choose r <= {rank}.")
+
+
 # peft fields with a meaning deltatune does not implement: a file that uses one is refused.
-PEFT_UNSUPPORTED = {"use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+PEFT_UNSUPPORTED = {"rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
                     "layers_pattern": None, "lora_bias": False, "target_parameters": None,
                     "trainable_token_indices": None, "layer_replication": None, "exclude_modules": None,
                     "use_qalora": False, "alora_invocation_tokens": None, "use_bdlora": None}
