@@ -213,8 +213,10 @@ def test_compare_runs_dora_and_pissa_as_rows_of_their_own(tmp_path):
     path = tmp_path / "compare.yaml"
     path.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "seeds": [7], "methods": [
         "lora", {"method": "lora", "use_dora": True}, {"method": "lora", "init": "pissa_niter_4"},
-        {"method": "lora", "init": "pissa", "use_dora": True, "loraplus_lr_ratio": 16}]}))
+        {"method": "lora", "init": "pissa", "use_dora": True, "loraplus_lr_ratio": 16},
+        {"method": "lora", "use_rslora": True}]}))
     config = load_compare_config(path)
-    assert [c.key for c in grid(config)] == ["lora-seed7", "dora-seed7", "pissa-seed7", "pissa-dora+16-seed7"]
+    assert [c.key for c in grid(config)] == ["lora-seed7", "dora-seed7", "pissa-seed7", "pissa-dora+16-seed7",
+                                             "rslora-seed7"]
     run = config.run_config(config.methods[1], 7, None, None, tmp_path, 1e-3)
     assert run.method == dt.LoraConfig(use_dora=True)

@@ -193,7 +193,7 @@ def test_compare_reports_lora_and_loraplus_as_two_rows(tmp_path):
     ({"methods": ["lora", "bitfit"], "training": {"loraplus_lr_ratio": 16}},
      r"training.loraplus_lr_ratio = 16 .* method 'bitfit' has none"),
     ({"methods": [{"method": "lora", "loraplus_lr_ratio": 16}, {"method": "lora", "loraplus_lr_ratio": 16.0}]},
-     "a method appears twice"),
+     "'lora\\+16' appears twice"),
 ], ids=["method-without-b", "ratio-below-1", "shared-ratio-and-bitfit", "two-entries-one-name"])
 def test_a_compare_entry_that_cannot_use_loraplus_is_refused_before_anything_runs(tmp_path, values, message):
     with pytest.raises(ConfigError, match=message):

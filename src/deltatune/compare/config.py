@@ -146,8 +146,10 @@ def _validate(config: CompareConfig) -> None:
         if not isinstance(seed_list, list) or not seed_list:
             raise ConfigError(f"'{name}' must be a non-empty list.", f"e.g. {name}: [{'42' if name == 'seeds' else '...'}]")
     names = [entry_name(m) for m in config.methods]
-    if len(set(names)) != len(names):
-        raise ConfigError("a method appears twice in 'methods'.", "list each method once.")
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice:
+        raise ConfigError(f"'{twice}' appears twice in 'methods'.",
+                          "list each method once (variants differ by an option: use_dora, init, use_rslora, ...).")
     RunConfig.from_dict(copy.deepcopy(config.base))  # the shared sections are valid on their own
     for entry in config.methods:  # and with each entry (training.loraplus_lr_ratio needs B matrices)
         config.run_config(entry, config.seeds[0], None, None, Path(config.output_dir),

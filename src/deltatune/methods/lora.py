@@ -299,8 +299,9 @@ class Lora(Method):
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
 
-    def variant(self) -> str:  # compare's row name: lora, dora, pissa or pissa-dora
-        options = (["pissa"] if self.config.pissa else []) + (["dora"] if self.config.use_dora else [])
+    def variant(self) -> str:  # compare's row name: lora, rslora, dora, pissa, pissa-dora-rslora...
+        config = self.config
+        options = [name for name, on in (("pissa", config.pissa), ("dora", config.use_dora), ("rslora", config.use_rslora)) if on]
         return "-".join(options) or self.name
 
     def saved_config(self) -> LoraConfig:
