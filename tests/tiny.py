@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 import transformers
 from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
                           DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
@@ -117,3 +118,14 @@ def save_tiny(folder, make_model):
     make_model(tokenizer).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class Net(nn.Module):
+    """One linear layer named ``proj``: the smallest model a method can adapt."""
+
+    def __init__(self, d_in: int = 6, d_out: int = 5):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x):
+        return self.proj(x)

@@ -13,16 +13,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.verbs import merged_adapters
-from tiny import HIDDEN, LAYERS, build, inputs, output, perturb
-
-
-class Net(nn.Module):
-    def __init__(self, d_in: int = 6, d_out: int = 5):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.proj(x)
+from tiny import HIDDEN, LAYERS, Net, build, inputs, output, perturb
 
 
 def lora_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:

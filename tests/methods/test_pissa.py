@@ -13,18 +13,14 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.io.adapter_files import load_adapter_state_dict
+import tiny
 from tiny import build, inputs, output, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's notices
 
 
-class Net(nn.Module):
-    def __init__(self, d_in: int = 64, d_out: int = 48):
-        super().__init__()
-        self.proj = nn.Linear(d_in, d_out)
-
-    def forward(self, x):
-        return self.proj(x)
+def Net(d_in: int = 64, d_out: int = 48) -> nn.Module:  # room for the top-r singular vectors
+    return tiny.Net(d_in, d_out)
 
 
 def start(layer) -> tuple[torch.Tensor, torch.Tensor]:
