@@ -12,13 +12,14 @@
 - Blocks run in a tmp folder holding copies of ``examples/`` and ``tests/``: the documented
   relative paths assume the repo root, and outputs must never land in the repo. Shell blocks get
   a fresh folder each and the test's Python environment first on PATH, so ``deltatune`` is this
-  project's CLI.
+  project's CLI: its ``main`` with the command's arguments, in a process forked from one that
+  imported the libraries once (see ``launcher``) rather than a new interpreter per command.
 - Nothing downloads: the hub is offline; models and data are the bundled assets.
 - Training on a budget: every run config, in this process and in the CLI processes (through a
   ``sitecustomize``), is capped to ``BUDGET`` (a few steps on a few dozen rows, short
-  generations) and a search to ``TRIALS`` trials, so a command that trains for minutes as
-  documented takes seconds here; the commands, files, flags and the whole pipeline are the
-  documented ones.
+  generations), a search to ``TRIALS`` trials and a comparison's grid to ``COMPARE_BUDGET`` and
+  ``CANDIDATES``, so a command that trains for minutes as documented takes seconds here; the
+  commands, files, flags and the whole pipeline are the documented ones.
 - A comment right before a fence marks exceptions, greppable in the markdown:
   ``<!-- not run in tests: REASON -->`` (only for what cannot run inside the suite, e.g. the
   command that runs the suite) collects the block as skipped with REASON;
@@ -29,12 +30,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
+import importlib
+import importlib.abc
+import importlib.util
 import io
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,10 +58,16 @@ NOT_CODE = {"", "text", "yaml", "yml", "json", "toml", "csv", "diff"}  # output 
 FENCE = re.compile(r"^ {0,3}(?P<fence>`{3,}|~{3,})\s*(?P<language>[\w+-]*)")
 NOTE = re.compile(r"^\s*<!--\s*(?P<kind>not run in tests|slow in tests):\s*(?P<reason>.+?)\s*-->\s*$")
 # Caps on every run config a block trains with: (section, key, largest value).
-BUDGET = [("data", "max_train_samples", 256), ("data", "max_eval_samples", 16), ("data", "max_test_samples", 16),
-          ("training", "max_steps", 2), ("training", "batch_size", 8), ("task", "max_new_tokens", 8),
+BUDGET = [("data", "max_train_samples", 256), ("data", "max_eval_samples", 8), ("data", "max_test_samples", 8),
+          ("training", "max_steps", 2), ("training", "batch_size", 4), ("task", "max_new_tokens", 8),
           ("task", "max_target_length", 16)]
-TRIALS = 3  # trials of a hyperparameter search (deltatune tune, --trials)
+TRIALS = 2  # trials of a hyperparameter search (deltatune tune, --trials)
+# Caps on every comparison (deltatune compare): (field, largest value); a list keeps its first
+# values. Two seeds still take the first seed's rate and aggregate (mean ± std, the t-test), and
+# two evaluations make each candidate pause after its first one and the winner resume.
+COMPARE_BUDGET = [("seeds", 2), ("train_sizes", 2), ("models", 2), ("evaluations", 2), ("latency_batches", 1),
+                  ("forgetting_texts", 8)]
+CANDIDATES = 2  # learning rates a comparison's search tries per method: its grid's smallest and largest
 SHELL_SECONDS = 900  # a slow shell block trains several runs; this only stops a hang
 
 
@@ -155,31 +169,95 @@ def _task_fields(task: Any) -> set[str]:
     return {f.name for f in dataclasses.fields(task_class(str(kind)).config_class)} if kind else set()
 
 
-def limit_runs(patch: Callable[[Any, str, Any], None] = setattr) -> None:
-    """Make every ``RunConfig`` (train, compare, tune; in Python or the CLI) respect ``BUDGET``
-    and every search run at most ``TRIALS`` trials; ``patch`` is ``monkeypatch.setattr`` in this
-    process, so other test files see the library as it is."""
-    import optuna
-
-    from deltatune.train.config import RunConfig
-
-    documented_from_dict, documented_optimize = RunConfig.from_dict.__func__, optuna.Study.optimize
+def _limit_training(module: Any, patch: Callable[[Any, str, Any], None]) -> None:
+    """``deltatune.train.config``: every ``RunConfig`` respects ``BUDGET``."""
+    documented = module.RunConfig.from_dict.__func__
 
     def from_dict(cls: type, data: dict[str, Any]) -> Any:
-        return documented_from_dict(cls, capped(data) if isinstance(data, dict) else data)
+        return documented(cls, capped(data) if isinstance(data, dict) else data)
 
-    def optimize(study: optuna.Study, func: Any, n_trials: int | None = None, **options: Any) -> None:
-        return documented_optimize(study, func, n_trials=min(n_trials or TRIALS, TRIALS), **options)
+    patch(module.RunConfig, "from_dict", classmethod(from_dict))
 
-    patch(RunConfig, "from_dict", classmethod(from_dict))
+
+def _limit_search(optuna: Any, patch: Callable[[Any, str, Any], None]) -> None:
+    """``optuna``: every search runs at most ``TRIALS`` trials."""
+    documented = optuna.Study.optimize
+
+    def optimize(study: Any, func: Any, n_trials: int | None = None, **options: Any) -> None:
+        return documented(study, func, n_trials=min(n_trials or TRIALS, TRIALS), **options)
+
     patch(optuna.Study, "optimize", optimize)
+
+
+def _limit_comparison(module: Any, patch: Callable[[Any, str, Any], None]) -> None:
+    """``deltatune.compare.config``: every ``CompareConfig``, checked as given, respects
+    ``COMPARE_BUDGET`` and searches ``CANDIDATES`` learning rates per method."""
+    documented_post_init, documented_rates = module.CompareConfig.__post_init__, module.CompareConfig.learning_rates
+
+    def post_init(config: Any) -> None:
+        documented_post_init(config)
+        for name, largest in COMPARE_BUDGET:
+            value = getattr(config, name)
+            setattr(config, name, value[:largest] if isinstance(value, list) else min(value, largest))
+
+    def learning_rates(config: Any, method: dict[str, Any]) -> list[float]:
+        rates = documented_rates(config, method)
+        return rates if len(rates) <= CANDIDATES else [rates[0], rates[-1]]
+
+    patch(module.CompareConfig, "__post_init__", post_init)
+    patch(module.CompareConfig, "learning_rates", learning_rates)
+
+
+LIMITS = {"deltatune.train.config": _limit_training, "optuna": _limit_search,
+          "deltatune.compare.config": _limit_comparison}
+
+
+def limit_runs(patch: Callable[[Any, str, Any], None] = setattr) -> None:
+    """Make every ``RunConfig`` (train, compare, tune), search and comparison in this process
+    respect the budget; ``patch`` is ``monkeypatch.setattr``, so other test files see the
+    library as it is."""
+    for name, limit in LIMITS.items():
+        limit(importlib.import_module(name), patch)
+
+
+def limit_runs_when_imported() -> None:
+    """The same in a CLI process, each module patched right after it is imported: a command
+    imports nothing it would not import by itself (``deltatune --help`` stays light)."""
+    for name, limit in LIMITS.items():
+        if name in sys.modules:
+            limit(sys.modules[name], setattr)
+        else:
+            sys.meta_path.insert(0, _AfterImport(name, limit))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds module ``name`` as the other finders would and calls ``then(module, setattr)`` once
+    it has run."""
+
+    def __init__(self, name: str, then: Callable[[Any, Callable], None]):
+        self.name, self.then = name, then
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is not None and spec.loader is not None:
+            run = spec.loader.exec_module
+
+            def exec_module(module: Any) -> None:
+                run(module)
+                self.then(module, setattr)
+
+            spec.loader.exec_module = exec_module
+        return spec
 
 
 SITECUSTOMIZE = f"""\
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_docs_blocks import limit_runs
-limit_runs()
+from test_docs_blocks import limit_runs_when_imported
+limit_runs_when_imported()
 del sys.path[0]
 """
 
@@ -276,14 +354,147 @@ def test_python_block(block: Block, pages, tmp_path_factory, monkeypatch):
 
 # --- shell blocks ----------------------------------------------------------------------------
 
+# Each ``deltatune`` command of a block would spend seconds importing torch, transformers and
+# the rest before doing anything. ``launcher`` puts first on PATH a ``deltatune`` that asks a
+# server, started once with a block's environment, to fork: the fork runs ``deltatune.cli.main``
+# with the command's arguments, folder, environment and standard streams, exits as the console
+# script would (``sys.exit(main())``), and the launcher exits with its status. The server has
+# imported those libraries (after the ``offline_and_quiet`` set-up that every command does
+# first) and run nothing. A command whose environment differs from the server's, or any trouble
+# reaching the server, runs the installed console script instead.
+
+PRELOAD = ["torch", "transformers", "accelerate", "datasets", "safetensors", "sklearn.metrics", "scipy.stats",
+           "matplotlib.pyplot", "torch.utils.tensorboard", "optuna", "seqeval.metrics", "rouge_score.rouge_scorer",
+           "transformers.models.bert.modeling_bert", "transformers.models.llama.modeling_llama",
+           "transformers.models.encoder_decoder.modeling_encoder_decoder", "deltatune", "deltatune.cli",
+           "deltatune.methods", "deltatune.train.loop", "deltatune.train.inference", "deltatune.compare.runner",
+           "deltatune.search.runner", "deltatune.io.convert", "deltatune.io.export", "deltatune.demo"]
+SHELL_ONLY = {"PWD", "OLDPWD", "SHLVL", "_"}  # what bash sets by itself
+
+LAUNCHER = """\
+#!{python} -IS
+import json, os, socket, sys
+def installed():
+    os.execv({script!r}, [{script!r}, *sys.argv[1:]])
+try:
+    server = socket.socket(socket.AF_UNIX)
+    server.connect({address!r})
+    request = json.dumps({{"argv": sys.argv[1:], "cwd": os.getcwd(), "env": dict(os.environ)}}).encode()
+    socket.send_fds(server, [len(request).to_bytes(8, "big") + request], [0, 1, 2])
+    answer = b""
+    while chunk := server.recv(64):
+        answer += chunk
+except OSError:
+    installed()
+if answer in (b"", b"refused"):
+    installed()
+status = int(answer)
+sys.exit(status if status >= 0 else 128 - status)
+"""
+
+
+def serve(address: str) -> None:
+    """The server's process: import, then fork a ``deltatune`` process per request."""
+    from deltatune.env import offline_and_quiet
+
+    environment = dict(os.environ)  # what a command's must be: without what offline_and_quiet adds
+    offline_and_quiet()
+    for name in PRELOAD:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
+    if threading.active_count() > 1:
+        return  # a Python thread would not survive the fork: no server (the native pools of
+        # OpenBLAS, jemalloc... that the imports start fork as for DataLoader workers)
+    gc.freeze()  # the commands' collections then skip (and do not copy) what the server holds
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(8)
+    listener.settimeout(1.0)
+    parent = os.getppid()
+    print("ready", flush=True)
+    while os.getppid() == parent:  # pytest still there
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0]:  # finished waiters
+                pass
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        if os.fork() == 0:
+            listener.close()
+            _wait_for_command(connection, environment)
+        connection.close()
+
+
+def _wait_for_command(connection: socket.socket, environment: dict[str, str]) -> None:
+    """A waiter: read a launcher's request, fork the command, send back its exit status."""
+    connection.settimeout(None)
+    data, streams, _, _ = socket.recv_fds(connection, 1 << 16, 3)
+    while len(data) < 8 or len(data) < 8 + int.from_bytes(data[:8], "big"):
+        data += connection.recv(1 << 16)
+    request = json.loads(data[8:])
+    if {k: v for k, v in request["env"].items() if k not in SHELL_ONLY} != {
+            k: v for k, v in environment.items() if k not in SHELL_ONLY} or len(streams) != 3:
+        connection.sendall(b"refused")
+        os._exit(0)
+    command = os.fork()
+    if command == 0:
+        connection.close()
+        for number, stream in enumerate(streams):
+            os.dup2(stream, number)
+            os.close(stream)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        sys.argv = [str(Path(sys.executable).parent / "deltatune"), *request["argv"]]
+        from deltatune.cli import main
+
+        sys.exit(main())  # up through serve(): the interpreter exits as the console script's would
+    for stream in streams:
+        os.close(stream)
+    _, status = os.waitpid(command, 0)
+    connection.sendall(str(os.waitstatus_to_exitcode(status)).encode())
+    os._exit(0)
+
+
+@pytest.fixture(scope="session")
+def launcher(budget_path, tmp_path_factory):
+    """A folder holding the ``deltatune`` launcher, with its server running; None if the server
+    did not start (the blocks then run the installed console script)."""
+    folder = tmp_path_factory.mktemp("launcher")
+    address = str(folder / "server.sock")
+    env = shell_env(budget_path, folder)
+    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_docs_blocks; " \
+           f"test_docs_blocks.serve({address!r})"
+    server = subprocess.Popen([sys.executable, "-c", code], cwd=folder, env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    ready = server.stdout.readline().strip() == "ready"
+    if ready:
+        script = folder / "deltatune"
+        script.write_text(LAUNCHER.format(python=sys.executable, script=str(Path(sys.executable).parent / "deltatune"),
+                                          address=address))
+        script.chmod(0o755)
+    yield folder if ready else None
+    server.terminate()
+    server.wait()
+    server.stdout.close()
+
+
+def shell_env(budget_path: Path, launcher: Path | None = None) -> dict[str, str]:
+    """The environment of a shell block: this Python environment's ``deltatune`` (or the launcher's)
+    first on PATH, the budget, nothing from the hub."""
+    path = os.pathsep.join([*([str(launcher)] if launcher else []), str(Path(sys.executable).parent),
+                            os.environ["PATH"]])
+    return {**os.environ, "PATH": path,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(budget_path), os.environ.get("PYTHONPATH")])),
+            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+
 
 @pytest.mark.parametrize("block", [_param(b) for b in BLOCKS if b.kind == "shell"])
-def test_shell_block(block: Block, tmp_path, budget_path):
+def test_shell_block(block: Block, tmp_path, budget_path, launcher):
     """The block runs with bash, stopping at the first command that fails, in a fresh folder."""
     workspace(tmp_path)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(budget_path), os.environ.get("PYTHONPATH")])),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    env = shell_env(budget_path, launcher)
     try:
         done = subprocess.run(["bash", "-eu", "-o", "pipefail", "-c", block.code], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=SHELL_SECONDS)
