@@ -30,6 +30,8 @@ class Case:
     #: its frozen start B0, A0 beside B, A). None: a stored tensor that is not a trainable
     #: parameter is frozen (or computed on save) as a whole.
     frozen_in_stored: Callable[[nn.Module], int] | None = None
+    #: each row of a batch can run its own adapter of this kind (deltatune.mixed_batch)
+    per_row: bool = True
 
 
 # DistilBERT's attention takes no key/value cache: prefix tuning refuses it (tests/methods/test_prefix.py).
@@ -54,7 +56,7 @@ CASES = [
     Case("lora-all-linear", lambda f: dt.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1),
          mergeable=True),
     Case("lora-rslora-bias", lambda f: dt.LoraConfig(r=4, use_rslora=True, bias="lora_only"),
-         families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False),
+         families=["bert", "gpt2"], mergeable=True, exact_when_disabled=False, per_row=False),
     Case("lora-dora", lambda f: dt.LoraConfig(r=4, use_dora=True, modules_to_save=_heads(f)), mergeable=True),
     Case("lora-dora-all-linear-dropout", lambda f: dt.LoraConfig(r=2, target_modules="all-linear", lora_dropout=0.1,
                                                                  use_dora=True), families=["bert", "gpt2", "t5"],
@@ -64,16 +66,17 @@ CASES = [
     Case("lora-pissa-niter-rslora-dora", lambda f: dt.LoraConfig(r=4, init="pissa_niter_2", use_rslora=True,
                                                                  use_dora=True, target_modules="all-linear"),
          families=["bert", "gpt2", "llama"], mergeable=True, frozen_in_stored=_pissa_start),
-    Case("full", lambda f: dt.FullFineTuningConfig(modules_to_save=_heads(f)), exact_when_disabled=False),
-    Case("layer", lambda f: dt.LayerTuningConfig(top_k=1, modules_to_save=_heads(f)), mergeable=True),
+    Case("full", lambda f: dt.FullFineTuningConfig(modules_to_save=_heads(f)), exact_when_disabled=False,
+         per_row=False),
+    Case("layer", lambda f: dt.LayerTuningConfig(top_k=1, modules_to_save=_heads(f)), mergeable=True, per_row=False),
     Case("prompt", lambda f: dt.PromptTuningConfig(num_virtual_tokens=4, modules_to_save=_heads(f)),
-         identity_at_init=False),
+         identity_at_init=False, per_row=False),
     Case("prompt-random", lambda f: dt.PromptTuningConfig(num_virtual_tokens=3, init="random"),
-         families=["bert", "llama"], identity_at_init=False),
+         families=["bert", "llama"], identity_at_init=False, per_row=False),
     Case("prefix", lambda f: dt.PrefixTuningConfig(num_virtual_tokens=3, hidden=16, modules_to_save=_heads(f)),
-         families=PREFIX_FAMILIES, identity_at_init=False),
+         families=PREFIX_FAMILIES, identity_at_init=False, per_row=False),
     Case("prefix-plain", lambda f: dt.PrefixTuningConfig(num_virtual_tokens=3, reparameterize=False),
-         families=PREFIX_FAMILIES, identity_at_init=False),
+         families=PREFIX_FAMILIES, identity_at_init=False, per_row=False),
     Case("adapter-houlsby", lambda f: dt.AdapterConfig(bottleneck=8, modules_to_save=_heads(f))),
     Case("adapter-pfeiffer", lambda f: dt.AdapterConfig(bottleneck=4, placement="pfeiffer", activation="relu")),
     Case("adapter-parallel", lambda f: dt.AdapterConfig(bottleneck=8, placement="parallel", scaling=2.0,

@@ -22,6 +22,7 @@ _HOMES = {
     **dict.fromkeys(["ParameterReport", "parameter_report"], "core.accounting"),
     **dict.fromkeys(["active_adapters", "adapter_state_dict", "apply", "delete_adapter", "disable_adapters",
                      "merge", "merge_and_unload", "set_adapter", "unload", "unmerge"], "core.verbs"),
+    "mixed_batch": "core.rows",  # each row of a batch runs its own adapter
     "TrainerCallback": "train.trainer_callback",
     "loraplus_param_groups": "train.optim",  # LoRA+'s optimizer groups, for any training loop
     **dict.fromkeys(["load_adapter", "read_adapter", "save_adapter"], "io.adapter_files"),

@@ -16,7 +16,35 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import MergeError
+from .errors import ConfigError, MergeError
+
+BASE = "__base__"  # a row's adapter name for "no adapter": the bare base model
+
+
+class Rows:
+    """Which adapter each row of a batch runs (peft's ``adapter_names``): one name per row."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self._groups: dict[tuple, dict[str, torch.Tensor]] = {}
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """Adapter name -> the indices of its rows, for a module input with ``batch`` rows.
+
+        ``batch`` may be a multiple of the names: ``generate`` repeats each row in place for its
+        beams and returned sequences (``repeat_interleave``), and so does this.
+        """
+        key = (batch, device)
+        if key not in self._groups:
+            if batch % len(self.names):
+                raise ConfigError(f"adapter_names names {len(self.names)} rows, and a module received "
+                                  f"{batch}.", "pass one adapter name per row of the batch.")
+            per_name = batch // len(self.names)
+            found: dict[str, list[int]] = {}
+            for i, name in enumerate(self.names):
+                found.setdefault(name, []).extend(range(i * per_name, (i + 1) * per_name))
+            self._groups[key] = {n: torch.tensor(rows, device=device) for n, rows in found.items() if n != BASE}
+        return self._groups[key]
 
 
 @dataclass
@@ -26,6 +54,7 @@ class AdapterState:
     configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> MethodConfig
     active: list[str] = field(default_factory=list)
     disabled: bool = False
+    rows: Rows | None = None  # set inside deltatune.mixed_batch: each row runs its own adapter
 
 
 class Delta(nn.Module):
@@ -40,6 +69,21 @@ class Delta(nn.Module):
     def pre(self, args: tuple) -> tuple:
         """Transform the positional inputs before the base module runs."""
         return args
+
+    @property
+    def changes_input(self) -> bool:
+        """True when ``pre`` changes what the base module sees (a per-row batch then runs this
+        delta's rows through the base module apart)."""
+        return type(self).pre is not Delta.pre
+
+    @classmethod
+    def post_rows(cls, deltas: list[Delta], rows: list[torch.Tensor], args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """``post`` for a batch whose rows ``rows[i]`` belong to ``deltas[i]`` (the other rows
+        keep ``out``). This default runs each delta on its rows; methods override it to run all
+        of them at once."""
+        for delta, index in zip(deltas, rows):
+            out = out.index_copy(0, index, delta.post(rows_of(args, index, len(out)), out[index]))
+        return out
 
     def post(self, args: tuple, out: Any) -> Any:
         """Transform the base module's output; ``args`` are the original inputs."""
@@ -64,6 +108,17 @@ class Delta(nn.Module):
             own = self.stored_state()
             for key, value in tensors.items():
                 own[key].copy_(value)
+
+
+def joined(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All the rows of ``rows`` in one index, and for each which entry of ``rows`` it came from."""
+    owner = torch.cat([torch.full_like(index, i) for i, index in enumerate(rows)])
+    return torch.cat(rows), owner
+
+
+def rows_of(args: tuple, index: torch.Tensor, batch: int) -> tuple:
+    """The given rows of every positional tensor that has a row per batch entry."""
+    return tuple(a[index] if isinstance(a, torch.Tensor) and a.dim() and len(a) == batch else a for a in args)
 
 
 class ModuleCopy(Delta):
@@ -117,11 +172,14 @@ class DeltaLayer(nn.Module):
 
     def active_deltas(self) -> list[Delta]:
         state = self._adapter_state
-        if state.disabled:
+        if state.disabled or state.rows is not None:
             return []
         return [self.deltas[n] for n in state.active if n in self.deltas and n not in self.merged]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self._adapter_state.rows
+        if rows is not None and not self._adapter_state.disabled:
+            return self._forward_rows(rows, args, kwargs)
         deltas = self.active_deltas()
         if not deltas:
             return self.base_layer(*args, **kwargs)
@@ -133,6 +191,36 @@ class DeltaLayer(nn.Module):
         for delta in deltas:
             out = delta.post(inputs, out)
         return out
+
+    def _forward_rows(self, rows: Rows, args: tuple, kwargs: dict) -> Any:
+        """Each row through its own adapter's delta (rows of adapters without one here: the base).
+
+        The base module runs once for the whole batch; deltas that only add to or scale its
+        output then run together, kind by kind (``post_rows``); deltas that change its input or
+        replace it run on their own rows.
+        """
+        out = self.base_layer(*args, **kwargs)
+        groups = {n: index for n, index in rows.groups(len(out), out.device).items() if n in self.deltas}
+        apart = {n: index for n, index in groups.items()
+                 if self.deltas[n].changes_input or self.deltas[n].replaces_base}
+        by_kind: dict[type, dict[str, torch.Tensor]] = {}
+        for name, index in groups.items():
+            if name not in apart:
+                by_kind.setdefault(type(self.deltas[name]), {})[name] = index
+        for kind, members in by_kind.items():
+            out = kind.post_rows([self.deltas[n] for n in members], list(members.values()), args, out)
+        for name, index in apart.items():
+            alone = self._run_alone(self.deltas[name], rows_of(args, index, len(out)), kwargs)
+            if alone.shape[1:] != out.shape[1:]:
+                raise ConfigError(f"adapter '{name}' gives outputs shaped {tuple(alone.shape[1:])} where the "
+                                  f"other rows' are {tuple(out.shape[1:])} (a task head of another size).",
+                                  "put adapters with different heads in separate batches.")
+            out = out.index_copy(0, index, alone.to(out.dtype))
+        return out
+
+    def _run_alone(self, delta: Delta, args: tuple, kwargs: dict) -> Any:
+        out = (delta if delta.replaces_base else self.base_layer)(*delta.pre(args), **kwargs)
+        return delta.post(args, out)
 
     def merge(self, adapter_name: str = "default") -> None:
         if adapter_name in self.merged:

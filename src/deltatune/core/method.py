@@ -191,6 +191,9 @@ class Method:
     learning_rates: ClassVar[tuple[float, ...]] = ()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
+    #: why this method's adapters cannot share a batch with other adapters (``mixed_batch``);
+    #: empty: each row can run its own adapter.
+    per_row_refusal: ClassVar[str] = ""
     #: True when the update is a product B A of two trained matrices, which ``factor_roles``
     #: names: LoRA+ (``training.loraplus_lr_ratio``) then trains B faster than A.
     factored: ClassVar[bool] = False

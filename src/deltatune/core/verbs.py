@@ -12,43 +12,8 @@ from .errors import ConfigError, MergeError
 from .layer import AdapterState, ModuleCopy
 from .method import (MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for,
                      registered)
-
-STATE_ATTR = "_deltatune_state"
-
-
-def adapter_state(model: nn.Module) -> AdapterState | None:
-    """The model's adapter bookkeeping, or None for a model deltatune has not touched.
-
-    A model built from wrappers made on their own (``LoRALinear``) gets one state the first
-    time a verb sees it: its wrappers then switch, merge and save together.
-    """
-    state = getattr(model, STATE_ATTR, None)
-    if state is not None:
-        return state
-    layers = [layer for _, layer in iter_layers(model)]
-    own = [layer._adapter_state for layer in layers if layer._adapter_state.configs]
-    if not own:
-        return None
-    for layer in layers:
-        layer._adapter_state = own[0]
-    setattr(model, STATE_ATTR, own[0])
-    return own[0]
-
-
-def require_state(model: nn.Module) -> AdapterState:
-    state = adapter_state(model)
-    if state is None or not state.configs:
-        raise ConfigError("this model has no deltatune adapter.", "call deltatune.apply(model, config) first.")
-    return state
-
-
-def require_adapter(model: nn.Module, adapter_name: str) -> AdapterState:
-    state = require_state(model)
-    if adapter_name not in state.configs:
-        raise ConfigError(f"no adapter named '{adapter_name}'.",
-                          f"the model has: {', '.join(state.configs)}.")
-    return state
-
+from .rows import accept_adapter_names, drop_adapter_names
+from .state import STATE_ATTR, adapter_state, merged_adapters, refuse_if_merged, require_adapter, require_state
 
 def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
     """Inject an adapter into ``model`` in place and make it the one active, trainable adapter.
@@ -69,7 +34,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     if adapter_name in state.configs:
         raise ConfigError(f"the model already has an adapter named '{adapter_name}'.",
                           "pass another adapter_name, or delete_adapter() the old one.")
-    _refuse_if_merged(model, "add an adapter")
+    refuse_if_merged(model, "add an adapter")
     method = method_for(config)
     saved = method.saved_modules(model)
     plan = method.plan(model)
@@ -78,6 +43,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
     add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
     state.configs[adapter_name] = method.config  # as applied: values derived from the model filled in
     setattr(model, STATE_ATTR, state)
+    accept_adapter_names(model)
     set_adapter(model, adapter_name)
     return model
 
@@ -115,7 +81,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     state = require_state(model)
     for name in names:
         require_adapter(model, name)
-    _refuse_if_merged(model, "switch adapters")
+    refuse_if_merged(model, "switch adapters")
     state.active = names
     trainable: set[str] = set()
     for name in names:
@@ -131,7 +97,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly what the base model computes."""
     state = require_state(model)
-    _refuse_if_merged(model, "disable adapters")
+    refuse_if_merged(model, "disable adapters")
     for name in state.active:
         if method_for(state.configs[name]).in_place:
             raise MergeError(f"adapter '{name}' changed the base weights in place; there is no "
@@ -143,16 +109,6 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         state.disabled = previous
 
 
-def merged_adapters(model: nn.Module) -> list[str]:
-    return sorted({name for _, layer in iter_layers(model) for name in layer.merged})
-
-
-def _refuse_if_merged(model: nn.Module, action: str) -> None:
-    if merged_adapters(model):
-        raise MergeError(f"cannot {action} while adapters are merged into the base weights.",
-                         "call deltatune.unmerge(model) first.")
-
-
 def merge(model: nn.Module) -> None:
     """Fold the active adapters into the base weights; outputs stay the same, the deltas stop running.
 
@@ -161,7 +117,7 @@ def merge(model: nn.Module) -> None:
             nothing stays merged when this is raised.
     """
     state = require_state(model)
-    _refuse_if_merged(model, "merge again")
+    refuse_if_merged(model, "merge again")
     for name in state.active:
         method = method_for(state.configs[name])
         if not method.mergeable:
@@ -223,6 +179,7 @@ def unload(model: nn.Module) -> nn.Module:
     for name, layer in list(iter_layers(model)):
         _replace(model, name, layer.base_layer)
     delattr(model, STATE_ATTR)
+    drop_adapter_names(model)
     for param in model.parameters():
         param.requires_grad_(True)
     return model
@@ -231,7 +188,7 @@ def unload(model: nn.Module) -> nn.Module:
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter; wrappers left with no delta are replaced by their base module."""
     state = require_adapter(model, adapter_name)
-    _refuse_if_merged(model, "delete an adapter")
+    refuse_if_merged(model, "delete an adapter")
     method_for(state.configs[adapter_name]).remove(model, adapter_name)
     for name, layer in list(iter_layers(model)):
         if adapter_name in layer.deltas:
@@ -242,6 +199,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     state.active = [n for n in state.active if n != adapter_name]
     if not state.configs:  # a plain model again, trainable as from_pretrained gives it
         delattr(model, STATE_ATTR)
+        drop_adapter_names(model)
         model.requires_grad_(True)
 
 

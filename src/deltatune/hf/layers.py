@@ -13,6 +13,8 @@ import sys
 
 from torch import nn
 
+from ..core.layer import DeltaLayer
+
 
 def linear_types() -> tuple[type, ...]:
     """``nn.Linear``, and transformers' ``Conv1D`` once transformers has loaded it."""
@@ -21,8 +23,10 @@ def linear_types() -> tuple[type, ...]:
 
 
 def weight_is_transposed(module: nn.Module) -> bool:
-    """True when the weight is stored ``(in, out)`` (``Conv1D``), not ``(out, in)``."""
-    return isinstance(module, linear_types()[1:])
+    """True when the weight is stored ``(in, out)`` (``Conv1D``), not ``(out, in)``; a module an
+    adapter already wraps is seen through its wrapper."""
+    base = module.base_layer if isinstance(module, DeltaLayer) else module
+    return isinstance(base, linear_types()[1:])
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:

@@ -35,6 +35,7 @@ class FullFineTuning(Method):
     learning_rates = (3e-5, 1e-4, 3e-4)  # short budgets want the upper end
     count_formula = "all parameters of the model"
     merge_refusal = "full fine-tuning already changed the base weights; there is nothing to merge"
+    per_row_refusal = "it changed the base weights themselves, which every row shares"
 
     def plan(self, model: nn.Module) -> None:
         if getattr(model, "_deltatune_state", None) is not None or any(iter_layers(model)):

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, MergeError
-from ..core.layer import AdapterState, Delta
+from ..core.layer import AdapterState, Delta, joined
 from ..core.method import Method, MethodConfig, add_deltas, help_field, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.targets import matches
@@ -79,6 +79,18 @@ class IA3Delta(Delta):
         if self.feedforward:
             return out
         return (out * self.ia3_l.flatten()).to(out.dtype)
+
+    @property
+    def changes_input(self) -> bool:
+        return self.feedforward
+
+    @classmethod
+    def post_rows(cls, deltas: list[Delta], rows: list[torch.Tensor], args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Output scaling: each row's own vector, gathered from all of them stacked."""
+        index, owner = joined(rows)
+        scales = torch.stack([d.ia3_l.flatten() for d in deltas])[owner]  # (rows, d_out)
+        scaled = out[index] * scales.view(len(index), *[1] * (out.dim() - 2), -1)
+        return out.index_copy(0, index, scaled.to(out.dtype))
 
     def _factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """l shaped to multiply the stored weight, and l for the bias (None: bias unchanged)."""

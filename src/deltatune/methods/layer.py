@@ -47,6 +47,7 @@ class LayerTuning(Method):
     config_class = LayerTuningConfig
     family = "selective"
     mergeable = True
+    per_row_refusal = "it replaces whole blocks, whose inputs (caches, masks) cannot be split by row"
     default_learning_rate = 1e-4
     learning_rates = (1e-4, 3e-4, 1e-3)
     count_formula = "top_k x (parameters of one block) + final norm"

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError
-from ..core.layer import AdapterState, Delta, DeltaLayer
+from ..core.layer import AdapterState, Delta, DeltaLayer, joined
 from ..core.method import Method, MethodConfig, add_deltas, deltas_of, help_field, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
@@ -175,6 +175,32 @@ class LoraDelta(Delta):
         if self.use_dora:
             return out + self._dora_change(x, out, update).to(out.dtype)
         return out + update.to(out.dtype)
+
+    @classmethod
+    def post_rows(cls, deltas: list[Delta], rows: list[torch.Tensor], args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Every adapter's s B A x in two matmuls for the whole batch.
+
+        The adapters' A are stacked into one (sum of ranks) x d_in matrix and their s B into one
+        d_out x (sum of ranks); each row keeps only its own adapter's rank columns in between.
+        """
+        if any(not d.plain_in_rows for d in deltas):
+            return super().post_rows(deltas, rows, args, out)
+        index, owner = joined(rows)
+        ranks = [d.lora_A.weight.shape[0] for d in deltas]
+        a = torch.cat([d.lora_A.weight for d in deltas])  # (sum r, d_in)
+        b = torch.cat([d.lora_B.weight * d.scaling for d in deltas], dim=1)  # (d_out, sum r)
+        own = torch.repeat_interleave(torch.arange(len(deltas), device=a.device), torch.tensor(ranks, device=a.device))
+        keep = (own[None, :] == owner[:, None]).to(a.dtype)  # (rows, sum r): the row's own columns
+        x = args[0][index].to(a.dtype)  # (rows, ..., d_in)
+        hidden = F.linear(x, a) * keep.view(len(index), *[1] * (x.dim() - 2), -1)
+        return out.index_add(0, index, F.linear(hidden, b).to(out.dtype))
+
+    @property
+    def plain_in_rows(self) -> bool:
+        """True when this delta is s B A x alone, which ``post_rows`` computes for all adapters at
+        once (DoRA, PiSSA, embeddings and dropout in training take the default way)."""
+        return not (self.is_embedding or self.pissa or self.use_dora
+                    or (self.training and isinstance(self.dropout, nn.Dropout)))
 
     def _dora_change(self, x: torch.Tensor, out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """(m/n - 1) W0 x + (m/n) update: what DoRA adds to the base output ``out`` (peft's order)."""

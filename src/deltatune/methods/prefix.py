@@ -142,6 +142,7 @@ class PrefixTuning(Method):
     count_formula = ("layers * 2 * num_virtual_tokens * d_kv stored (+ the training-only MLP "
                      "when reparameterize)")
     merge_refusal = "the prefixes add attention positions, which no base weight can hold"
+    per_row_refusal = "its prefixes add attention positions, which rows of other adapters lack"
 
     def plan(self, model: nn.Module) -> dict[str, list[Site]]:
         """The virtual-token holder -> every self-attention module, in layer order."""

@@ -104,6 +104,7 @@ class PromptTuning(Method):
     learning_rates = (1e-2, 3e-2, 1e-1)
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
+    per_row_refusal = "its prompt lengthens the input, which rows of other adapters do not have"
 
     def plan(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The virtual-token holder -> the prompt's starting value."""

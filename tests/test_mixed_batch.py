@@ -1,0 +1,116 @@
+"""Per-row adapters (deltatune.mixed_batch, adapter_names=): each row of one batch equals that
+row run alone with its adapter, for every method of the case table that mixes; the others refuse."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import deltatune as dt
+from cases import case_params
+from tiny import build, inputs, output, perturb
+
+NAMES = ["a", "b", "__base__", "a", "c"]  # row -> adapter; "c" is a LoRA beside the case's method
+
+
+def loaded(case, family):
+    """A tiny model with two adapters of the case's method (different weights) and a LoRA."""
+    model = build(family)
+    for seed, name in enumerate(["a", "b"]):
+        dt.apply(model, case.config(family), adapter_name=name)
+        perturb(model, seed=seed + 3)
+    dt.apply(model, dt.LoraConfig(r=2, lora_alpha=4), adapter_name="c")
+    perturb(model, seed=9)
+    return model
+
+
+def alone(model, batch: dict, row: int, name: str) -> torch.Tensor:
+    """Row ``row`` of the batch, run by itself with adapter ``name`` (the base for "__base__")."""
+    one = {k: v[row:row + 1] for k, v in batch.items()}
+    if name == "__base__":
+        with dt.disable_adapters(model):
+            return output(model, one)[0]
+    dt.set_adapter(model, name)
+    return output(model, one)[0]
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: c.per_row))
+def test_each_row_equals_its_adapter_alone(case, family):
+    model = loaded(case, family)
+    batch = inputs(family, batch=len(NAMES))
+    with dt.mixed_batch(model, NAMES):
+        mixed = output(model, batch)
+    keyword = model(**batch, adapter_names=NAMES).logits.detach()
+    for row, name in enumerate(NAMES):
+        expected = alone(model, batch, row, name)
+        torch.testing.assert_close(mixed[row], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(keyword[row], expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)  # the two adapters differ, as their rows must
+
+
+@pytest.mark.parametrize("case,family", case_params(lambda c: not c.per_row))
+def test_methods_that_cannot_mix_refuse_and_run_alone(case, family):
+    model = build(family)
+    dt.apply(model, case.config(family), adapter_name="a")
+    perturb(model)
+    batch = inputs(family, batch=2)
+    expected = output(model, batch)
+    try:  # a second adapter of the kind, or (full fine-tuning takes no other) the base
+        dt.apply(model, case.config(family), adapter_name="other")
+    except dt.ConfigError:  # the model is left as it was
+        pass
+    others = dt.core.state.require_state(model).configs.keys() - {"a"}
+    with pytest.raises(dt.DeltatuneError, match="'a' .*cannot share a batch|no base model left"):
+        with dt.mixed_batch(model, ["a", next(iter(others), "__base__")]):
+            pass
+    with dt.mixed_batch(model, ["a", "a"]):  # one adapter for every row: that adapter alone
+        torch.testing.assert_close(output(model, batch), expected, atol=1e-6, rtol=0)
+    assert dt.active_adapters(model) == (["other"] if others else ["a"])  # restored on leaving
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_generate_runs_each_row_with_its_adapter(family):
+    model = build(family)
+    for seed, name in enumerate(["a", "b"]):
+        dt.apply(model, dt.LoraConfig(r=4, target_modules="all-linear"), adapter_name=name)
+        perturb(model, scale=0.5, seed=seed)
+    ids = inputs(family, batch=3)["input_ids"]
+    names = ["a", "b", "__base__"]
+    settings = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with dt.disable_adapters(model):
+                expected = model.generate(input_ids=ids[row:row + 1], **settings)
+        else:
+            dt.set_adapter(model, name)
+            expected = model.generate(input_ids=ids[row:row + 1], **settings)
+        assert mixed[row].tolist() == expected[0].tolist()
+    assert len({tuple(r.tolist()) for r in mixed}) == 3  # three adapters, three different continuations
+
+
+def test_bad_names_are_refused_with_the_adapters_listed():
+    model = build("bert")
+    dt.apply(model, dt.LoraConfig(r=2), adapter_name="a")
+    batch = inputs("bert", batch=2)
+    with pytest.raises(dt.ConfigError, match="(?s)'typo'.*its adapters: a; '__base__'"):
+        model(**batch, adapter_names=["a", "typo"])
+    with pytest.raises(dt.ConfigError, match="one adapter name per row"):
+        with dt.mixed_batch(model, []):
+            pass
+    with pytest.raises(dt.ConfigError, match="names 3 rows, and a module received 2"):
+        model(**batch, adapter_names=["a", "__base__", "a"])
+    assert output(model, batch).shape == (2, 3)  # nothing left behind by the failed calls
+    dt.merge(model)
+    with pytest.raises(dt.MergeError, match="merged"):
+        model(**batch, adapter_names=["a", "__base__"])
+
+
+def test_heads_of_different_sizes_cannot_share_a_batch():
+    model = build("bert")
+    dt.apply(model, dt.LoraConfig(r=2, modules_to_save=["classifier"]), adapter_name="a")
+    dt.apply(model, dt.LoraConfig(r=2, modules_to_save=["classifier"]), adapter_name="b")
+    head = model.classifier.deltas["b"].copy
+    model.classifier.deltas["b"].copy = torch.nn.Linear(head.in_features, 5)
+    with pytest.raises(dt.ConfigError, match="'b' gives outputs shaped \\(5,\\) where the other rows' are \\(3,\\)"):
+        model(**inputs("bert", batch=2), adapter_names=["a", "b"])
