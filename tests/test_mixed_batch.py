@@ -68,11 +68,16 @@ def test_methods_that_cannot_mix_refuse_and_run_alone(case, family):
     assert dt.active_adapters(model) == (["other"] if others else ["a"])  # restored on leaving
 
 
+GENERATING = {"lora": lambda: dt.LoraConfig(r=4, target_modules="all-linear"),
+              "prefix": lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, reparameterize=False)}
+
+
+@pytest.mark.parametrize("method", GENERATING)
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
-def test_generate_runs_each_row_with_its_adapter(family):
+def test_generate_runs_each_row_with_its_adapter(family, method):
     model = build(family)
     for seed, name in enumerate(["a", "b"]):
-        dt.apply(model, dt.LoraConfig(r=4, target_modules="all-linear"), adapter_name=name)
+        dt.apply(model, GENERATING[method](), adapter_name=name)
         perturb(model, scale=0.5, seed=seed)
     ids = inputs(family, batch=3)["input_ids"]
     names = ["a", "b", "__base__"]

@@ -142,7 +142,6 @@ class PrefixTuning(Method):
     count_formula = ("layers * 2 * num_virtual_tokens * d_kv stored (+ the training-only MLP "
                      "when reparameterize)")
     merge_refusal = "the prefixes add attention positions, which no base weight can hold"
-    per_row_refusal = "its prefixes add attention positions, which rows of other adapters lack"
 
     def plan(self, model: nn.Module) -> dict[str, list[Site]]:
         """The virtual-token holder -> every self-attention module, in layer order."""
@@ -269,6 +268,25 @@ def active_prefixes(model: nn.Module) -> torch.Tensor | None:
     return torch.cat(prefixes, dim=2) if prefixes else None
 
 
+def row_prefixes(model: nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """In a per-row batch (``deltatune.mixed_batch``) with prefix adapters among its rows: each
+    row's prefixes, (batch, layers, 2, n_max, d_kv), and which of the n_max are its own, (batch,
+    n_max); rows of other adapters have none. None outside such a batch."""
+    rows = virtual_tokens.in_rows(model, PrefixDelta, batch, device)
+    if not rows:
+        return None
+    prefixes = {name: delta.current() for name, (delta, _) in rows.items()}
+    layers, _, _, width = next(iter(prefixes.values())).shape
+    n_max = max(p.shape[2] for p in prefixes.values())
+    per_row = next(iter(prefixes.values())).new_zeros(batch, layers, 2, n_max, width)
+    own = torch.zeros(batch, n_max, dtype=torch.bool, device=device)
+    for name, (_, index) in rows.items():
+        n = prefixes[name].shape[2]
+        per_row[index, :, :, :n] = prefixes[name]
+        own[index, :n] = True
+    return per_row, own
+
+
 def prefix_hooks(model: nn.Module, sites: list[Site]) -> list[RemovableHandle]:
     """One forward pre-hook per self-attention module, shared by the model's prefix adapters
     (several active prefixes are concatenated), and hooks on the model around each forward."""
@@ -283,7 +301,7 @@ def prefix_hooks(model: nn.Module, sites: list[Site]) -> list[RemovableHandle]:
 
 def _keep_mlp_output(model: nn.Module, value: tuple | None) -> None:
     """``()``: keep each MLP's output until ``None`` drops it (the model forward is over)."""
-    for delta in virtual_tokens.active(model, PrefixDelta):
+    for delta in virtual_tokens.running(model, PrefixDelta):
         if "encoder" in delta._modules:
             delta.encoder.out = value
 
@@ -296,24 +314,33 @@ class AttentionHook:
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kw = virtual_tokens.arguments(module, args, kwargs)
-        cross = kw.get("key_value_states") is not None or kw.get("encoder_hidden_states") is not None
-        prefixes = None if cross else active_prefixes(self.model)
-        if prefixes is None:
+        if kw.get("key_value_states") is not None or kw.get("encoder_hidden_states") is not None:
+            return None  # cross-attention: no prefixes
+        hidden = kw[virtual_tokens.parameter_names(type(module))[0]]  # every attention module takes its input first
+        prefix, own = self.prefix(hidden)
+        if prefix is None:
             return None
-        prefix = prefixes[self.index]  # (2, n, d_kv)
         cache_arg = "cache" if "cache" in virtual_tokens.parameter_names(type(module)) else "past_key_values"
         mask_arg = "attention_mask" if "attention_mask" in virtual_tokens.parameter_names(type(module)) else "mask"
         cache = virtual_tokens.cache_of(kw)
         cache = getattr(cache, "self_attention_cache", cache)  # encoder-decoder caches hold two
         past = cache.get_seq_length(getattr(module, "layer_idx", 0) or 0) if cache is not None else 0
-        hidden = kw[virtual_tokens.parameter_names(type(module))[0]]  # every attention module takes its input first
-        queries, n = hidden.shape[1], prefix.shape[1]
-        kw[cache_arg] = PrefixedCache(cache, prefix)
+        queries, n = hidden.shape[1], prefix.shape[-2]
+        kw[cache_arg] = virtual_tokens.PrefixedCache(cache, prefix)
         causal = getattr(module, "is_causal", False)
-        kw[mask_arg] = widen_mask(kw.get(mask_arg), n, queries, past, causal, hidden)
+        kw[mask_arg] = virtual_tokens.widen_mask(kw.get(mask_arg), n, queries, past, causal, hidden, own)
         if hasattr(module, "compute_bias"):
-            kw["position_bias"] = widen_bias(module, kw.get("position_bias"), n, queries, past, hidden)
+            kw["position_bias"] = virtual_tokens.widen_bias(module, kw.get("position_bias"), n, queries, past, hidden)
         return (), kw
+
+    def prefix(self, hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This layer's prefixes, (2, n, d_kv), or per row, (batch, 2, n, d_kv), with each row's own
+        positions among them, (batch, n)."""
+        rows = row_prefixes(self.model, len(hidden), hidden.device)
+        if rows is not None:
+            return rows[0][:, self.index], rows[1]
+        prefixes = active_prefixes(self.model)
+        return (None if prefixes is None else prefixes[self.index]), None
 
 
 class PositionHook:
@@ -326,61 +353,14 @@ class PositionHook:
     """
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        n = sum(d.n for d in virtual_tokens.active(model, PrefixDelta))
-        if not n:
-            return None
         kw = virtual_tokens.arguments(model, args, kwargs)
+        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        rows = row_prefixes(model, len(tokens), tokens.device)
+        if rows is not None:
+            n = rows[1].sum(dim=1, keepdim=True)  # (batch, 1): each row's own prefix length
+        else:
+            n = sum(d.n for d in virtual_tokens.active(model, PrefixDelta))
+            if not n:
+                return None
         kw["position_ids"] = virtual_tokens.positions(kw) + n
         return (), kw
-
-
-class PrefixedCache:
-    """Stands in for an attention module's cache: its ``update`` returns keys and values with
-    the prefixes in front, and the real cache (if any) stores and counts the user's tokens only."""
-
-    def __init__(self, inner: Any, prefix: torch.Tensor):
-        self.inner, self.prefix = inner, prefix
-
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.inner is not None:
-            keys, values = self.inner.update(keys, values, layer_idx, *args, **kwargs)
-        batch, heads, _, head_dim = keys.shape
-        n = self.prefix.shape[1]
-        prefix = self.prefix.to(keys.dtype).view(2, n, heads, head_dim).permute(0, 2, 1, 3)
-        prefix = prefix.unsqueeze(1).expand(2, batch, heads, n, head_dim)
-        return torch.cat([prefix[0], keys], dim=2), torch.cat([prefix[1], values], dim=2)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.inner.get_seq_length(layer_idx) if self.inner is not None else 0
-
-
-def widen_mask(mask: torch.Tensor | None, n: int, queries: int, past: int, causal: bool,
-               like: torch.Tensor) -> torch.Tensor | None:
-    """Put n always-visible key columns in front of a 4D mask (boolean or additive)."""
-    if mask is None:
-        if not causal or queries == 1:
-            return None  # everything is visible, the prefixes too
-        # No mask in a causal layer means "causal" to sdpa, which aligns it wrongly once keys
-        # outnumber queries: spell it out, each query seeing its own past.
-        visible = torch.ones(queries, past + queries, dtype=torch.bool, device=like.device).tril(past)
-        mask = torch.zeros(visible.shape, dtype=like.dtype, device=like.device)
-        mask = mask.masked_fill(~visible, torch.finfo(like.dtype).min)[None, None]
-    front = torch.ones if mask.dtype == torch.bool else torch.zeros
-    return torch.cat([front(*mask.shape[:-1], n, dtype=mask.dtype, device=mask.device), mask], dim=-1)
-
-
-def widen_bias(module: nn.Module, bias: torch.Tensor | None, n: int, queries: int, past: int,
-               like: torch.Tensor) -> torch.Tensor:
-    """T5-style relative position bias: none for the prefixes. Later layers reuse the first one's."""
-    keys = past + queries
-    if bias is None:
-        if getattr(module, "has_relative_attention_bias", False):
-            bias = module.compute_bias(queries, keys, past_seen_tokens=past)
-        else:
-            bias = torch.zeros(1, module.n_heads, queries, keys, dtype=like.dtype, device=like.device)
-    missing = n + keys - bias.shape[-1]
-    if missing <= 0:
-        return bias
-    return torch.cat([bias.new_zeros(*bias.shape[:-1], missing), bias], dim=-1)
-
