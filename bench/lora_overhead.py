@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=10, help="timed inference forwards per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps / forwards first")
     parser.add_argument("--small", action="store_true", help="4 layers, hidden 256 (quick check)")
+    parser.add_argument("--minilm", action="store_true", help="MiniLM-L6's shape: 6 layers, hidden 384")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch", type=int, default=8)
@@ -57,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_model(args):
     small = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+    minilm = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
     torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(num_labels=2, **(small if args.small else {})))
+    shape = small if args.small else minilm if args.minilm else {}
+    model = BertForSequenceClassification(BertConfig(num_labels=2, **shape))
     return model.to(args.device)
 
 
@@ -140,7 +143,8 @@ def run_memory_worker(args) -> dict:
 def measure_memory(args, phase: str, kind: str) -> dict:
     """Run one configuration in a fresh interpreter and read its JSON result."""
     flags = [f"--device={args.device}", f"--threads={args.threads}", f"--batch={args.batch}",
-             f"--length={args.length}", f"--worker={phase}:{kind}"] + (["--small"] if args.small else [])
+             f"--length={args.length}", f"--worker={phase}:{kind}"] + (["--small"] if args.small else []) + (
+                 ["--minilm"] if args.minilm else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, env=env)
     if done.returncode:
@@ -173,7 +177,8 @@ def measure_times(args, phase: str, kinds: list[str], n: int) -> dict[str, list[
 # --- the report --------------------------------------------------------------------------
 
 def report(args, train: dict, infer: dict, loads: list[float]) -> None:
-    shape = "4 layers, hidden 256" if args.small else "BERT-base (12 layers, hidden 768)"
+    shape = ("4 layers, hidden 256" if args.small else "MiniLM-L6 shape (6 layers, hidden 384)" if args.minilm
+             else "BERT-base (12 layers, hidden 768)")
     print(f"\n{shape}, batch {args.batch} x {args.length}, device {args.device}, {args.threads} "
           f"threads; medians of {args.steps} steps / {args.repeats} forwards after {args.warmup} warm-up")
     print("(min: the least-disturbed call; on a busy machine it is the steadier figure)")

@@ -164,6 +164,12 @@ class LoraDelta(Delta):
 
     def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
+        if not (self.is_embedding or self.pissa or self.use_dora) and out.dtype == self.lora_B.weight.dtype:
+            # s applied to the r-wide hidden, not the d_out-wide update, and the addition fused
+            # into B's matmul: two passes over (tokens x d_out) fewer than B(A(x)) * s + out.
+            hidden = self.lora_A(self.dropout(x.to(out.dtype))) * self.scaling  # (..., r)
+            summed = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight.T)
+            return summed.view(out.shape)
         if self.is_embedding:
             update = F.embedding(x, self.lora_embedding_A.T, **self._embedding_args) @ self.lora_embedding_B.T
         else:
