@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_commands(sub: Any) -> None:
-    """Commands that train or use a run: train, eval, predict, compare, tune."""
+    """Commands that train or use a run: train, eval, predict, compare, tune, serve."""
     train = sub.add_parser("train", help="train one run from a YAML config (default: the bundled example)")
     train.add_argument("config", nargs="?", help="run config YAML")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -94,6 +94,23 @@ def _run_commands(sub: Any) -> None:
     tune.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a value")
     tune.add_argument("--output-dir", help="search folder (training.output_dir); run again to resume")
     tune.set_defaults(run=_tune)
+
+    serve = sub.add_parser("serve", help="serve many runs' adapters over one base model (HTTP, batched)")
+    serve.add_argument("base", nargs="?", metavar="BASE",
+                       help="the base model: a model folder, a bundled model's name, or a run folder (its "
+                            "base); default: the first adapter's run's base")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
+                       help="serve the run folder RUN (its best adapter) as NAME; repeat for more")
+    serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default: %(default)s)")
+    serve.add_argument("--max-batch", type=int, default=32, metavar="N", help="rows per batch (default: %(default)s)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, metavar="MS",
+                       help="how long a request waits for others to join its batch (default: %(default)s)")
+    serve.add_argument("--max-inputs", type=int, default=64, metavar="N",
+                       help="inputs per request (default: %(default)s)")
+    serve.add_argument("--max-input-chars", type=int, default=10_000, metavar="N",
+                       help="characters per input (default: %(default)s)")
+    serve.set_defaults(run=_serve)
 
 
 def _adapter_commands(sub: Any) -> None:
@@ -219,6 +236,24 @@ def _tune(args: argparse.Namespace) -> int:
                              "fix or narrow the search space, or raise --trials to go on.")
     print(f"\nresults: {config.output_dir} (tune.json, tune.md, best.yaml, trial-NNN/)")
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .serve.app import serve
+    from .serve.requests import Settings
+
+    adapters = [_named_run(value) for value in args.adapter]
+    settings = Settings(max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
+                        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    serve(args.base, adapters, args.host, args.port, settings)
+    return 0
+
+
+def _named_run(value: str) -> tuple[str, str]:
+    name, equals, path = value.partition("=")
+    if not (name and equals and path):
+        raise ConfigError(f"--adapter {value}: expected NAME=RUN.", "e.g. --adapter sentiment=runs/default")
+    return name, path
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -21,7 +21,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.method import help_field
 from ..core.targets import HEAD_NAMES
-from .batching import gather_logits, pad_collator
+from .batching import chunks, gather_logits, pad_collator
 
 # task.type -> (module in deltatune.tasks, class)
 TASKS = {
@@ -41,6 +41,18 @@ class TaskConfig:
 
     type: str = help_field("classification", "The task: classification, tokens (NER), qa (extractive "
                                              "question answering), causal_lm or seq2seq.")
+
+
+@dataclass
+class Encoded:
+    """Raw inputs made ready for the model by ``Task.encode``."""
+
+    #: what ``decode`` gives back of each input: its text, words, prompt or question and context.
+    items: list[Any]
+    #: one model row each, unpadded: the model's inputs, plus what ``decode`` reads back (a
+    #: word's position, a window's offsets); several rows per input where a long QA context is
+    #: cut into windows.
+    features: list[dict[str, Any]]
 
 
 class Task(Protocol):
@@ -68,6 +80,16 @@ class Task(Protocol):
     def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
         """Readable predictions for raw inputs: texts, or rows with the task's columns."""
 
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """Raw inputs as unpadded model rows; raises ConfigError for inputs the task cannot read."""
+
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[Any]:
+        """One output per feature row (logits, spans' logits, generated ids), the rows padded
+        into one batch; rows of other runs of this task may share it."""
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[Any]) -> list[dict[str, Any]]:
+        """Readable rows, one per input, from ``forward``'s outputs for ``encoded.features``."""
+
 
 class TaskBase:
     """Defaults for tasks: heads by name, padding collation, evaluation by logits and labels."""
@@ -87,6 +109,14 @@ class TaskBase:
 
     def collator(self, tokenizer: Any) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         return pad_collator(tokenizer, self.model_keys)
+
+    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
+        """Readable predictions for raw inputs, ``training.eval_batch_size`` inputs per forward pass."""
+        rows = []
+        for chunk in chunks(inputs, self.config.training.eval_batch_size):
+            encoded = self.encode(tokenizer, list(chunk))
+            rows += self.decode(tokenizer, encoded, self.forward(model, tokenizer, encoded.features))
+        return rows
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         logits, labels, loss = gather_logits(model, loader, accelerator)

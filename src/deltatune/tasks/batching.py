@@ -40,6 +40,12 @@ def pad_collator(tokenizer: Any, keys: Sequence[str], side: str = "right") -> Ca
     return collate
 
 
+def feature_rows(encoding: Any) -> list[dict[str, Any]]:
+    """One dict per row of a tokenizer's batch output (``{key: [row 0, row 1, ...]}``)."""
+    keys = list(encoding.keys())
+    return [dict(zip(keys, values)) for values in zip(*(encoding[k] for k in keys))]
+
+
 def stack(values: list[Any], pad: int, side: str = "right") -> torch.Tensor:
     """One tensor from scalars, or from lists padded with ``pad`` to the longest."""
     if not isinstance(values[0], (list, tuple)):

@@ -26,8 +26,8 @@ from transformers import AutoModelForCausalLM
 
 from ..core.method import help_field
 from ..data.loading import require_columns
-from .base import TaskBase, TaskConfig
-from .batching import chunks, pad_id, stack
+from .base import Encoded, TaskBase, TaskConfig
+from .batching import pad_id, stack
 
 
 @dataclass
@@ -124,20 +124,26 @@ class CausalLanguageModeling(TaskBase):
         loss = total / max(count, 1)
         return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
 
-    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-        """Greedy completions; an input is a prompt, or a row with the prompt column."""
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """An input is a prompt, or a row with the prompt column."""
         prompts = [x[self.options.prompt_column] if isinstance(x, dict) else x for x in inputs]
-        pad, rows = pad_id(tokenizer), []
-        for chunk in chunks(prompts, self.config.training.eval_batch_size):
-            encoded = [self.prompt_ids(tokenizer, p)[-self.config.model.max_length:] for p in chunk]
-            ids = stack(encoded, pad, side="left")  # generation continues at the right end
-            mask = stack([[1] * len(e) for e in encoded], 0, side="left")
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.options.max_new_tokens,
-                                     do_sample=False, pad_token_id=pad, eos_token_id=_eos(tokenizer))
-            rows += [{"prompt": p, "completion": tokenizer.decode(new, skip_special_tokens=True).strip()}
-                     for p, new in zip(chunk, out[:, ids.shape[1]:])]
-        return rows
+        return Encoded(prompts, [{"input_ids": self.prompt_ids(tokenizer, p)[-self.config.model.max_length:]}
+                                 for p in prompts])
+
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Each row's greedy continuation (new token ids; a row that stopped early is padded)."""
+        encoded, pad = [row["input_ids"] for row in features], pad_id(tokenizer)
+        ids = stack(encoded, pad, side="left")  # generation continues at the right end
+        mask = stack([[1] * len(e) for e in encoded], 0, side="left")
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.options.max_new_tokens,
+                                 do_sample=False, pad_token_id=pad, eos_token_id=_eos(tokenizer))
+        return list(out[:, ids.shape[1]:])
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """Greedy completions."""
+        return [{"prompt": p, "completion": tokenizer.decode(new, skip_special_tokens=True).strip()}
+                for p, new in zip(encoded.items, outputs)]
 
 
 def _eos(tokenizer: Any) -> int | None:

@@ -14,8 +14,8 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from ..core.errors import ConfigError
 from ..core.targets import HEAD_NAMES
 from ..data.loading import require_columns
-from .base import TaskBase
-from .batching import chunks
+from .base import Encoded, TaskBase
+from .batching import feature_rows, pad_collator
 
 
 class SequenceClassification(TaskBase):
@@ -88,22 +88,27 @@ class SequenceClassification(TaskBase):
         return {"accuracy": float(accuracy_score(labels, predictions)),
                 "f1": float(f1_score(labels, predictions, average="macro"))}
 
-    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-        """Label names and probabilities; each input is a text or a row with the data's text columns."""
-        data, rows = self.config.data, []
-        for chunk in chunks(inputs, self.config.training.eval_batch_size):
-            texts = [x[data.text_column] if isinstance(x, dict) else x for x in chunk]
-            if data.text_pair_column and not all(isinstance(x, dict) for x in chunk):
-                raise ConfigError(f"this run classifies sentence pairs ({data.text_column}, "
-                                  f"{data.text_pair_column}); a bare text has no pair.",
-                                  "pass rows with both columns, e.g. --input pairs.jsonl.")
-            pairs = [x[data.text_pair_column] for x in chunk] if data.text_pair_column else None
-            batch = tokenizer(texts, pairs, truncation=True, max_length=self.config.model.max_length,
-                              padding=True, return_tensors="pt")
-            with torch.no_grad():
-                logits = model(**batch).logits.float()
-            rows += [{"text": text, **self._readable(p)} for text, p in zip(texts, torch.softmax(logits, -1))]
-        return rows
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """Each input is a text or a row with the data's text columns."""
+        data = self.config.data
+        texts = [x[data.text_column] if isinstance(x, dict) else x for x in inputs]
+        if data.text_pair_column and not all(isinstance(x, dict) for x in inputs):
+            raise ConfigError(f"this run classifies sentence pairs ({data.text_column}, "
+                              f"{data.text_pair_column}); a bare text has no pair.",
+                              "pass rows with both columns, e.g. --input pairs.jsonl.")
+        pairs = [x[data.text_pair_column] for x in inputs] if data.text_pair_column else None
+        encoding = tokenizer(texts, pairs, truncation=True, max_length=self.config.model.max_length)
+        return Encoded(texts, feature_rows(encoding))
+
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Each row's probabilities over the labels."""
+        with torch.no_grad():
+            logits = model(**pad_collator(tokenizer, self.model_keys)(features)).logits.float()
+        return list(torch.softmax(logits, -1))
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """Label names and probabilities."""
+        return [{"text": text, **self._readable(p)} for text, p in zip(encoded.items, outputs)]
 
     def _readable(self, probabilities: torch.Tensor) -> dict[str, Any]:
         return {"label": self.labels[int(probabilities.argmax())],

@@ -29,8 +29,8 @@ from transformers import AutoModelForQuestionAnswering
 from ..core.errors import ConfigError
 from ..core.method import help_field
 from ..data.loading import require_columns
-from .base import TaskBase, TaskConfig
-from .batching import chunks, pad_collator
+from .base import Encoded, TaskBase, TaskConfig
+from .batching import feature_rows, pad_collator
 from .spans import Offset, best_span, squad_scores, token_span
 
 Answer = tuple[str, int]  # (text, first character in the context)
@@ -155,22 +155,29 @@ class QuestionAnswering(TaskBase):
             answers[example] = (context_of[example][a:b], a, b, score)
         return answers
 
-    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-        """The answer span of each ``{question, context}`` row, with its characters and score."""
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """Each input is a ``{question, context}`` row; a long context gives several windows."""
         o = self.options
         if not all(isinstance(x, dict) and o.question_column in x and o.context_column in x for x in inputs):
             raise ConfigError(f"qa predicts from rows with '{o.question_column}' and '{o.context_column}'.",
                               "pass --input rows.jsonl with both columns.")
-        collate, rows = pad_collator(tokenizer, self.model_keys), []
-        for chunk in chunks(inputs, self.config.training.eval_batch_size):
-            questions, contexts = [x[o.question_column] for x in chunk], [x[o.context_column] for x in chunk]
-            out, offsets, samples = self._windows(tokenizer, questions, contexts)
-            batch = collate([dict(zip(out, values)) for values in zip(*out.values())])
-            with torch.no_grad():
-                logits = model(**batch)
-            answers = self._best_answers(list(logits.start_logits.float().numpy()),
-                                         list(logits.end_logits.float().numpy()),
-                                         offsets, samples, [contexts[s] for s in samples])
-            rows += [{"question": questions[i], "answer": answers[i][0], "start": answers[i][1],
-                      "end": answers[i][2], "score": round(answers[i][3], 4)} for i in range(len(chunk))]
-        return rows
+        questions, contexts = [x[o.question_column] for x in inputs], [x[o.context_column] for x in inputs]
+        out, offsets, samples = self._windows(tokenizer, questions, contexts)
+        features = [{**row, "offsets": offsets[i], "sample": samples[i]} for i, row in enumerate(feature_rows(out))]
+        return Encoded(list(zip(questions, contexts)), features)
+
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[tuple]:
+        """Each window's (start logits, end logits)."""
+        with torch.no_grad():
+            out = model(**pad_collator(tokenizer, self.model_keys)(features))
+        return list(zip(out.start_logits.float().numpy(), out.end_logits.float().numpy()))
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[tuple]) -> list[dict[str, Any]]:
+        """The answer span of each question, with its characters and score."""
+        samples = [row["sample"] for row in encoded.features]
+        contexts = [context for _, context in encoded.items]
+        answers = self._best_answers([start for start, _ in outputs], [end for _, end in outputs],
+                                     [row["offsets"] for row in encoded.features], samples,
+                                     [contexts[s] for s in samples])
+        return [{"question": question, "answer": answers[i][0], "start": answers[i][1], "end": answers[i][2],
+                 "score": round(answers[i][3], 4)} for i, (question, _) in enumerate(encoded.items)]

@@ -19,8 +19,8 @@ from transformers import AutoModelForSeq2SeqLM
 
 from ..core.method import help_field
 from ..data.loading import require_columns
-from .base import TaskBase, TaskConfig
-from .batching import chunks
+from .base import Encoded, TaskBase, TaskConfig
+from .batching import feature_rows, pad_collator
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -99,16 +99,19 @@ class SequenceToSequence(TaskBase):
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
                               max_new_tokens=self.options.max_new_tokens)
 
-    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-        """Greedy outputs; an input is a text, or a row with the source column."""
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """An input is a text, or a row with the source column."""
         sources = [x[self.options.source_column] if isinstance(x, dict) else x for x in inputs]
-        rows = []
-        for chunk in chunks(sources, self.config.training.eval_batch_size):
-            batch = tokenizer(list(chunk), truncation=True, max_length=self.config.model.max_length,
-                              padding=True, return_tensors="pt")
-            with torch.no_grad():
-                out = self._generate(model, batch["input_ids"], batch["attention_mask"])
-            rows += [{"source": s, "output": text.strip()}
-                     for s, text in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True))]
-        return rows
+        encoding = tokenizer(sources, truncation=True, max_length=self.config.model.max_length)
+        return Encoded(sources, feature_rows(encoding))
 
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Each row's greedy output ids."""
+        batch = pad_collator(tokenizer, ("input_ids", "attention_mask"))(features)
+        with torch.no_grad():
+            return list(self._generate(model, batch["input_ids"], batch["attention_mask"]))
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[torch.Tensor]) -> list[dict[str, Any]]:
+        """Greedy outputs."""
+        texts = tokenizer.batch_decode(outputs, skip_special_tokens=True)
+        return [{"source": s, "output": text.strip()} for s, text in zip(encoded.items, texts)]

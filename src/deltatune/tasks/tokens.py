@@ -26,8 +26,8 @@ from transformers import AutoModelForTokenClassification
 from ..core.errors import ConfigError
 from ..core.method import help_field
 from ..data.loading import require_columns
-from .base import TaskBase, TaskConfig
-from .batching import chunks
+from .base import Encoded, TaskBase, TaskConfig
+from .batching import feature_rows, pad_collator
 
 PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
 
@@ -140,18 +140,23 @@ class TokenClassification(TaskBase):
             predicted.append([self.labels[i] for i in row_predictions[scored]])
         return entity_scores(true, predicted)
 
-    def predict(self, model: nn.Module, tokenizer: Any, inputs: list[Any]) -> list[dict[str, Any]]:
-        """A tag per word and the entities found; an input is a text (split on spaces), a list of
-        words, or a row with the words column."""
+    def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:
+        """An input is a text (split on spaces), a list of words, or a row with the words column."""
         sentences = [self._words(x) for x in inputs]
-        rows = []
-        for chunk in chunks(sentences, self.config.training.eval_batch_size):
-            batch = tokenizer(list(chunk), is_split_into_words=True, truncation=True, padding=True,
-                              max_length=self.config.model.max_length, return_tensors="pt")
-            with torch.no_grad():
-                predictions = model(**batch).logits.argmax(-1).tolist()
-            rows += [self._readable(words, batch.word_ids(i), predictions[i]) for i, words in enumerate(chunk)]
-        return rows
+        encoding = tokenizer(sentences, is_split_into_words=True, truncation=True,
+                             max_length=self.config.model.max_length)
+        features = [{**row, "word_ids": encoding.word_ids(i)} for i, row in enumerate(feature_rows(encoding))]
+        return Encoded(sentences, features)
+
+    def forward(self, model: nn.Module, tokenizer: Any, features: list[dict[str, Any]]) -> list[list[int]]:
+        """Each row's predicted label id per token."""
+        with torch.no_grad():
+            return model(**pad_collator(tokenizer, self.model_keys)(features)).logits.argmax(-1).tolist()
+
+    def decode(self, tokenizer: Any, encoded: Encoded, outputs: list[list[int]]) -> list[dict[str, Any]]:
+        """A tag per word and the entities found."""
+        return [self._readable(words, row["word_ids"], predicted)
+                for words, row, predicted in zip(encoded.items, encoded.features, outputs)]
 
     def _words(self, item: Any) -> list[str]:
         if isinstance(item, dict):

@@ -33,12 +33,17 @@ def find_run(path: str | Path) -> Path:
     raise ConfigError(f"'{path}' is not a deltatune run folder (no run.yaml).", hint + ".")
 
 
-def load_run(path: str | Path) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
-    """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode."""
+def read_run(path: str | Path) -> tuple[Path, RunConfig, Any]:
+    """(run folder, config, task) of a finished run, without loading any model."""
     folder = find_run(path)
     config = RunConfig.from_dict(yaml.safe_load((folder / "run.yaml").read_text()))
+    return folder, config, task_for(config)
+
+
+def load_run(path: str | Path) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
+    """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode."""
+    folder, config, task = read_run(path)
     model_path = resolve_model_path(config.model.name_or_path)
-    task = task_for(config)
     model = task.load_model(model_path)
     load_adapter(model, folder / "adapter")
     return config, task, AutoTokenizer.from_pretrained(model_path), model.eval()
