@@ -187,19 +187,22 @@ class LoraDelta(Delta):
         """Every adapter's s B A x in two matmuls for the whole batch.
 
         The adapters' A are stacked into one (sum of ranks) x d_in matrix and their s B into one
-        d_out x (sum of ranks); each row keeps only its own adapter's rank columns in between.
+        d_out x (sum of ranks); each row keeps only its own adapter's rank columns in between
+        (rows of adapters without LoRA here keep none).
         """
         if any(not d.plain_in_rows for d in deltas):
             return super().post_rows(deltas, rows, args, out)
-        index, owner = joined(rows)
-        ranks = [d.lora_A.weight.shape[0] for d in deltas]
         a = torch.cat([d.lora_A.weight for d in deltas])  # (sum r, d_in)
         b = torch.cat([d.lora_B.weight * d.scaling for d in deltas], dim=1)  # (d_out, sum r)
-        own = torch.repeat_interleave(torch.arange(len(deltas), device=a.device), torch.tensor(ranks, device=a.device))
-        keep = (own[None, :] == owner[:, None]).to(a.dtype)  # (rows, sum r): the row's own columns
-        x = args[0][index].to(a.dtype)  # (rows, ..., d_in)
-        hidden = F.linear(x, a) * keep.view(len(index), *[1] * (x.dim() - 2), -1)
-        return out.index_add(0, index, F.linear(hidden, b).to(out.dtype))
+        ranks = torch.tensor([d.lora_A.weight.shape[0] for d in deltas], device=a.device)
+        column_owner = torch.repeat_interleave(torch.arange(len(deltas), device=a.device), ranks)  # (sum r,)
+        index, owner = joined(rows)
+        row_owner = torch.full((len(out),), -1, device=a.device).index_copy(0, index, owner)  # (batch,)
+        keep = (column_owner[None, :] == row_owner[:, None]).to(a.dtype)  # (batch, sum r)
+        x = args[0].to(a.dtype)
+        hidden = F.linear(x, a) * keep.view(len(out), *[1] * (x.dim() - 2), -1)  # (batch, ..., sum r)
+        update = F.linear(hidden, b)
+        return out + update.to(out.dtype)
 
     @property
     def plain_in_rows(self) -> bool:
