@@ -101,6 +101,30 @@ def logged_losses(run_folder) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line]
 
 
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` (parameters and buffers), copied: what ``assert_same`` compares."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(model, before: dict[str, torch.Tensor], what: str) -> None:
+    """Every tensor of ``model`` is bit for bit what it was (keys and values, not just keys)."""
+    after = model.state_dict()
+    assert after.keys() == before.keys(), what
+    changed = [k for k in before if not torch.equal(after[k], before[k])]
+    assert not changed, f"{what}: {changed[:3]}"
+
+
+def file_hashes(folder) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (and "folder" for each folder) by relative path:
+    equal before and after a command means nothing was created, changed or deleted there."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else "folder"
+            for f in sorted(folder.rglob("*"))}
+
+
 #: country -> capital: a tiny generation task a model learns in a few dozen steps.
 CAPITALS = {"france": "paris", "spain": "madrid", "italy": "rome", "japan": "tokyo", "egypt": "cairo",
             "peru": "lima", "kenya": "nairobi", "norway": "oslo", "greece": "athens", "cuba": "havana"}

@@ -12,6 +12,7 @@ from deltatune import ConfigError, parameter_report, registered
 from deltatune.compare.config import load_compare_config
 from deltatune.compare.runner import compare
 from deltatune.train.config import RunConfig
+from deltatune.train import setup
 from deltatune.train.setup import build_model, resolve_model_path, tokenised
 from deltatune.tasks import task_for
 from transformers import AutoTokenizer
@@ -31,7 +32,19 @@ def small(tmp_path_factory):
     folder = tmp_path_factory.mktemp("compare")
     path = folder / "compare.yaml"
     path.write_text(yaml.safe_dump({**SMALL, "output_dir": str(folder / "out")}))
-    return folder, path, compare(load_compare_config(path), echo=lambda *_: None)
+    read = setup.load_splits
+
+    def counted(data):
+        READS.append(data)
+        return read(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(setup, "load_splits", counted)
+        report = compare(load_compare_config(path), echo=lambda *_: None)
+    return folder, path, report
+
+
+READS: list = []  # the data configs the comparison read a data set for
 
 
 def as_trained(method: str) -> dict:
@@ -56,7 +69,8 @@ def test_every_method_compared_and_the_report_matches_the_runs(small):
         assert row["stored_params"] == sum(t.numel() for t in load_file(weights).values())
         assert row["accuracy"] == run_report["test_accuracy"]
         assert run_report["steps"] == 8 and not run_report["paused"]
-        assert row["latency_ratio"] > 0  # measured; its value is a timing, never asserted
+        assert row["notes"] == {}, "every measurement was made: none failed or was skipped"
+        assert isinstance(row["latency_ratio"], float)  # a timing: its value is never asserted
         assert (row["merged_latency_ratio"] is not None) == registered()[row["method"]].mergeable
         assert row["verdict"] in ("converged", "still rising", "not learning", "too short")
         assert [c["learning_rate"] for c in row["candidates"]] == list(registered()[row["method"]].learning_rates)
@@ -100,10 +114,10 @@ def test_time_goes_into_training_and_is_broken_down(small):
     for row in report["rows"]:
         assert set(row["seconds"]) == {"setup", "data", "train", "evaluate", "save", "search", "measure"}
         assert row["seconds"]["train"] > 0 and row["train_seconds"] == pytest.approx(row["seconds"]["train"], abs=0.01)
-    # the data were tokenised once for the whole grid: at most the first run paid for it, the
-    # others only looked it up (well under 50 ms, even on a busy machine)
-    paid = sorted(r["seconds"]["data"] + r["seconds"]["search"]["data"] for r in report["rows"])
-    assert all(s < 0.05 for s in paid[:-1]), paid
+    # the data were read and tokenised once for the whole grid of runs: every other run and
+    # candidate looked them up (the reference model's measurements read them once more: it is
+    # built from a run's recorded config, whose derived labels make it another cache key)
+    assert len(READS) <= 2 and len({repr(data) for data in READS}) == len(READS), READS
 
 
 def test_started_again_finished_runs_are_skipped(small):

@@ -29,6 +29,7 @@ def page(tmp_path):
 
     rows = [row("full", 0.84, 22_713_986, 60), row("lora", 0.83, 222_338, 30),
             row("prompt", 0.57, 156_290, 45, "not learning"), row("bitfit", 0.80, 174_338, 28)]
+    rows[3].update(forgetting=None, notes={"forgetting": 'failed: RuntimeError: no "hidden" <states>'})
     mark_ties(rows, "accuracy")
     path = write_page(tmp_path / "report.html", {"rows": rows, "answers": [
         {"model": "minilm-l6", "train_size": None, **answer(rows, "accuracy")}]})
@@ -64,3 +65,11 @@ def test_the_scatter_has_a_point_per_method_on_every_cost_axis(page):
     ys = {m: float(page.locator(f"circle.point[data-method={m}]").get_attribute("cy")) for m in ("full", "prompt")}
     assert ys["full"] < ys["prompt"]
     assert "best accuracy: full" in page.locator("#answer").inner_text()
+
+
+def test_a_measurement_that_failed_says_so_in_its_cell(page):
+    column = page.locator("#table th").evaluate_all("ths => ths.map(th => th.dataset.key)").index("forgetting")
+    cell = page.locator("#table tbody tr[data-method=bitfit] td").nth(column)
+    assert cell.inner_text() == "failed"
+    assert cell.locator("span").get_attribute("title") == 'failed: RuntimeError: no "hidden" <states>'
+    assert page.locator("#table tbody tr[data-method=lora] td").nth(column).inner_text() == "0.01"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deltatune.cli import main
+from tiny import file_hashes
 
 # (id, --set overrides for `deltatune train`, expected phrase in the error)
 CONFIG_CASES = [
@@ -84,7 +85,7 @@ def test_bad_config_gets_one_clear_error(overrides, phrase, base_args, tmp_path,
     err = run_cli(args, capsys)
     assert phrase in err
     assert err.startswith("error: ") and "fix:" in err
-    assert not (tmp_path / "run").exists(), "nothing may be written on bad input"
+    assert file_hashes(tmp_path) == {}, "nothing may be written on bad input"
 
 
 def _csv(tmp_path, text: str):
@@ -105,26 +106,37 @@ def test_bad_data_files(name, content, phrase, base_args, tmp_path, capsys):
     path = _csv(tmp_path, content) if content is not None else tmp_path / "data.xlsx"
     if content is None:
         path.write_text("x")
+    before = file_hashes(tmp_path)
     err = run_cli(["train", *base_args, "--set", f"data.train_file={path}"], capsys)
     assert phrase in err
+    assert file_hashes(tmp_path) == before, "nothing may be written on bad input"
 
 
 def test_output_dir_that_is_a_file(base_args, tmp_path, capsys):
     target = tmp_path / "taken"
     target.write_text("mine")
+    before = file_hashes(tmp_path)
     err = run_cli(["train", *base_args, "--set", f"training.output_dir={target}"], capsys)
-    assert "is a file" in err and target.read_text() == "mine"
+    assert "is a file" in err
+    assert file_hashes(tmp_path) == before, "nothing may be written on bad input"
 
 
 def test_output_dir_under_a_file(base_args, tmp_path, capsys):
     blocker = tmp_path / "blocker"
     blocker.write_text("mine")
+    before = file_hashes(tmp_path)
     err = run_cli(["train", *base_args, "--set", f"training.output_dir={blocker / 'run'}"], capsys)
     assert "not a writable folder" in err
+    assert file_hashes(tmp_path) == before, "nothing may be written on bad input"
 
 
-def test_resume_without_checkpoints(base_args, capsys):
+@pytest.mark.parametrize("made", [[], ["run"], ["run", "run/checkpoints"]])
+def test_resume_without_checkpoints(made, base_args, tmp_path, capsys):
+    for folder in made:
+        (tmp_path / folder).mkdir()
+    before = file_hashes(tmp_path)
     assert "holds no checkpoint" in run_cli(["train", *base_args, "--resume"], capsys)
+    assert file_hashes(tmp_path) == before, "nothing may be written on bad input"
 
 
 def test_missing_config_file(capsys, tmp_path):

@@ -23,11 +23,13 @@ from tiny import CAPITALS, logged_losses, save_tiny
 def tiny_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    # Tied input and output embeddings: the 30,522-token vocabulary is most of the model, and one
+    # copy of it to train instead of two makes a step a third cheaper.
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), lambda tokenizer: LlamaForCausalLM(LlamaConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-        pad_token_id=tokenizer.pad_token_id)))
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True)))
 
 
 def _task_and_tokenizer(folder, *extra):
@@ -88,14 +90,17 @@ def test_causal_lm_trains_end_to_end_and_generates(tmp_path, tiny_llama_dir):
         "task.type=causal_lm", f"model.name_or_path={tiny_llama_dir}", "model.max_length=16",
         f"data.train_file={path}", "data.validation_size=0.1", "data.test_size=0.1",
         f"training.output_dir={tmp_path / 'run'}", "training.batch_size=16", "training.learning_rate=3e-2",
-        "training.epochs=3", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
-        "method.method=full", "task.max_new_tokens=3"])
+        "training.epochs=10", "training.eval_steps=0.5", "training.warmup_steps=2", "training.logging_steps=2",
+        "training.progress=false", "method.method=full", "task.max_new_tokens=3"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
     assert losses[-1] < losses[0] / 2
     # A model that knows nothing is uniform over the 30,522-token vocabulary: perplexity 30,522.
-    assert result.metrics["test_perplexity"] < 10
+    # One that knows the ten capitals but not which country has which scores ln 10 on the capital
+    # and ~0 on the [SEP] that ends it: perplexity sqrt(10) = 3.2. Below 2, it reads the country.
+    assert result.metrics["test_perplexity"] < 2
     assert result.metrics["test_loss"] == pytest.approx(math.log(result.metrics["test_perplexity"]))
-    rows = predict_texts(tmp_path / "run", ["capital of peru ?", {"prompt": "capital of cuba ?"}])
-    assert [r["prompt"] for r in rows] == ["capital of peru ?", "capital of cuba ?"]
-    assert all(isinstance(r["completion"], str) for r in rows)
+    rows = predict_texts(tmp_path / "run", [f"capital of {c} ?" for c in CAPITALS] + [{"prompt": "capital of cuba ?"}])
+    assert [r["prompt"] for r in rows] == [*(f"capital of {c} ?" for c in CAPITALS), "capital of cuba ?"]
+    right = [c for c, r in zip(CAPITALS, rows) if r["completion"].split()[:1] == [CAPITALS[c]]]
+    assert len(right) >= 8, rows  # one capital for every country would get one right

@@ -105,6 +105,20 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path,
     config = tiny_config(tmp_path, sentiment_csv, "training.save_steps=2")
     with pytest.raises(TrainingError, match=r"became nan at step 5 .*step-00000004"):
         train(config)
+    # the kept checkpoint is whole and finite: it loads into the run's model and optimizer
+    from deltatune.train.checkpoint import list_checkpoints, load_checkpoint
+    from deltatune.train.config import config_hash
+    from deltatune.train.setup import setup
+
+    [kept] = list_checkpoints(tmp_path / "run" / "checkpoints")
+    run = setup(config)
+    assert load_checkpoint(kept, run.model, run.optimizer, config_hash(run.config))["step"] == 4
+    trainable = {n: p for n, p in run.model.named_parameters() if p.requires_grad}
+    assert load_file(kept / "trainable.safetensors").keys() == trainable.keys()
+    for name, param in trainable.items():
+        moments = run.optimizer.state[param]
+        assert {"exp_avg", "exp_avg_sq"} <= moments.keys(), name
+        assert all(torch.isfinite(t).all() for t in (param, moments["exp_avg"], moments["exp_avg_sq"])), name
 
 
 def test_a_paused_run_resumes_to_the_same_weights_as_one_run(tmp_path, sentiment_csv):

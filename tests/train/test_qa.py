@@ -108,41 +108,48 @@ FILLER = ["The weather was mild that week.", "Many people visited the old market
           "The train arrived later than usual.", "Farmers sold apples and pears."]
 NAMES = ["Tomas", "Greta", "Oskar", "Helga", "Marta", "Pavel", "Ingrid", "Bruno", "Lena", "Viktor"]
 CITIES = ["Lyon", "Porto", "Bergen", "Krakow", "Ghent", "Turin", "Malmo", "Leeds", "Graz", "Bilbao"]
+#: (question, the sentence of the context that answers it); both questions are 8 tokens long, so
+#: a context is cut into the same windows whichever is asked
+QUESTIONS = [("Who is the mayor of the town?", "The mayor of the town is {}."),
+             ("Where did the town festival move to?", "The festival moved to {} last year.")]
 
 
 def qa_rows(n: int, seed: int = 0) -> list[dict]:
-    """Synthetic QA: a mayor and a city among filler sentences; half the questions ask each."""
+    """Synthetic QA: a mayor and a city among filler sentences, each context asked both
+    questions: only a model that reads the question can answer both."""
     rng = random.Random(seed)
     rows = []
-    for i in range(n):
-        name, city = rng.choice(NAMES), rng.choice(CITIES)
-        sentences = rng.sample(FILLER, 3) + [f"The mayor of the town is {name}.",
-                                             f"The festival moved to {city} last year."]
+    for _ in range(n // 2):
+        answers = [rng.choice(NAMES), rng.choice(CITIES)]
+        facts = [sentence.format(answer) for (_, sentence), answer in zip(QUESTIONS, answers)]
+        sentences = rng.sample(FILLER, 3) + facts
         rng.shuffle(sentences)
         context = " ".join(sentences)
-        question, answer = ("Who is the mayor of the town?", name) if i % 2 else ("Where did the festival move?", city)
-        rows.append({"question": question, "context": context,
-                     "answers": {"text": answer, "answer_start": context.index(f" {answer} ") + 1
-                                 if f" {answer} " in context else context.index(f" {answer}.") + 1}})
+        for (question, _), fact, answer in zip(QUESTIONS, facts, answers):
+            rows.append({"question": question, "context": context,
+                         "answers": {"text": answer, "answer_start": context.index(fact) + fact.index(answer)}})
     return rows
 
 
 @pytest.mark.slow
 def test_qa_trains_end_to_end_over_windows_and_predicts_spans(tmp_path):
-    path = tmp_path / "qa.jsonl"
     rows = qa_rows(160)
-    path.write_text("\n".join(json.dumps(row) for row in rows))
+    (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(row) for row in qa_rows(40, seed=1)))
     config = load_config(None, [
         "task.type=qa", "model.name_or_path=minilm-l6", "model.max_length=48", "task.stride=16",
-        f"data.train_file={path}", "data.validation_size=0.1", "data.test_size=0.1",
-        f"training.output_dir={tmp_path / 'run'}", "training.batch_size=16", "training.learning_rate=5e-3",
-        "training.epochs=1", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
-        "method.method=lora", "method.r=8"])
+        f"data.train_file={tmp_path / 'qa.jsonl'}", "data.validation_size=0.1", f"data.test_file={tmp_path / 'test.jsonl'}",
+        f"training.output_dir={tmp_path / 'run'}", "training.batch_size=16", "training.learning_rate=8e-3",
+        "training.epochs=2", "training.warmup_steps=2", "training.logging_steps=2", "training.progress=false",
+        # the key too: matching the question's words to the context's is what this task asks
+        "method.method=lora", "method.r=8", "method.target_modules=[query,key,value]"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
     assert losses[-1] < losses[0] * 0.8
-    # Always answering with the first context token scores 0: no context starts with an answer.
-    assert result.metrics["test_exact_match"] > 0.2
+    # Every test context is asked both questions, whose answers differ: a model that ignores the
+    # question gives both the same answer and scores at most 0.5. (Always answering with the
+    # first context token scores 0: no context starts with an answer.)
+    assert result.metrics["test_exact_match"] > 0.5
     assert result.metrics["test_f1"] >= result.metrics["test_exact_match"]
     [answer] = predict_texts(tmp_path / "run", [{"question": rows[0]["question"], "context": rows[0]["context"]}])
     assert answer["answer"] and rows[0]["context"][answer["start"]:answer["end"]] == answer["answer"]

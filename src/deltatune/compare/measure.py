@@ -1,7 +1,9 @@
 """What a trained run costs at inference and what it forgot, against the base model.
 
 The base model and its embeddings of the general text are made once per model and reused for
-every method (``Reference``).
+every method (``Reference``). A measurement that cannot be made is ``None`` with a note saying
+why (``notes``: ``"failed: <error>"`` or ``"not measured: <reason>"``), which the report shows:
+a missing number is never silent.
 """
 
 from __future__ import annotations
@@ -9,22 +11,25 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.errors import DeltatuneError
+from ..assets import dist_file
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload
-from ..data.bundled import read_bundled
+from ..data.bundled import BUNDLED, read_bundled
 from ..train.config import RunConfig
 from ..train.setup import resolve_model_path, tokenised
 
+GENERAL = "bbc-news"  # the general text whose embeddings measure forgetting
+
 
 class Reference:
-    """The base model, a few test batches, the task's trivial baseline and the base's embeddings
-    of held-out general text."""
+    """The base model, a few test batches, the task's trivial baseline and (made for the first
+    run measured) the base's embeddings of held-out general text."""
 
     def __init__(self, config: RunConfig, task: Any, tokenizer: Any, latency_batches: int, forgetting_texts: int):
         path = resolve_model_path(config.model.name_or_path)
@@ -34,10 +39,14 @@ class Reference:
         self.baseline = task.baseline(splits["train"], splits["validation"])
         self.batches = _spread_batches(splits["test"], task.collator(tokenizer), config.training.eval_batch_size,
                                        latency_batches)
-        texts = general_texts(forgetting_texts)
-        self.texts = tokenizer(texts, truncation=True, max_length=config.model.max_length, padding=True,
-                               return_tensors="pt") if texts else None
-        self.embeddings = embed(self.model, self.texts) if texts else None
+        self.tokenizer, self.max_length, self.forgetting_texts = tokenizer, config.model.max_length, forgetting_texts
+        #: (the general texts' batch, the base model's embeddings of it), once made
+        self.general: tuple[dict, torch.Tensor] | None = None
+        #: why a measurement is missing for every run of this model
+        self.notes: dict[str, str] = {}
+        distribution, suffix, pin, _ = BUNDLED[GENERAL]
+        if dist_file(distribution, suffix) is None:
+            self.notes["forgetting"] = f"not measured: the bundled '{GENERAL}' set is not installed ({pin})"
 
 
 def _spread_batches(data: Any, collate: Any, size: int, count: int) -> list[dict]:
@@ -49,14 +58,42 @@ def _spread_batches(data: Any, collate: Any, size: int, count: int) -> list[dict
 
 
 def measure(reference: Reference, adapted: nn.Module) -> dict[str, Any]:
-    """Latency ratios (adapted and merged over base) and forgetting of one finished run's model."""
-    latency = latency_ratios(reference.model, adapted, reference.batches)
+    """Latency ratios (adapted and merged over base) and forgetting of one finished run's model,
+    and ``notes``: why any of them is missing."""
+    notes = dict(reference.notes)
+    latency = _attempt("latency_ratio", lambda: latency_ratios(reference.model, adapted, reference.batches),
+                       notes) or {}
     forgetting = None
-    if reference.texts is not None:
-        cosine = torch.nn.functional.cosine_similarity(reference.embeddings, embed(adapted, reference.texts))
-        forgetting = round(1.0 - cosine.mean().item(), 5)
-    return {"latency_ratio": latency["adapted"], "merged_latency_ratio": latency.get("merged"),
-            "forgetting": forgetting}
+    if "forgetting" not in notes:
+        forgetting = _attempt("forgetting", lambda: _forgetting(reference, adapted), notes)
+    return {"latency_ratio": latency.get("adapted"), "merged_latency_ratio": latency.get("merged"),
+            "forgetting": forgetting, "notes": notes}
+
+
+def _attempt(name: str, measurement: Callable[[], Any], notes: dict[str, str]) -> Any:
+    """The measurement's value; on an error, None and the error in ``notes[name]``: the runs are
+    trained and saved already, and one measurement that fails must not lose the comparison."""
+    try:
+        return measurement()
+    except Exception as error:  # reported in the row, never dropped
+        notes[name] = f"failed: {type(error).__name__}: {error}"
+        return None
+
+
+def _forgetting(reference: Reference, adapted: nn.Module) -> float:
+    if reference.general is None:
+        texts = reference.tokenizer(general_texts(reference.forgetting_texts), truncation=True,
+                                    max_length=reference.max_length, padding=True, return_tensors="pt")
+        reference.general = texts, embed(reference.model, texts)
+    texts, base = reference.general
+    return forgetting_between(base, embed(adapted, texts))
+
+
+def forgetting_between(base: torch.Tensor, adapted: torch.Tensor) -> float:
+    """1 - the mean cosine similarity of the adapted model's embeddings to the base model's
+    (one row per text), rounded to 5 decimals: 0 when nothing moved."""
+    cosine = torch.nn.functional.cosine_similarity(base, adapted)  # (texts,)
+    return round(1.0 - cosine.mean().item(), 5)
 
 
 def seconds_per_pass(model: nn.Module, batches: list[dict]) -> float:
@@ -85,12 +122,12 @@ def latency_ratios(base: nn.Module, adapted: nn.Module, batches: list[dict], rep
 
 
 def general_texts(count: int) -> list[str]:
-    """Held-out general English (first lines of BBC articles), unlike any training task here;
-    none when the bundled BBC set is not installed (forgetting is then not measured)."""
-    try:
-        rows = read_bundled("bbc-news")
-    except DeltatuneError:
-        return []
+    """Held-out general English (first lines of BBC articles), unlike any training task here.
+
+    Raises:
+        DeltatuneError: the bundled BBC set is not installed.
+    """
+    rows = read_bundled(GENERAL)
     return [row["text"].split("\n")[0][:300] for row in rows[::max(1, len(rows) // count)]][:count]
 
 

@@ -24,11 +24,15 @@ SCRIPT = """
 const data = JSON.parse(document.getElementById('data').textContent);
 const cols = data.columns, rows = data.rows, metric = data.metric;
 let sortKey = metric, ascending = false;
-function cell(v) { return v === null || v === undefined ? '-' : typeof v === 'number' ? (Number.isInteger(v) ? v.toLocaleString('en') : String(Number(v.toPrecision(4)))) : v; }
+const esc = s => String(s).replace(/[&<>"]/g, c => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'})[c]);
+function cell(v, note) {
+  if ((v === null || v === undefined) && note) return `<span class="note" title="${esc(note)}">${esc(note.split(':')[0])}</span>`;  // failed / not measured
+  return v === null || v === undefined ? '-' : typeof v === 'number' ? (Number.isInteger(v) ? v.toLocaleString('en') : String(Number(v.toPrecision(4)))) : v;
+}
 function drawTable() {
   const sorted = [...rows].sort((a, b) => ((a[sortKey] ?? -Infinity) > (b[sortKey] ?? -Infinity) ? 1 : -1) * (ascending ? 1 : -1));
   document.querySelector('#table thead').innerHTML = '<tr>' + cols.map(c => `<th data-key="${c[0]}">${c[1]}${c[0] === sortKey ? (ascending ? ' ▲' : ' ▼') : ''}</th>`).join('') + '</tr>';
-  document.querySelector('#table tbody').innerHTML = sorted.map(r => `<tr data-method="${r.method}">` + cols.map(c => `<td>${cell(r[c[0]])}</td>`).join('') + '</tr>').join('');
+  document.querySelector('#table tbody').innerHTML = sorted.map(r => `<tr data-method="${r.method}">` + cols.map(c => `<td>${cell(r[c[0]], r.notes[c[0]])}</td>`).join('') + '</tr>').join('');
   document.querySelectorAll('#table th').forEach(th => th.onclick = () => { ascending = th.dataset.key === sortKey ? !ascending : false; sortKey = th.dataset.key; drawTable(); });
 }
 function drawPlot() {
@@ -81,7 +85,7 @@ def write_page(path: Path, report: dict[str, Any]) -> Path:
     columns = [("method", "method"), *[(q, f"test {q}") for q in qualities], *COLUMNS]
     keys = {key for key, _ in columns}
     data = {"metric": metric, "columns": columns, "costs": COSTS,
-            "rows": [{k: v for k, v in r.items() if k in keys} for r in rows]}
+            "rows": [{**{k: v for k, v in r.items() if k in keys}, "notes": r.get("notes", {})} for r in rows]}
     seeds = max((len(r["seeds"]) for r in rows), default=1)
     answers = "".join(f"<pre>{html.escape(answer_text(a, metric, seeds).replace('**', ''))}</pre>" for a in report["answers"])
     text = PAGE.format(title=html.escape(f"{rows[0]['model']} ({len(rows)} methods)" if rows else ""),

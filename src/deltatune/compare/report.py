@@ -46,9 +46,20 @@ def _row(runs: list[dict]) -> dict[str, Any]:
     for key in ("latency_ratio", "merged_latency_ratio", "forgetting"):
         values = [r[key] for r in runs if r[key] is not None]
         row[key] = statistics.median(values) if values else None
+    row["notes"] = _notes(runs)
     row["curve"] = first["curve"]
     row["seconds"] = _summed([r["seconds"] for r in runs])
     return row
+
+
+def _notes(runs: list[dict]) -> dict[str, str]:
+    """Why a measurement is missing, per key: ``"failed: <error>"`` or ``"not measured: ..."``,
+    with the seed where seeds differ."""
+    notes: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        for key, note in run.get("notes", {}).items():  # cells written before notes existed have none
+            notes[key].append(note if len(runs) == 1 else f"seed {run['seed']}: {note}")
+    return {key: "; ".join(texts) for key, texts in notes.items()}
 
 
 def _summed(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,7 +107,8 @@ def _seconds(rows: list[dict[str, Any]], wall: float, ran: int) -> dict[str, Any
 def markdown(report: dict[str, Any]) -> str:
     """The table, the learning-rate search, then the answer in words (what a reader wants last)."""
     rows = report["rows"]
-    parts = [markdown_table(rows), search_table(rows)]
+    parts = [markdown_table(rows), *([missing_table(rows)] if any(r.get("notes") for r in rows) else []),
+             search_table(rows)]
     seeds = max(len(r["seeds"]) for r in rows) if rows else 1
     for result in report["answers"]:
         where = ", ".join(str(v) for v in (result["model"], result["train_size"]) if v is not None)
@@ -122,9 +134,18 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                  *[_mean_std(r[m], r[f"{m}_std"], len(r["seeds"])) for m in metrics[1:]],
                  f"{r['trainable_params']:,}", f"{r['stored_params']:,} ({100 * r['stored_params'] / r['base_params']:.2f}%)",
                  f"{r['not_stored_params']:,}", _bytes(r["adapter_bytes"]), f"{r['train_seconds']:.0f}",
-                 f"{r['step_seconds']:.3f}", f"{r['peak_memory_mb']:.0f}", _ratio(r["latency_ratio"]),
-                 _ratio(r["merged_latency_ratio"]), "-" if r["forgetting"] is None else f"{r['forgetting']:.4f}"]
+                 f"{r['step_seconds']:.3f}", f"{r['peak_memory_mb']:.0f}", _measured(r, "latency_ratio", "{:.2f}"),
+                 _measured(r, "merged_latency_ratio", "{:.2f}"), _measured(r, "forgetting", "{:.4f}")]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def missing_table(rows: list[dict[str, Any]]) -> str:
+    """Each measurement the table lacks, and why."""
+    lines = ["Measurements missing from the table:", "", "| method | measurement | why |", "|---|---|---|"]
+    for r in rows:
+        lines += [f"| {r['method']} | {key} | {' '.join(note.split()).replace('|', '/')} |"
+                  for key, note in r.get("notes", {}).items()]
     return "\n".join(lines)
 
 
@@ -148,8 +169,13 @@ def _mean_std(mean: float, std: float, n: int) -> str:
     return f"{mean:.3f}" if n == 1 else f"{mean:.3f} ± {std:.3f}"
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
+def _measured(row: dict[str, Any], key: str, form: str) -> str:
+    """The value, or why it is missing ("failed", "not measured"; the reason is listed below the
+    table); "-" where nothing was to measure (the merged latency of a method that cannot merge)."""
+    if row[key] is not None:
+        return form.format(row[key])
+    note = row.get("notes", {}).get(key)
+    return note.split(":")[0] if note else "-"
 
 
 def _bytes(n: int) -> str:

@@ -149,7 +149,7 @@ def read_adapter(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tens
 
 
 def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, Any]:
-    embedded = json.loads(metadata["deltatune"]) if "deltatune" in metadata else None
+    embedded = _embedded_description(config_path.parent / WEIGHTS_NAME, metadata)
     on_disk = None
     if config_path.is_file():
         try:
@@ -173,6 +173,21 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
         raise AdapterFileError(f"'{config_path}' is neither a deltatune nor a peft adapter config.",
                                "point to a directory written by deltatune.save_adapter or peft's save_pretrained.")
     return on_disk
+
+
+def _embedded_description(weights: Path, metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The config saved inside the weights file, or None (peft's files carry none)."""
+    if "deltatune" not in metadata:
+        return None
+    hint = "the file is truncated or corrupted: save or copy it again."
+    try:
+        embedded = json.loads(metadata["deltatune"])
+    except json.JSONDecodeError as error:
+        raise AdapterFileError(f"'{weights}' is corrupted: the config saved inside it is not valid JSON "
+                               f"({error}).", hint) from error
+    if not isinstance(embedded, dict):
+        raise AdapterFileError(f"'{weights}' is corrupted: the config saved inside it is not a JSON object.", hint)
+    return embedded
 
 
 def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> nn.Module:
