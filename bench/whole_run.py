@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds; each runs both sides once")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads on both sides")
     parser.add_argument("--config", type=Path, default=CONFIG, help="a deltatune classification config")
+    parser.add_argument("--results", type=Path, help="append each finished run to this JSON-lines file, and skip "
+                        "the runs it already holds: a killed benchmark continues where it stopped")
     parser.add_argument("--worker", choices=["trainer"], help=argparse.SUPPRESS)  # internal: one Trainer run
     parser.add_argument("--output-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)  # time.time() at launch
@@ -281,16 +283,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "trainer":
         trainer_run(args.config, args.output_dir, args.threads, args.launched)
         return
+    schedule = [(i, side) for i in range(args.repeats) for side in (SIDES if i % 2 == 0 else SIDES[::-1])]
+    done = _recorded(args.results)
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="whole_run-") as scratch:
-        for i in range(args.repeats):
-            for side in SIDES if i % 2 == 0 else SIDES[::-1]:
-                run = launch(side, args, Path(scratch) / f"{side}-{i}")
-                runs[side].append(run)
-                print(f"round {i + 1} {side:9}: {run['wall']:6.1f} s, test accuracy {run['test_accuracy']:.4f}, "
-                      f"load {run['load']:.2f}", flush=True)
+        for i, side in schedule:
+            run = done.get((i, side)) or launch(side, args, Path(scratch) / f"{side}-{i}")
+            runs[side].append(run)
+            print(f"round {i + 1} {side:9}: {run['wall']:6.1f} s, test accuracy {run['test_accuracy']:.4f}, "
+                  f"load {run['load']:.2f}, train phase {run['seconds']['train']:.1f} s"
+                  f"{' (recorded earlier)' if (i, side) in done else ''}", flush=True)
+            if args.results and (i, side) not in done:
+                with open(args.results, "a") as out:
+                    out.write(json.dumps({"round": i, "side": side, **run}) + "\n")
     report(runs, args, (before, os.getloadavg()[0]))
+
+
+def _recorded(path: Path | None) -> dict[tuple[int, str], dict]:
+    """The runs a --results file holds, by (round, side)."""
+    if path is None or not path.is_file():
+        return {}
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(line.pop("round"), line.pop("side")): line for line in lines}
 
 
 if __name__ == "__main__":
