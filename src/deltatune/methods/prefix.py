@@ -271,10 +271,21 @@ def active_prefixes(model: nn.Module) -> torch.Tensor | None:
 def row_prefixes(model: nn.Module, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """In a per-row batch (``deltatune.mixed_batch``) with prefix adapters among its rows: each
     row's prefixes, (batch, layers, 2, n_max, d_kv), and which of the n_max are its own, (batch,
-    n_max); rows of other adapters have none. None outside such a batch."""
+    n_max); rows of other adapters have none. None outside such a batch.
+
+    Built once per model forward and batch size, then read by every layer (and the positions).
+    """
+    built = model._modules[virtual_tokens.HOLDER].__dict__.get("rows_built")  # open during a forward
+    if built is not None and batch in built:
+        return built[batch]
     rows = virtual_tokens.in_rows(model, PrefixDelta, batch, device)
-    if not rows:
-        return None
+    result = _row_prefixes(rows, batch, device) if rows else None
+    if built is not None:
+        built[batch] = result
+    return result
+
+
+def _row_prefixes(rows: dict, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     prefixes = {name: delta.current() for name, (delta, _) in rows.items()}
     layers, _, _, width = next(iter(prefixes.values())).shape
     n_max = max(p.shape[2] for p in prefixes.values())
@@ -292,18 +303,23 @@ def prefix_hooks(model: nn.Module, sites: list[Site]) -> list[RemovableHandle]:
     (several active prefixes are concatenated), and hooks on the model around each forward."""
     handles = [model.get_submodule(s.attention).register_forward_pre_hook(AttentionHook(model, index), with_kwargs=True)
                for index, s in enumerate(sites)]
+    # What every layer reads is made once per model forward: the MLP's output, per-row prefixes.
+    handles += [model.register_forward_pre_hook(lambda m, _: _forward_scope(m, opening=True)),
+                model.register_forward_hook(lambda m, *_: _forward_scope(m, opening=False))]
     if anatomy_of(model).decoder_only:
         handles.append(model.register_forward_pre_hook(PositionHook(), with_kwargs=True))
-    # Re-parameterised prefixes: the MLP runs once per model forward, not once per layer.
-    return handles + [model.register_forward_pre_hook(lambda m, _: _keep_mlp_output(m, ())),
-                      model.register_forward_hook(lambda m, *_: _keep_mlp_output(m, None))]
+    return handles
 
 
-def _keep_mlp_output(model: nn.Module, value: tuple | None) -> None:
-    """``()``: keep each MLP's output until ``None`` drops it (the model forward is over)."""
+def _forward_scope(model: nn.Module, opening: bool) -> None:
+    """Opening: keep each MLP's output and each per-row build until closing drops them (the
+    model forward is over), so a stale graph is never reused."""
     for delta in virtual_tokens.running(model, PrefixDelta):
         if "encoder" in delta._modules:
-            delta.encoder.out = value
+            delta.encoder.out = () if opening else None
+    holder = model._modules.get(virtual_tokens.HOLDER)
+    if holder is not None:
+        holder.__dict__["rows_built"] = {} if opening else None
 
 
 class AttentionHook:
