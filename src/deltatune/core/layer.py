@@ -116,6 +116,11 @@ def joined(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(rows), owner
 
 
+def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(rows, d) values shaped to broadcast over a (rows, ..., d) tensor ``like``."""
+    return values.view(len(values), *[1] * (like.dim() - 2), values.shape[-1])
+
+
 def rows_of(args: tuple, index: torch.Tensor, batch: int) -> tuple:
     """The given rows of every positional tensor that has a row per batch entry."""
     return tuple(a[index] if isinstance(a, torch.Tensor) and a.dim() and len(a) == batch else a for a in args)

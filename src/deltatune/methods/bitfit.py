@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.layer import AdapterState, Delta, joined
+from ..core.layer import AdapterState, Delta, joined, per_row
 from ..core.method import Method, MethodConfig, add_deltas, register
 from ..core.targets import iter_base_modules
 from ..hf.layers import linear_types
@@ -50,7 +50,7 @@ class BiasDelta(Delta):
         """Each row's own bias, gathered from all of them stacked: one addition for the batch."""
         index, owner = joined(rows)
         biases = torch.stack([d.bias for d in deltas])[owner].to(out.dtype)  # (rows, d)
-        return out.index_add(0, index, biases.view(len(index), *[1] * (out.dim() - 2), -1).expand_as(out[index]))
+        return out.index_add(0, index, per_row(biases, out).expand_as(out[index]))
 
     def merge(self, base: nn.Module) -> None:
         base.bias.data += self.bias.detach().to(base.bias.dtype)

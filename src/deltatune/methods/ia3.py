@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, MergeError
-from ..core.layer import AdapterState, Delta, joined
+from ..core.layer import AdapterState, Delta, joined, per_row
 from ..core.method import Method, MethodConfig, add_deltas, help_field, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.targets import matches
@@ -89,7 +89,7 @@ class IA3Delta(Delta):
         """Output scaling: each row's own vector, gathered from all of them stacked."""
         index, owner = joined(rows)
         scales = torch.stack([d.ia3_l.flatten() for d in deltas])[owner]  # (rows, d_out)
-        scaled = out[index] * scales.view(len(index), *[1] * (out.dim() - 2), -1)
+        scaled = out[index] * per_row(scales, out)
         return out.index_copy(0, index, scaled.to(out.dtype))
 
     def _factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

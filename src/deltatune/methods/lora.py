@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError
-from ..core.layer import AdapterState, Delta, DeltaLayer, joined
+from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, add_deltas, deltas_of, help_field, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
@@ -200,7 +200,7 @@ class LoraDelta(Delta):
         row_owner = torch.full((len(out),), -1, device=a.device).index_copy(0, index, owner)  # (batch,)
         keep = (column_owner[None, :] == row_owner[:, None]).to(a.dtype)  # (batch, sum r)
         x = args[0].to(a.dtype)
-        hidden = F.linear(x, a) * keep.view(len(out), *[1] * (x.dim() - 2), -1)  # (batch, ..., sum r)
+        hidden = F.linear(x, a) * per_row(keep, x)  # (batch, ..., sum r)
         update = F.linear(hidden, b)
         return out + update.to(out.dtype)
 
