@@ -71,7 +71,8 @@ def test_methods_that_cannot_mix_refuse_and_run_alone(case, family):
 GENERATING = {"lora": lambda: dt.LoraConfig(r=4, target_modules="all-linear"),
               "prefix": lambda: dt.PrefixTuningConfig(num_virtual_tokens=3, reparameterize=False),
               "ia3": lambda: dt.IA3Config(),  # output scaling, and feed-forward input scaling (rows apart)
-              "adapter": lambda: dt.AdapterConfig(bottleneck=4)}
+              "adapter": lambda: dt.AdapterConfig(bottleneck=4),
+              "prompt": lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="random")}
 
 
 @pytest.mark.parametrize("method", GENERATING)
@@ -96,6 +97,46 @@ def test_generate_runs_each_row_with_its_adapter(family, method):
         done = expected.shape[1]
         assert mixed[row, :done].tolist() == expected[0].tolist() and not mixed[row, done:].any()
     assert len({tuple(r.tolist()) for r in mixed}) == 3  # three adapters, three different continuations
+
+
+def prompt_mix(family):
+    """Prompts of 2 and 5 vectors, a LoRA and a prefix on one model, and rows naming them and the base."""
+    model = build(family)
+    configs = {"short": dt.PromptTuningConfig(num_virtual_tokens=2, init="random"),
+               "long": dt.PromptTuningConfig(num_virtual_tokens=5, init="random"),
+               "lora": dt.LoraConfig(r=2, lora_alpha=4)}
+    if family != "distilbert":  # DistilBERT takes no prefixes (tests/methods/test_prefix.py)
+        configs["prefix"] = dt.PrefixTuningConfig(num_virtual_tokens=3, reparameterize=False)
+    for seed, (name, config) in enumerate(configs.items()):
+        dt.apply(model, config, adapter_name=name)
+        perturb(model, scale=0.5, seed=seed)
+    return model, ["long", *configs, "__base__", "short"]
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "gpt2", "llama", "t5"])
+def test_prompts_of_different_lengths_and_prefixes_share_a_batch(family):
+    """The shorter prompt's rows and the rows without a prompt are padded (in front on decoders,
+    behind on encoders), and each row still equals itself alone."""
+    model, names = prompt_mix(family)
+    batch = inputs(family, batch=len(names))
+    mixed = model(**batch, adapter_names=names).logits.detach()
+    assert mixed.shape[1] == (3 if family in ("bert", "roberta", "distilbert") else batch.get(
+        "decoder_input_ids", batch["input_ids"]).shape[1])  # the prompts' positions cut out
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone(model, batch, row, name), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])
+def test_generate_with_prompts_of_different_lengths(family):
+    model, names = prompt_mix(family)
+    ids = inputs(family, batch=len(names))["input_ids"]
+    settings = {"max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+    for row, name in enumerate(names):
+        with dt.mixed_batch(model, [name]):  # one name: that adapter alone, or the base
+            expected = model.generate(input_ids=ids[row:row + 1], **settings)
+        done = expected.shape[1]
+        assert mixed[row, :done].tolist() == expected[0].tolist() and not mixed[row, done:].any()
 
 
 def test_bad_names_are_refused_with_the_adapters_listed():

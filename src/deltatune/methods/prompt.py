@@ -31,6 +31,9 @@ hook only widens the ``attention_mask`` the decoder uses to attend to the encode
 logits are never trimmed. Outputs are trimmed only when the model returns a ``ModelOutput``
 (``return_dict=True``, the default).
 
+In a per-row batch (``deltatune.mixed_batch``) each row gets its own adapter's prompt, or none,
+laid out by ``RowPrompts`` so that every row computes what it computes alone.
+
 ``init``: ``vocab`` copies random rows of the embedding matrix (torch's RNG, so seed it);
 ``random`` draws from N(0, std of the embedding matrix); ``text`` uses the embeddings of
 ``init_text`` repeated or cut to ``num_virtual_tokens``. Its token ids come from
@@ -54,6 +57,7 @@ from ..core.layer import AdapterState, Delta, DeltaLayer
 from ..core.method import Method, MethodConfig, help_field, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..hf import virtual_tokens
+from ..hf.anatomy import ANATOMIES, model_type
 
 __all__ = ["PromptTuningConfig"]
 
@@ -104,7 +108,6 @@ class PromptTuning(Method):
     learning_rates = (1e-2, 3e-2, 1e-1)
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
-    per_row_refusal = "its prompt lengthens the input, which rows of other adapters do not have"
 
     def plan(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The virtual-token holder -> the prompt's starting value."""
@@ -198,13 +201,99 @@ def initial_prompt(weight: torch.Tensor, init: str, n: int, token_ids: list[int]
     return weight[torch.randint(0, weight.shape[0], (n,))].clone()
 
 
+class RowPrompts:
+    """The prompts of a per-row batch: row r's own n_r prompt vectors (n_r = 0 for rows of other
+    adapters and the base), laid out with its tokens in n + seq columns, n the longest prompt.
+
+    A decoder-only model reads the last column (a classifier pools it, ``generate`` continues
+    from it), so there each row's prompt sits just before its tokens, the padding in front, and
+    the tokens' positions move up by n_r (``front=True``)::
+
+        [pad (n - n_r) ; P_r ; x]
+    
+    An encoder pools the first column and counts positions itself, so there the padding goes last::
+
+        [P_r ; x ; pad (n - n_r)]
+
+    Padding columns are masked out: every row sees what it sees alone.
+    """
+
+    def __init__(self, groups: dict[str, tuple[PromptDelta, torch.Tensor]], batch: int, device: torch.device,
+                 front: bool):
+        self.groups, self.front = groups, front
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (batch,): n_r
+        for delta, index in groups.values():
+            self.lengths[index] = len(delta.prompt)
+        self.n = int(self.lengths.max())
+        self.starts = torch.full_like(self.lengths, self.n) if front else self.lengths  # (batch,): x's first column
+        self.rows = torch.arange(batch, device=device)[:, None]  # (batch, 1)
+
+    @classmethod
+    def of(cls, model: nn.Module, batch: int, device: torch.device, encoder: bool = False) -> RowPrompts | None:
+        """The batch's layout, or None outside a per-row batch or when none of its rows has a prompt.
+        ``encoder``: for an encoder-decoder model's encoder."""
+        groups = virtual_tokens.in_rows(model, PromptDelta, batch, device)
+        if not groups:
+            return None
+        return cls(groups, batch, device, front=not encoder and _decoder_only(model))
+
+    def columns(self, seq: int) -> torch.Tensor:
+        """(batch, seq): the column of each row's tokens."""
+        return self.starts[:, None] + torch.arange(seq, device=self.starts.device)
+
+    def prompt_columns(self, seq: int) -> torch.Tensor:
+        """(batch, n + seq), True where a row's prompt is."""
+        column = torch.arange(self.n + seq, device=self.starts.device)[None]  # (1, n + seq)
+        first = (self.n - self.lengths if self.front else torch.zeros_like(self.lengths))[:, None]  # (batch, 1)
+        return (column >= first) & (column < first + self.lengths[:, None])
+
+    def laid_out(self, tokens: torch.Tensor, fill: float) -> torch.Tensor:
+        """(batch, seq, ...) -> (batch, n + seq, ...): each row's values in its token columns, ``fill`` elsewhere."""
+        out = tokens.new_full((len(tokens), self.n + tokens.shape[1], *tokens.shape[2:]), fill)
+        out[self.rows, self.columns(tokens.shape[1])] = tokens
+        return out
+
+    def embeds(self, embeds: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, d) -> (batch, n + seq, d), every row's prompt in place."""
+        out = self.laid_out(embeds, 0)
+        for delta, index in self.groups.values():
+            first = self.n - len(delta.prompt) if self.front else 0
+            out[index, first:first + len(delta.prompt)] = delta.prompt.to(out.dtype)
+        return out
+
+    def mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) -> (batch, n + seq): the prompt visible, the padding not."""
+        return self.laid_out(mask, 0).masked_fill(self.prompt_columns(mask.shape[1]), 1)
+
+    def positions(self, positions: torch.Tensor, with_prompt: bool) -> torch.Tensor:
+        """The tokens' positions moved up by n_r; with the prompt in the call, (batch, n + seq),
+        the prompt's 0..n_r-1 in front."""
+        moved = positions.expand(len(self.lengths), -1) + self.lengths[:, None]  # (batch, seq)
+        if not with_prompt:
+            return moved
+        inside = torch.arange(self.n + moved.shape[1], device=moved.device)[None] - self.starts[:, None] + self.lengths[:, None]
+        return torch.where(self.prompt_columns(moved.shape[1]), inside, self.laid_out(moved, 0))
+
+    def front_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A later ``generate`` step's (batch, past + seq) mask with the cached prompt columns in front."""
+        front = self.prompt_columns(0).to(mask.dtype)  # (batch, n)
+        return torch.cat([front, mask], dim=1)
+
+
+def _cut(value: torch.Tensor, columns: int | torch.Tensor) -> torch.Tensor:
+    """(batch, n + seq, ...) -> (batch, seq, ...): the tokens' columns, from n on or per row."""
+    if isinstance(columns, int):
+        return value[:, columns:]
+    return value[torch.arange(len(value), device=value.device)[:, None], columns]
+
+
 class PromptHooks:
     """The hooks that put the active prompts in front of the input: one set per model, shared by
-    its prompt adapters (several active prompts are concatenated)."""
+    its prompt adapters (several active prompts are concatenated; in a per-row batch, each row's own)."""
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.made: tuple[torch.Tensor, int] | None = None  # (inputs_embeds built, prompt length)
+        self.made: tuple[torch.Tensor, int | torch.Tensor] | None = None  # (inputs_embeds built, token columns)
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             encoder = model.get_encoder()
             self.handles = [model.register_forward_pre_hook(self.widen_encoder_mask, with_kwargs=True),
@@ -219,10 +308,15 @@ class PromptHooks:
         return torch.cat(prompts) if prompts else None
 
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        kw = virtual_tokens.arguments(model, args, kwargs)
+        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        rows = RowPrompts.of(model, len(tokens), tokens.device)
+        if rows is not None:
+            return (), self._rows_before_model(kw, rows)
         prompt = self.prompt()
         if prompt is None:
             return None
-        kw, n = virtual_tokens.arguments(model, args, kwargs), prompt.shape[0]
+        n = prompt.shape[0]
         if virtual_tokens.cached_length(kw) > 0:  # generating: the cache holds the prompt
             _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=False))
         else:
@@ -235,33 +329,69 @@ class PromptHooks:
         _update(kw, "attention_mask", lambda m: virtual_tokens.padded(m, n, 1))
         return (), kw
 
+    def _rows_before_model(self, kw: dict, rows: RowPrompts) -> dict:
+        cached = virtual_tokens.cached_length(kw)
+        if rows.front:  # a decoder-only model: every row's positions given explicitly
+            if kw.get("position_ids") is None:
+                kw["position_ids"] = virtual_tokens.positions(kw) - (rows.n if cached else 0)  # (1, seq)
+            kw["position_ids"] = rows.positions(kw["position_ids"], with_prompt=not cached)
+        if cached:  # generating: the cache holds the prompts
+            kw["attention_mask"] = rows.front_mask(_mask_or_ones(kw, past=cached - rows.n))
+            return kw
+        mask = _mask_or_ones(kw)
+        embeds = self._embed(kw)  # (batch, seq, d)
+        kw["inputs_embeds"], kw["input_ids"] = rows.embeds(embeds), None  # (batch, n + seq, d)
+        kw["attention_mask"] = rows.mask(mask)
+        self.made = (kw["inputs_embeds"], rows.columns(embeds.shape[1]))
+        if kw.get("labels") is not None and kw["labels"].shape == embeds.shape[:2]:
+            kw["labels"] = rows.laid_out(kw["labels"], -100)
+        _update(kw, "token_type_ids", lambda t: rows.laid_out(t, 0))
+        if not rows.front:
+            _update(kw, "position_ids", lambda p: rows.positions(p, with_prompt=True))
+        return kw
+
     def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         made, self.made = self.made, None
         if made is None or kwargs.get("inputs_embeds") is not made[0] or not hasattr(output, "keys"):
             return None
-        length, n = made[0].shape[1], made[1]
+        length, columns = made[0].shape[1], made[1]
         for key in list(output.keys()):
             value = output[key]
             if key == "hidden_states" and isinstance(value, tuple):
-                output[key] = tuple(h[:, n:] if h.shape[1] == length else h for h in value)  # (batch, seq, d)
+                output[key] = tuple(_cut(h, columns) if h.shape[1] == length else h for h in value)  # (batch, seq, d)
             elif key in TOKEN_OUTPUTS and value.dim() >= TOKEN_OUTPUTS[key] and value.shape[1] == length:
-                output[key] = value[:, n:]  # (batch, seq, ...)
+                output[key] = _cut(value, columns)  # (batch, seq, ...)
         return output
 
     def before_encoder(self, encoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        kw = virtual_tokens.arguments(encoder, args, kwargs)
+        embeds = self._embed(kw)  # (batch, seq, d)
+        rows = RowPrompts.of(self.model, len(embeds), embeds.device, encoder=True)
+        if rows is not None:
+            mask = _mask_or_ones(kw)
+            kw["inputs_embeds"], kw["input_ids"] = rows.embeds(embeds), None  # (batch, n + seq, d)
+            kw["attention_mask"] = mask if mask.shape[1] > embeds.shape[1] else rows.mask(mask)  # the root's, or laid out
+            return (), kw
         prompt = self.prompt()
         if prompt is None:
             return None
-        kw = virtual_tokens.arguments(encoder, args, kwargs)
-        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, self._embed(kw)), None  # (batch, n + seq, d)
+        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None  # (batch, n + seq, d)
         kw["attention_mask"] = _padded_to(kw.get("attention_mask"), kw["inputs_embeds"].shape[1])
         return (), kw
 
     def widen_encoder_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         """The decoder attends to the encoder's output, which is n positions longer."""
-        prompt = self.prompt()
         kw = virtual_tokens.arguments(model, args, kwargs)
         mask, encoded = kw.get("attention_mask"), kw.get("encoder_outputs")
+        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        batch = len(encoded[0]) if encoded is not None else len(tokens)
+        rows = RowPrompts.of(model, batch, encoded[0].device if encoded is not None else tokens.device, encoder=True)
+        if rows is not None:
+            seq = encoded[0].shape[1] - rows.n if encoded is not None else tokens.shape[1]
+            if mask is None or mask.shape[1] == seq:
+                kw["attention_mask"] = rows.mask(mask if mask is not None else encoded[0].new_ones(batch, seq, dtype=torch.long))
+            return (), kw
+        prompt = self.prompt()
         if prompt is None or mask is None:
             return None
         length = encoded[0].shape[1] if encoded is not None else mask.shape[1] + prompt.shape[0]
@@ -273,6 +403,27 @@ class PromptHooks:
         if kw.get("inputs_embeds") is not None:
             return kw["inputs_embeds"]
         return self.model.get_input_embeddings()(kw["input_ids"])
+
+
+def _decoder_only(model: nn.Module) -> bool:
+    """Whether per-row prompts go just before each row's tokens (a decoder-only model) or first."""
+    kind = model_type(model)
+    if kind not in ANATOMIES:
+        raise ConfigError(f"per-row prompts need to know whether a '{kind}' model reads its last or its first "
+                          f"position, and deltatune knows the layouts of {', '.join(sorted(ANATOMIES))}.",
+                          "give each prompt adapter's rows a batch of their own.")
+    if ANATOMIES[kind].decoder_only and "position_ids" not in virtual_tokens.parameter_names(type(model)):
+        raise ConfigError(f"per-row prompts move each row's positions, and {type(model).__name__}'s forward "
+                          "takes no position_ids.", "give each prompt adapter's rows a batch of their own.")
+    return ANATOMIES[kind].decoder_only
+
+
+def _mask_or_ones(kw: dict, past: int = 0) -> torch.Tensor:
+    """The attention mask passed, or (no mask: every token visible) ones, (batch, past + seq)."""
+    if kw.get("attention_mask") is not None:
+        return kw["attention_mask"]
+    tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+    return torch.ones(len(tokens), past + tokens.shape[1], dtype=torch.long, device=tokens.device)
 
 
 def _prepend(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,7 @@ def batch_key(served: Served) -> tuple:
     Their rows must run on the same model instance (one task, one head width, so that the
     outputs stack into one tensor) with the same forward options (a generation's number of new
     tokens), and each row must be able to run its own adapter. An adapter whose method cannot
-    (``Method.per_row_refusal``: prompt and prefix tuning, layer tuning, full fine-tuning) runs
+    (``Method.per_row_refusal``: layer tuning, full fine-tuning, LoRA with a trained bias) runs
     in passes of its own.
     """
     alone = served.name if method_class(served.method).per_row_refusal else None
