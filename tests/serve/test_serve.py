@@ -9,6 +9,7 @@ in flight before the server exits 0.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import signal
 import socket
@@ -26,16 +27,18 @@ from fastapi.testclient import TestClient
 from conftest import sentiment_rows
 from deltatune.cli import main
 from deltatune.serve.app import create_app
-from deltatune.serve.registry import Registry
+from deltatune.serve.registry import Registry, instance_key
 from deltatune.serve.requests import Settings
 from deltatune.train.config import load_config
-from deltatune.train.inference import predict_texts
+from deltatune.train.inference import predict_texts, read_run
 from deltatune.train.loop import train
 
 TEXTS = ["a great film", "an awful and boring film that goes on and on", "quite wonderful music"]
-# run name -> (method, labels its data uses): "ia3" names its labels otherwise; "three" has a wider head
+# run name -> (method, labels its data uses): "ia3" names its labels otherwise; "three" has a wider head;
+# "layer" (layer tuning) cannot share a pass with other adapters
 RUNS = {"lora": ("lora", ["negative", "positive"]), "ia3": ("ia3", ["bad", "good"]),
-        "prompt": ("prompt", ["negative", "positive"]), "three": ("lora", ["negative", "neutral", "positive"])}
+        "prompt": ("prompt", ["negative", "positive"]), "three": ("lora", ["negative", "neutral", "positive"]),
+        "layer": ("layer", ["negative", "positive"])}
 
 
 def write_rows(path: Path, labels: list[str]) -> Path:
@@ -50,7 +53,7 @@ def write_rows(path: Path, labels: list[str]) -> Path:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
-    """Four short runs on the tiny base, trained fast enough (no warm-up, a large step) to differ."""
+    """Five short runs on the tiny base, trained fast enough (no warm-up, a large step) to differ."""
     root = tmp_path_factory.mktemp("runs")
     for name, (method, labels) in RUNS.items():
         data = write_rows(root / f"{name}.csv", labels)
@@ -107,10 +110,20 @@ def test_mixed_requests_share_batches_and_each_answer_equals_its_run_alone(regis
         assert_same(reply.json()["outputs"], expected[name])
     assert {r["label"] for r in replies[1].json()["outputs"]} <= {"bad", "good"}  # ia3's own labels
     assert expected["lora"] != expected["ia3"]  # the runs differ, so a mix-up would show
-    # one batch of four requests: lora and ia3 share a forward pass; prompt (virtual tokens) and
-    # three (another head width, another model instance) each run on their own
+    # one batch of five requests: lora, ia3 and prompt share a forward pass; layer (it replaces
+    # whole blocks) and three (another head width) are on model instances of their own
     assert stats["batches"] == 1 and stats["multi_adapter_batches"] == 1
     assert stats["forward_passes"] == 3 and stats["multi_adapter_passes"] == 1
+    assert len({served.instance.key for served in registry.adapters.values()}) == 3
+
+
+def test_an_adapter_that_trains_base_biases_gets_a_base_of_its_own(runs):
+    """LoRA with bias='all' writes its biases into the base it is loaded into: in the shared copy,
+    every other adapter would see them."""
+    folder, config, task = read_run(runs["lora"])
+    biased = dataclasses.replace(config, method=dataclasses.replace(config.method, bias="all"))
+    assert instance_key("lora", config, task) == instance_key("other", config, task)  # plain LoRA runs share
+    assert instance_key("biased", biased, task) != instance_key("lora", config, task)
 
 
 def test_bad_requests_get_a_4xx_message_and_leave_their_batch_alone(registry, expected):

@@ -232,6 +232,10 @@ class Method:
         """Base parameters this adapter trains in place (e.g. LoRA's bias='all'), by name."""
         return {}
 
+    def row_refusal(self) -> str:
+        """Why this adapter cannot share a batch, or a served model, with other adapters ("": it can)."""
+        return self.per_row_refusal
+
     def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """Stored tensors beyond the deltas' own, by file key."""
         return {}

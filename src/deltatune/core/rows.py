@@ -78,7 +78,7 @@ def _check_names(model: nn.Module, state: AdapterState, names: list[str]) -> Non
 
 def _check_mixes(model: nn.Module, name: str, config: Any) -> None:
     method = method_for(config)
-    reason = method.per_row_refusal
+    reason = method.row_refusal()
     if not reason and method.extra_trainable(model, name):
         reason = "it trains base parameters in place, which every row would see"
     if reason:

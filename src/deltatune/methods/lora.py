@@ -330,6 +330,9 @@ class Lora(Method):
             params = {n: p for n, p in params.items() if n in adapted}
         return params
 
+    def row_refusal(self) -> str:
+        return "" if self.config.bias == "none" else f"bias='{self.config.bias}' trains base biases, which every row shares"
+
     def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}

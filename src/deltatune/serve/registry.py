@@ -2,8 +2,8 @@
 
 Runs of one task whose heads have the same width (two-label classifiers, say) share one model
 instance and can share a forward pass; a run whose head differs gets an instance of its own (one
-more copy of the base in memory), and so does a full fine-tuning run, which changed the base
-weights themselves. A run trained on another base model is refused. Adapters are loaded and
+more copy of the base in memory), and so does a run that changed base weights themselves (full
+fine-tuning, LoRA with trained biases) or cannot share a batch (layer tuning). A run trained on another base model is refused. Adapters are loaded and
 unloaded while the server runs: ``lock`` keeps a model from changing while a batch runs on it.
 """
 
@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .. import assets
-from ..core.method import method_class
+from ..core.method import method_for
 from ..core.verbs import delete_adapter
 from ..io.adapter_files import RUN_ADAPTER, load_adapter, locate
 from ..train.config import RunConfig
@@ -152,8 +152,10 @@ class Registry:
 
 def instance_key(name: str, config: RunConfig, task: Any) -> tuple:
     """Runs with equal keys share a model instance: the same task, head width (labels) and model
-    settings. A method that changed the base weights in place (full fine-tuning) has its own."""
-    own = name if method_class(config.method.method).in_place else None
+    settings. An adapter that changed base weights in place (full fine-tuning, LoRA with trained
+    biases) or cannot run per row (layer tuning) has its own."""
+    method = method_for(config.method)
+    own = name if method.in_place or method.row_refusal() else None
     overrides = json.dumps(config.model.config_overrides, sort_keys=True)
     return task.name, len(getattr(task, "labels", [])), overrides, own
 

@@ -15,7 +15,6 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from ..core.method import method_class
 from ..core.rows import mixed_batch
 from ..tasks.base import Encoded
 from .errors import ModelFailure, ServeError, UnknownAdapter
@@ -54,16 +53,11 @@ class Stats:
 
 
 def batch_key(served: Served) -> tuple:
-    """Requests with equal keys share a forward pass.
-
-    Their rows must run on the same model instance (one task, one head width, so that the
-    outputs stack into one tensor) with the same forward options (a generation's number of new
-    tokens), and each row must be able to run its own adapter. An adapter whose method cannot
-    (``Method.per_row_refusal``: layer tuning, full fine-tuning, LoRA with a trained bias) runs
-    in passes of its own.
-    """
-    alone = served.name if method_class(served.method).per_row_refusal else None
-    return served.instance.key, getattr(served.task.options, "max_new_tokens", None), alone
+    """Requests with equal keys share a forward pass: their rows run on the same model instance
+    (one task, one head width, so that the outputs stack into one tensor; adapters that cannot
+    run per row have instances of their own) with the same forward options (a generation's
+    number of new tokens)."""
+    return served.instance.key, getattr(served.task.options, "max_new_tokens", None)
 
 
 def run_batch(jobs: list[Job], registry: Registry, stats: Stats) -> list[Outcome]:
