@@ -7,7 +7,7 @@ random texts, and checks every answer against what that run predicts for the tex
 traffic, and unloads it again. Prints throughput, latency percentiles, errors, wrong answers
 and the server's batching counters; the server is stopped with SIGTERM and must exit 0.
 
-    python bench/load_test.py                           # trains 5 short runs on the bundled MiniLM first
+    python bench/load_test.py                           # trains 7 short runs on the bundled MiniLM first
     python bench/load_test.py --runs runs/a runs/b --extra runs/c --clients 32 --requests 4000
 """
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-METHODS = ["lora", "ia3", "bitfit", "prompt", "adapter"]  # the last one is the extra, loaded midway
+METHODS = ["lora", "ia3", "bitfit", "prompt", "prefix", "vera", "adapter"]  # the last one is the extra, loaded midway
 WORDS = ["the", "film", "was", "plot", "actors", "really", "quite", "and", "story", "music", "great", "awful",
          "wonderful", "boring", "superb", "dreadful", "long", "short", "funny", "sad"]
 
