@@ -173,6 +173,12 @@ dt.save_adapter(model, {path!r})
 """
 
 
+def same_code() -> dict[str, str]:
+    """The environment for a child process that imports deltatune from where this process does
+    (under ``make mutation``, the mutated copy)."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+
+
 def loaded_values(path) -> set[float]:
     model = build("bert")
     dt.load_adapter(model, path)
@@ -187,7 +193,8 @@ def test_sigkill_while_saving_leaves_a_loadable_adapter(tmp_path, stall, values)
     written), and the next save replaces the files and deletes the killed writer's leftover."""
     path = tmp_path / "adapter"
     script = SAVER.format(tests=str(Path(__file__).parents[1]), path=str(path), stall=stall)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=same_code())
     try:
         assert proc.stdout.readline().strip() == "saved"  # one whole save exists
         before = (path / stall).read_bytes()

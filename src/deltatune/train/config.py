@@ -95,6 +95,10 @@ class TrainingConfig:
     metric_for_best_model: str | None = help_field(None, "Validation metric that picks the best checkpoint; "
                                                    "default: the task's (accuracy, f1, exact_match, perplexity).")
     group_by_length: bool = help_field(True, "Batch examples of similar length to spend less time on padding.")
+    cache_frozen: bool = help_field(
+        False, "Keep each training example's input to the lowest trained block after its first visit and "
+               "skip the frozen blocks below on later ones (layer tuning, or adapters in upper blocks only); "
+               "dropout below that block is off. Memory: the model's width per training token.")
     progress: bool = help_field(True, "Show a progress bar.")
 
 

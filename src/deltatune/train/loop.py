@@ -24,6 +24,7 @@ from ..io.atomic import atomic_write_text
 from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from .config import RunConfig, config_hash
+from .frozen_cache import INDEX
 from .logs import MetricsLog, plot_curves
 from .memory import peak_memory_mb, reset_peak
 from .setup import Run, setup
@@ -59,6 +60,9 @@ class RunResult:
     #: evaluate, save (adapters, checkpoints).
     seconds: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    #: training.cache_frozen: the block whose inputs were kept, how many examples' and their size,
+    #: and how many batches skipped the blocks below it
+    frozen_cache: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -173,7 +177,7 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
     losses: list[float] = []
     tick = time.perf_counter()
     for i, batch in enumerate(run.train_loader):
-        loss = run.model(**batch).loss
+        loss = _training_loss(run, batch)
         _check_finite(loss, progress, folder)
         run.accelerator.backward(loss / accumulate)
         losses.append(loss.item())
@@ -202,6 +206,14 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
         tick = time.perf_counter()
     progress.epoch, progress.batch = progress.epoch + 1, 0
     return not run.eval_steps and _evaluate_and_keep_best(run, progress, log, folder)
+
+
+def _training_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    if run.frozen is None:
+        return run.model(**batch).loss
+    indices = batch.pop(INDEX)
+    with run.frozen.forward(batch, indices):
+        return run.model(**batch).loss
 
 
 def _optimizer_step(run: Run) -> None:
@@ -326,7 +338,8 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1), steps=progress.step,
         best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
         interrupted=stopped == "interrupted", paused=stopped == "paused",
-        seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict())
+        seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),
+        frozen_cache=run.frozen.summary() if run.frozen else None)
     if run.accelerator.is_main_process:
         result.parameters.pop("per_module", None)
         atomic_write_text(folder / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")

@@ -26,6 +26,7 @@ from ..data.loading import load_splits
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
 from .config import RunConfig, TrainingConfig, best_model_metric
+from .frozen_cache import FrozenPrefix, Indexed, indexed_collate, plan
 from .optim import loraplus_param_groups
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
@@ -49,6 +50,8 @@ class Run:
     total_steps: int
     eval_steps: int | None  # training.eval_steps in steps
     data_seconds: float  # reading and tokenising (0 when this process had tokenised the data already)
+    #: training.cache_frozen: the kept inputs of the lowest trained block
+    frozen: FrozenPrefix | None = None
     #: called with (step, eval metrics) after each validation pass; see ``train(on_evaluate=...)``.
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
@@ -102,7 +105,9 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
                                     training.group_by_length)
     # Its own generator: starting an iterator must not draw from the global RNG that dropout
     # uses, or a resumed run would see different dropout masks.
-    train_loader = DataLoader(data["train"], batch_sampler=sampler, collate_fn=collate,
+    frozen = _frozen_prefix(model, data["train"], collate, accelerator) if training.cache_frozen else None
+    train_set, train_collate = (Indexed(data["train"]), indexed_collate(collate)) if frozen else (data["train"], collate)
+    train_loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=train_collate,
                               generator=torch.Generator().manual_seed(training.seed))
     # Their own generators too: otherwise each evaluation draws from the global RNG, and how
     # often a run evaluates (or where it paused) would change its dropout masks.
@@ -122,7 +127,15 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         eval_steps = max(1, math.ceil(eval_steps * total))
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
-               steps_per_epoch, total, eval_steps, data_seconds)
+               steps_per_epoch, total, eval_steps, data_seconds, frozen)
+
+
+def _frozen_prefix(model: torch.nn.Module, rows: Any, collate: Any, accelerator: Accelerator) -> FrozenPrefix:
+    if accelerator.num_processes > 1:
+        raise ConfigError("training.cache_frozen runs in one process; this run has "
+                          f"{accelerator.num_processes}.", "set training.cache_frozen: false, or launch one process.")
+    probe = collate([rows[i] for i in range(min(2, len(rows)))])
+    return plan(model.to(accelerator.device), {k: v.to(accelerator.device) for k, v in probe.items()})
 
 
 #: the data sets tokenised in this process (the newest last), with what their task derived (labels...)
