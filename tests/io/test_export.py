@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, pipeline
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel,
+                          pipeline)
 
+import deltatune as dt
 from deltatune.cli import main
+from deltatune.io.export import export_merged
 from deltatune.io.convert import inspect_adapter
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
@@ -61,6 +65,41 @@ def test_an_export_of_a_run_names_its_labels_and_carries_tokenizer_and_card(run,
     assert {f.stat().st_mode & 0o777 for f in merged.iterdir()} == {0o666 & ~mask}
 
 
+def section(card: str, title: str) -> list[str]:
+    """The lines of one ``## title`` section of a model card, blank lines dropped."""
+    body = card.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    return [line for line in body.splitlines() if line]
+
+
+def test_the_card_states_the_run_line_by_line(run, tmp_path, tiny_model_dir):
+    assert main(["export", str(run / "adapter"), str(tmp_path / "merged")]) == 0
+    card = (tmp_path / "merged" / "README.md").read_text()
+    report = json.loads((run / "report.json").read_text())
+    config = yaml.safe_load((run / "run.yaml").read_text())
+    assert f"# lora merged into {tiny_model_dir.name}\n" in card
+    made = section(card, "How it was made")
+    assert made[0] == f"- Base model: `{tiny_model_dir}`"
+    assert made[1] == ("- Method: lora (modules_to_save=['bert.pooler', 'classifier'], r=8, lora_alpha=16, "
+                       "lora_dropout=0.0, target_modules=None, bias='none', use_rslora=False, use_dora=False, "
+                       "init='kaiming')")
+    assert made[2].startswith("- Merged and saved by `deltatune export` (deltatune ") and made[2].endswith(
+        ") from a deltatune-format adapter")
+    assert made[3:] == ["- Tokenizer: the base model's, saved beside the weights",
+                        f"- Task: classification, trained on `{config['data']['train_file']}`",
+                        f"- Training: 2 steps, learning rate 0.001, batch size 16, seed {config['training']['seed']}; "
+                        f"the adapter of step {report['best_step']}, the best on validation",
+                        "- Labels: 0 = negative, 1 = positive",
+                        f"- Trainable parameters: {report['parameters']['trainable']:,} of "
+                        f"{report['parameters']['total']:,} ({report['parameters']['trainable_percent']:.2f}%)"]
+    metrics = sorted((k, v) for k, v in report["metrics"].items())
+    assert section(card, "Metrics") == ["Measured by the run: `eval_*` on its validation split at the best step, "
+                                        "`test_*` on its test split.", "| metric | value |", "|---|---|",
+                                        *(f"| {k} | {v:.4f} |" for k, v in metrics)]
+    assert section(card, "Use") == ["```python", "from transformers import pipeline",
+                                    'pipe = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")', "```"]
+    assert section(card, "The run's configuration")[:2] == [f"From `{run / 'run.yaml'}`:", "```yaml"]
+
+
 def test_a_run_folder_exports_as_its_adapter(run, tmp_path):
     assert main(["export", str(run), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["id2label"]["1"] == "positive"
@@ -72,7 +111,12 @@ def test_an_export_of_a_bare_adapter_says_what_is_unknown(run, tmp_path):
     assert AutoConfig.from_pretrained(tmp_path / "merged").id2label == {0: "LABEL_0", 1: "LABEL_1"}  # not invented
     card = (tmp_path / "merged" / "README.md").read_text()
     assert front_matter(card)["tags"] == ["deltatune", "lora"]
-    assert "## Not known" in card and "the label names" in card and "## Metrics" not in card
+    assert "## Metrics" not in card and "## The run's configuration" not in card
+    assert section(card, "Not known") == [
+        "This model was exported from a bare adapter folder, without the run that trained it (no `run.yaml` beside "
+        "it), so this card cannot say:",
+        "- the label names: `config.json` holds transformers' placeholders (LABEL_0, LABEL_1); set `id2label` and "
+        "`label2id` there if you know them;", "- the training data and hyperparameters;", "- any metrics."]
 
 
 def test_a_peft_format_adapter_exports_to_the_same_model(run, tmp_path):
@@ -98,3 +142,59 @@ def test_a_peft_adapter_with_a_task_type_loads_its_head(run, tmp_path):
     path.write_text(json.dumps({**config, "auto_mapping": None, "task_type": "SEQ_CLS"}))
     assert "(AutoModelForSequenceClassification)" in inspect_adapter(tmp_path / "peft")
     assert main(["export", str(tmp_path / "peft"), str(tmp_path / "merged")]) == 0
+
+
+def run_copy(run, tmp_path, change) -> Path:
+    """A copy of the run folder whose run.yaml ``change`` rewrites."""
+    folder = tmp_path / "run"
+    shutil.copytree(run, folder)
+    change(folder / "run.yaml")
+    return folder
+
+
+def test_a_damaged_run_config_is_named_with_the_fix(run, tmp_path):
+    folder = run_copy(run, tmp_path, lambda path: path.write_text("data: [unclosed"))
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)run\.yaml' cannot be read .*fix: restore it, or export a copy "
+                                                 r"of the adapter folder without its run"):
+        export_merged(folder, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_labels_that_do_not_fit_the_head_are_refused(run, tmp_path):
+    def three_labels(path):
+        config = yaml.safe_load(path.read_text())
+        config["data"]["labels"] = ["negative", "neutral", "positive"]
+        path.write_text(yaml.safe_dump(config))
+    folder = run_copy(run, tmp_path, three_labels)
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)run\.yaml names 3 labels, but the adapter's head has 2 "
+                                                 r"outputs\..*fix: export the adapter this run wrote"):
+        export_merged(folder, tmp_path / "merged")
+
+
+def test_a_base_without_a_tokenizer_exports_the_model_and_says_so(tmp_path):
+    base = tmp_path / "base"
+    AutoModelForSequenceClassification.from_config(AutoConfig.for_model(
+        "bert", vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        num_labels=2)).save_pretrained(base)
+    model = AutoModelForSequenceClassification.from_pretrained(base)
+    dt.apply(model, dt.LoraConfig(r=2))
+    dt.save_adapter(model, tmp_path / "adapter")
+    export_merged(tmp_path / "adapter", tmp_path / "merged")
+    assert not list((tmp_path / "merged").glob("tokenizer*")) and not (tmp_path / "merged" / "vocab.txt").exists()
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "- Tokenizer: not included (the base model folder has none)\n" in card
+
+
+class Encoder(BertModel):
+    """A model class whose name tells peft nothing of its task."""
+
+
+def test_a_prompt_for_a_model_peft_has_no_task_type_for_has_no_peft_form(tmp_path):
+    model = Encoder(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32))
+    dt.apply(model, dt.PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)peft needs a task_type to apply a prompt or prefix, and "
+                                                 r"deltatune knows none for the base model class 'Encoder'\..*fix: "
+                                                 r"save the adapter from a transformers model with a task head"):
+        dt.save_adapter(model, tmp_path / "peft", format="peft")
+    assert not (tmp_path / "peft").exists()

@@ -1,0 +1,56 @@
+"""Adapter files without a model: ``inspect_adapter`` says what a file holds, line by line, and
+``convert`` rewrites it into the other format with the same tensors and outputs."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+import deltatune as dt
+from deltatune.io.adapter_files import read_adapter
+from deltatune.io.convert import convert, inspect_adapter
+from tiny import build, inputs, output, perturb
+
+KEY = "bert.encoder.layer.{}.attention.self.query.lora_{}.weight"
+
+
+def saved_lora(folder):
+    model = build("bert")
+    dt.apply(model, dt.LoraConfig(r=2, lora_alpha=4, target_modules=["query"]))
+    perturb(model)
+    dt.save_adapter(model, folder)
+    return model
+
+
+def test_inspect_lists_method_base_config_and_every_tensor(tmp_path):
+    saved_lora(tmp_path / "a")
+    lines = inspect_adapter(tmp_path / "a").splitlines()
+    # 2 blocks x query x (A: 2 x 32, B: 32 x 2) = 256 float32 numbers = 1,024 bytes
+    assert lines[:3] == [f"adapter:     {tmp_path / 'a'} (deltatune format)", "method:      lora",
+                         "base model:  unknown (BertForSequenceClassification)"]
+    assert re.fullmatch(r"fingerprint: sha256:[0-9a-f]{16}", lines[3])
+    assert lines[4] == ("config:      modules_to_save=[], r=2, lora_alpha=4, lora_dropout=0.0, target_modules=['query'], "
+                        "bias='none', use_rslora=False, use_dora=False, init='kaiming'")
+    assert lines[5] == "tensors:     4, 256 parameters, 1,024 bytes"
+    width = len(KEY.format(0, "A"))
+    assert lines[6:] == [f"  {KEY.format(i, ab):<{width}}  {shape:<14} float32"
+                         for i in (0, 1) for ab, shape in (("A", "(2, 32)"), ("B", "(32, 2)"))]
+
+
+def test_convert_to_peft_and_back_keeps_tensors_and_outputs(tmp_path):
+    model = saved_lora(tmp_path / "a")
+    batch = inputs("bert")
+    expected = output(model, batch)
+    assert convert(tmp_path / "a", tmp_path / "peft", "peft") == tmp_path / "peft"
+    assert (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert inspect_adapter(tmp_path / "peft").splitlines()[:2] == [f"adapter:     {tmp_path / 'peft'} (peft format)",
+                                                                    "method:      lora"]
+    convert(tmp_path / "peft", tmp_path / "back", "deltatune")
+    (_, original), (description, back) = read_adapter(tmp_path / "a"), read_adapter(tmp_path / "back")
+    assert description["format"] == "deltatune" and description["config"]["method"] == "lora"
+    assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)
+    for folder in ("peft", "back"):
+        fresh = build("bert")
+        dt.load_adapter(fresh, tmp_path / folder)
+        torch.testing.assert_close(output(fresh, batch), expected, atol=1e-6, rtol=0)
