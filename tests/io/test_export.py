@@ -198,3 +198,50 @@ def test_a_prompt_for_a_model_peft_has_no_task_type_for_has_no_peft_form(tmp_pat
                                                  r"save the adapter from a transformers model with a task head"):
         dt.save_adapter(model, tmp_path / "peft", format="peft")
     assert not (tmp_path / "peft").exists()
+
+
+def peft_copy(run, tmp_path, **changes) -> Path:
+    """The run's adapter converted to the peft format, with ``changes`` made to its adapter_config.json
+    (a value None removes the key)."""
+    folder = tmp_path / "peft"
+    assert main(["convert", str(run / "adapter"), str(folder), "--to", "peft"]) == 0
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    config = {k: v for k, v in config.items() if v is not None}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_base_that_is_not_a_local_folder_asks_for_base(run, tmp_path, tiny_model_dir):
+    folder = peft_copy(run, tmp_path, base_model_name_or_path=str(tmp_path / "gone"))
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)the base model of '.*peft' is not a local folder "
+                                                 r"\('.*gone'\)\..*fix: pass --base with the folder of the base model"):
+        export_merged(folder, tmp_path / "merged")
+    export_merged(folder, tmp_path / "merged", base=str(tiny_model_dir))
+    assert AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["BertForSequenceClassification"]
+
+
+def test_a_model_class_transformers_lacks_is_named(run, tmp_path):
+    folder = peft_copy(run, tmp_path, task_type=None, auto_mapping={"base_model_class": "BertForNothing",
+                                                                    "parent_library": "transformers"})
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)transformers has no model class 'BertForNothing'\..*fix: "
+                                                 r"pass --base and upgrade transformers"):
+        export_merged(folder, tmp_path / "merged")
+
+
+def test_an_adapter_without_its_model_class_that_fits_no_model_says_how_to_fix_it(run, tmp_path):
+    folder = peft_copy(run, tmp_path, task_type=None, auto_mapping=None)
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)does not record its model class, and it does not fit "
+                                                 r"BertModel: .*fix: convert it again from the deltatune adapter with "
+                                                 r"this version of deltatune, or add the task_type peft uses"):
+        export_merged(folder, tmp_path / "merged")
+
+
+def test_the_runs_config_overrides_reach_the_exported_config(run, tmp_path):
+    def overrides(path):
+        config = yaml.safe_load(path.read_text())
+        config["model"]["config_overrides"] = {"hidden_dropout_prob": 0.25}
+        path.write_text(yaml.safe_dump(config))
+    export_merged(run_copy(run, tmp_path, overrides), tmp_path / "merged")
+    exported = AutoConfig.from_pretrained(tmp_path / "merged")
+    assert exported.hidden_dropout_prob == 0.25 and exported.id2label == {0: "negative", 1: "positive"}
