@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import deltatune as dt
+from deltatune.io.convert import convert
 from deltatune.cli import main
 from tiny import build, inputs, output, perturb
 
@@ -71,9 +72,30 @@ def test_fields_of_a_newer_peft_are_ignored_with_a_warning(tmp_path):
     model = peft.get_peft_model(build("bert"), peft.LoraConfig(r=4, target_modules=["query"]))
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "quantum_rank": 3}))
-    with pytest.warns(UserWarning, match="quantum_rank"):
-        dt.load_adapter(build("bert"), tmp_path)
+    # unknown and set: named, sorted; unknown but empty or off: nothing to ignore
+    config = {**config, "quantum_rank": 3, "alpha_mode": "x", "future_flag": False, "future_list": []}
+    for optional in ("lora_dropout", "bias", "use_rslora", "modules_to_save"):  # an older peft may leave them out
+        del config[optional]
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    model = build("bert")
+    with pytest.warns(UserWarning) as caught:
+        dt.load_adapter(model, tmp_path)
+    assert [str(w.message) for w in caught] == ["ignoring peft config fields deltatune does not know: alpha_mode, "
+                                                "quantum_rank"]
+    loaded = dt.core.state.require_state(model).configs["default"]
+    assert (loaded.lora_dropout, loaded.bias, loaded.use_rslora) == (0.0, "none", False)  # the defaults peft uses
+
+
+def test_a_gpt2_peft_adapter_converted_to_peft_again_keeps_its_layout(tmp_path):
+    """GPT-2's Conv1D stores weights (in, out): peft's fan_in_fan_out travels through a conversion."""
+    model = peft.get_peft_model(build("gpt2"), peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    perturb(model)
+    model.save_pretrained(tmp_path / "peft")
+    expected = output(model.eval(), inputs("gpt2"))
+    convert(tmp_path / "peft", tmp_path / "again", "peft")
+    assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(build("gpt2"), tmp_path / "again").eval(),
+                                      inputs("gpt2")), expected, atol=1e-6, rtol=0)
 
 
 def test_methods_without_a_peft_layout_are_refused(tmp_path):
