@@ -69,7 +69,17 @@ def test_config_that_is_not_json_and_no_embedded_copy(saved):
     model, path = saved
     dt.save_adapter(model, path, format="peft")  # peft files carry no embedded config
     (path / "adapter_config.json").write_text("{not json")
-    refused(path, "is not valid JSON")
+    refused(path, r"(?s)adapter_config\.json' is not valid JSON .*fix: restore the file or save the adapter again")
+
+
+def test_the_weights_file_alone_loads_from_its_embedded_config(saved, recwarn):
+    """adapter_config.json lost: the config saved inside the weights file is enough, and nothing warns."""
+    model, path = saved
+    (path / "adapter_config.json").unlink()
+    fresh = build("bert")
+    dt.load_adapter(fresh, path)
+    assert output(fresh, inputs("bert")).tolist() == output(model, inputs("bert")).tolist()
+    assert not [w for w in recwarn if "adapter_config" in str(w.message)]
 
 
 def test_config_naming_an_unknown_method(saved):
