@@ -270,3 +270,35 @@ def test_written_files_follow_the_umask_like_any_other_tool(tmp_path, mask):
     files = [*(tmp_path / "adapter").iterdir(), tmp_path / "report.json", *checkpoint.iterdir()]
     assert files and {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~mask}
     assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_a_damaged_or_stale_config_beside_the_weights_gives_way_to_the_embedded_one(saved):
+    """The weights file holds the config it was saved with: a damaged adapter_config.json, or one
+    that differs (a save interrupted between the two files), is named and the embedded one used."""
+    model, path = saved
+    expected = output(model, inputs("bert"))
+    config = path / "adapter_config.json"
+    stale = {**json.loads(config.read_text()), "config": {**json.loads(config.read_text())["config"], "r": 2}}
+    for text, phrase in [("{not json", r"adapter_config\.json is not valid JSON \(.*\); using the config saved inside "
+                                       r"the weights file\."),
+                         (json.dumps(stale), r"adapter_config\.json differs from the config saved inside the weights "
+                                             r"file \(an interrupted save\?\); using the one saved with the weights\.")]:
+        config.write_text(text)
+        fresh = build("bert")
+        with pytest.warns(UserWarning, match=phrase):
+            dt.load_adapter(fresh, path)
+        assert output(fresh, inputs("bert")).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("config,phrase", [
+    (None, r"(?s)adapter_config\.json' is missing\..*fix: save the adapter again"),
+    ({"hello": 1}, r"(?s)adapter_config\.json' is neither a deltatune nor a peft adapter config\..*fix: point to a "
+                   r"directory written by deltatune\.save_adapter or peft's save_pretrained"),
+])
+def test_weights_without_an_embedded_config_need_a_readable_one_beside_them(saved, config, phrase):
+    model, path = saved
+    dt.save_adapter(model, path, format="peft")  # peft files carry no embedded config
+    (path / "adapter_config.json").unlink()
+    if config is not None:
+        (path / "adapter_config.json").write_text(json.dumps(config))
+    refused(path, phrase)
