@@ -100,6 +100,10 @@ def test_the_card_states_the_run_line_by_line(run, tmp_path, tiny_model_dir):
     assert section(card, "The run's configuration")[:2] == [f"From `{run / 'run.yaml'}`:", "```yaml"]
 
 
+def test_inspect_names_the_base_model_the_adapter_was_saved_from(run, tiny_model_dir):
+    assert inspect_adapter(run / "adapter").splitlines()[2] == f"base model:  {tiny_model_dir} (BertForSequenceClassification)"
+
+
 def test_a_run_folder_exports_as_its_adapter(run, tmp_path):
     assert main(["export", str(run), str(tmp_path / "merged")]) == 0
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["id2label"]["1"] == "positive"
