@@ -210,7 +210,7 @@ class RowPrompts:
     the tokens' positions move up by n_r (``front=True``)::
 
         [pad (n - n_r) ; P_r ; x]
-    
+
     An encoder pools the first column and counts positions itself, so there the padding goes last::
 
         [P_r ; x ; pad (n - n_r)]
@@ -271,7 +271,8 @@ class RowPrompts:
         moved = positions.expand(len(self.lengths), -1) + self.lengths[:, None]  # (batch, seq)
         if not with_prompt:
             return moved
-        inside = torch.arange(self.n + moved.shape[1], device=moved.device)[None] - self.starts[:, None] + self.lengths[:, None]
+        column = torch.arange(self.n + moved.shape[1], device=moved.device)[None]  # (1, n + seq)
+        inside = column - (self.starts - self.lengths)[:, None]  # (batch, n + seq): place within the prompt
         return torch.where(self.prompt_columns(moved.shape[1]), inside, self.laid_out(moved, 0))
 
     def front_mask(self, mask: torch.Tensor) -> torch.Tensor:

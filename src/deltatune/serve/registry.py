@@ -3,8 +3,9 @@
 Runs of one task whose heads have the same width (two-label classifiers, say) share one model
 instance and can share a forward pass; a run whose head differs gets an instance of its own (one
 more copy of the base in memory), and so does a run that changed base weights themselves (full
-fine-tuning, LoRA with trained biases) or cannot share a batch (layer tuning). A run trained on another base model is refused. Adapters are loaded and
-unloaded while the server runs: ``lock`` keeps a model from changing while a batch runs on it.
+fine-tuning, LoRA with trained biases) or cannot share a batch (layer tuning). A run trained on
+another base model is refused. Adapters are loaded and unloaded while the server runs: ``lock``
+keeps a model from changing while a batch runs on it.
 """
 
 from __future__ import annotations

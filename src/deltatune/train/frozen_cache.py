@@ -5,8 +5,9 @@ input of block k depends on the example alone, so it is computed once and reused
     later visits:                         kept h_k(x) ─► blocks k.. ─► loss
 
 Layer tuning (top k blocks), and LoRA, IA3 or adapters whose ``target_modules`` name upper
-blocks only, qualify; a method that trains anything the input passes first (prompt tuning, the
-embeddings, LoRA in every block) does not, and the run says so before training. Everything
+blocks only, gain the most (with adapters in block 0 only the embeddings' output is kept); a
+method that trains anything the input passes first (prompt tuning, the embeddings) cannot use it,
+and the run says so before training. Everything
 below block k runs in eval mode (its dropout off) on every visit, so each epoch computes the same
 function, the first included. A batch whose examples are all kept skips the modules below block
 k; any other runs the whole model and keeps what it lacked.
@@ -30,7 +31,8 @@ from ..core.errors import ConfigError
 from ..hf.anatomy import ANATOMIES, model_type
 
 INDEX = "deltatune_example_index"  # the batch key that carries each row's index in the training set
-FIX = "set training.cache_frozen: false, or train upper blocks only (layer tuning, or target_modules in the top blocks)."
+FIX = ("set training.cache_frozen: false, or train upper blocks only (layer tuning, or target_modules in the "
+       "top blocks).")
 
 
 class FrozenPrefix:
