@@ -233,7 +233,8 @@ class Method:
         return {}
 
     def row_refusal(self) -> str:
-        """Why this adapter cannot share a batch, or a served model, with other adapters ("": it can)."""
+        """Why this adapter cannot share a batch, or a served model, with other adapters ("": it can).
+        A method whose adapters may train base parameters in place (``extra_trainable``) says so here."""
         return self.per_row_refusal
 
     def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

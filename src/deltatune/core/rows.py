@@ -73,14 +73,12 @@ def _check_names(model: nn.Module, state: AdapterState, names: list[str]) -> Non
                          f"left for the '{BASE}' rows.", "load a fresh base model for them.")
     if len(set(names)) > 1:
         for name in sorted(set(names) - {BASE}):
-            _check_mixes(model, name, state.configs[name])
+            _check_mixes(name, state.configs[name])
 
 
-def _check_mixes(model: nn.Module, name: str, config: Any) -> None:
+def _check_mixes(name: str, config: Any) -> None:
     method = method_for(config)
     reason = method.row_refusal()
-    if not reason and method.extra_trainable(model, name):
-        reason = "it trains base parameters in place, which every row would see"
     if reason:
         raise ConfigError(f"adapter '{name}' ({method.name}) cannot share a batch with other adapters: {reason}.",
                           "give its rows a batch of their own (deltatune serve does).")

@@ -89,13 +89,17 @@ def cached_length(kw: dict[str, Any]) -> int:
     return cache.get_seq_length() if cache is not None else 0
 
 
+def tokens(kw: dict[str, Any]) -> torch.Tensor | None:
+    """The input: its ids, (batch, seq), or the embeddings passed instead, (batch, seq, d)."""
+    return kw["input_ids"] if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+
+
 def positions(kw: dict[str, Any]) -> torch.Tensor:
     """The input's position ids: as passed, or as the model would count them, after the cache."""
     if kw.get("position_ids") is not None:
         return kw["position_ids"]
-    tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
-    start = cached_length(kw)
-    return torch.arange(start, start + tokens.shape[1], device=tokens.device)[None]  # (1, seq)
+    given, start = tokens(kw), cached_length(kw)
+    return torch.arange(start, start + given.shape[1], device=given.device)[None]  # (1, seq)
 
 
 def padded(tensor: torch.Tensor, n: int, value: int, like: torch.Size | None = None) -> torch.Tensor:

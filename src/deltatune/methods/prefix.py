@@ -370,7 +370,7 @@ class PositionHook:
 
     def __call__(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kw = virtual_tokens.arguments(model, args, kwargs)
-        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        tokens = virtual_tokens.tokens(kw)
         rows = row_prefixes(model, len(tokens), tokens.device)
         if rows is not None:
             n = rows[1].sum(dim=1, keepdim=True)  # (batch, 1): each row's own prefix length

@@ -310,7 +310,7 @@ class PromptHooks:
 
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kw = virtual_tokens.arguments(model, args, kwargs)
-        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+        tokens = virtual_tokens.tokens(kw)
         rows = RowPrompts.of(model, len(tokens), tokens.device)
         if rows is not None:
             return (), self._rows_before_model(kw, rows)
@@ -384,7 +384,7 @@ class PromptHooks:
         """The decoder attends to the encoder's output, which is n positions longer."""
         kw = virtual_tokens.arguments(model, args, kwargs)
         mask, encoded = kw.get("attention_mask"), kw.get("encoder_outputs")
-        tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+        tokens = virtual_tokens.tokens(kw)
         batch = len(encoded[0]) if encoded is not None else len(tokens)
         rows = RowPrompts.of(model, batch, encoded[0].device if encoded is not None else tokens.device, encoder=True)
         if rows is not None:
@@ -423,7 +423,7 @@ def _mask_or_ones(kw: dict, past: int = 0) -> torch.Tensor:
     """The attention mask passed, or (no mask: every token visible) ones, (batch, past + seq)."""
     if kw.get("attention_mask") is not None:
         return kw["attention_mask"]
-    tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+    tokens = virtual_tokens.tokens(kw)
     return torch.ones(len(tokens), past + tokens.shape[1], dtype=torch.long, device=tokens.device)
 
 
