@@ -107,6 +107,24 @@ def test_adapter_of_another_base_model(saved):
     refused(path, "another base model", other)
 
 
+def test_adapter_naming_modules_this_model_lacks(saved):
+    """Found by the adapter-file fuzzer: one damaged byte in the embedded config renamed the
+    'classifier' of modules_to_save; the load must say the file does not fit, not blame a config."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = saved
+    weights = path / "adapter_model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    description = json.loads(metadata["deltatune"])
+    description["config"]["target_modules"] = ["lassifier"]
+    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": json.dumps(description)})
+    (path / "adapter_config.json").write_text(json.dumps(description))
+    refused(path, r"(?s)does not fit BertForSequenceClassification: target_modules entry 'lassifier' matches no "
+                  r"module.*fix: load it into the base model it was trained on")
+
+
 def test_a_load_refused_after_its_tensors_were_copied_leaves_the_model_as_it_was(saved):
     """The base fingerprint is checked after the tensors are in: the rollback must take them
     out again (tensors compared by value: a merge instead of a delete keeps the keys)."""

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.errors import AdapterFileError, ConfigError, DeltatuneError
+from ..core.errors import AdapterFileError, ConfigError, DeltatuneError, TargetError
 from ..core.method import config_from_dict, deltas_of, method_for
 from ..core.verbs import adapter_state_dict, apply, delete_adapter, require_adapter
 from ..hf.layers import weight_is_transposed
@@ -206,7 +206,11 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                "save the adapter again with this version of deltatune.") from error
     if "peft_config" in description:
         peft_format.check_base(description, model)
-    apply(model, config, adapter_name)
+    try:
+        apply(model, config, adapter_name)
+    except TargetError as error:
+        raise AdapterFileError(f"the adapter in '{path}' does not fit {type(model).__name__}: {error.message}",
+                               "load it into the base model it was trained on.") from error
     try:
         load_adapter_state_dict(model, tensors, adapter_name)
         _check_fingerprint(model, adapter_name, description)
