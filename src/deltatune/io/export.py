@@ -131,11 +131,11 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
     model = base_for(adapter, base, run)
     try:
         load_adapter(model, adapter)
-    except TargetError as error:
-        if base_class(description):
+    except AdapterFileError as error:
+        if base_class(description) or not isinstance(error.__cause__, TargetError):
             raise
         raise AdapterFileError(f"the adapter in '{adapter}' does not record its model class, and it does not fit "
-                               f"{type(model).__name__}: {error.message}",
+                               f"{type(model).__name__}: {error.__cause__.message}",
                                "convert it again from the deltatune adapter with this version of deltatune, "
                                "or add the task_type peft uses for it to adapter_config.json.") from error
     method = method_for(adapter_state(model).configs["default"])
