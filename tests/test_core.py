@@ -50,6 +50,70 @@ def test_config_from_dict_errors_name_the_key(values, expected):
     assert "fix:" in str(info.value)
 
 
+def test_a_range_keeps_whole_bounds_whole_and_reads_its_brackets():
+    from deltatune.core.method import Range
+
+    whole = Range.parse("[-2, 5)")
+    assert (whole.low, whole.high, whole.open_low, whole.open_high) == (-2, 5, False, True)
+    assert type(whole.low) is int and type(whole.high) is int  # errors say "at least -2", not "-2.0"
+    half = Range.parse("(0.5, inf]")
+    assert (half.low, half.high, half.open_low, half.open_high) == (0.5, float("inf"), True, False)
+    assert [x in whole for x in (-2, 4.9, 5, float("nan"))] == [True, True, False, False]
+    with pytest.raises(ValueError, match="not an interval"):
+        Range.parse("0..1")
+
+
+def test_help_field_carries_its_help_range_and_typical_value_and_copies_list_defaults():
+    import dataclasses
+
+    from deltatune.core.method import Range, help_field
+
+    @dataclasses.dataclass
+    class Fields:
+        names: list = help_field(["a"], "some names")
+        rate: float = help_field(0.5, "a rate", range="(0, 1]", typical=0.1)
+        size: int = help_field(4, "a size")
+
+    names, rate, size = dataclasses.fields(Fields)
+    assert names.metadata["help"] == "some names" and names.metadata["range"] is None
+    assert rate.metadata["range"] == Range(0, 1, True, False) and rate.metadata["typical"] == 0.1
+    assert size.metadata["typical"] == 4  # no typical given: the default
+    first, second = Fields(), Fields()
+    assert first.names == ["a"] and first.names is not second.names
+    assert (first.rate, first.size) == (0.5, 4)
+    assert Fields(rate=0.2).rate == 0.2
+
+
+def test_register_makes_a_method_reachable_and_refuses_an_unknown_family():
+    import dataclasses
+
+    from deltatune.core.method import _REGISTRY, Method, MethodConfig, method_class, register
+
+    config_class = dataclasses.dataclass(type("ToyConfig", (MethodConfig,), {}))
+    toy = type("Toy", (Method,), {"name": "toy-method", "config_class": config_class, "family": "additive"})
+    try:
+        assert register(toy) is toy
+        assert method_class("toy-method") is toy and config_class.method == "toy-method"
+    finally:
+        _REGISTRY.pop("toy-method", None)
+    odd = type("Odd", (Method,), {"name": "odd", "config_class": config_class, "family": "magic"})
+    with pytest.raises(ValueError, match="Odd.family must be one of"):
+        register(odd)
+    assert "odd" not in dt.registered()
+
+
+def test_a_method_that_leaves_out_a_step_says_which_class_lacks_it():
+    from deltatune.core.method import Method
+
+    toy = type("Toy", (Method,), {})(None)
+    with pytest.raises(NotImplementedError, match="^Toy.inject$"):
+        toy.inject(nn.Linear(1, 1), "default", None, None)
+    with pytest.raises(NotImplementedError, match="^Toy has no peft format$"):
+        toy.peft_config({}, {})
+    with pytest.raises(NotImplementedError, match="^Toy has no peft format$"):
+        type(toy).config_from_peft({})
+
+
 # --- targeting ---------------------------------------------------------------------------
 
 Q0 = "bert.encoder.layer.0.attention.self.query"
@@ -128,6 +192,26 @@ def test_counts_on_one_large_linear():
 def test_a_model_without_adapters_counts_everything_as_trainable():
     report = dt.parameter_report(Big())
     assert report.trainable == report.stored == report.total == 4096 * 4096 + 4096
+
+
+@pytest.mark.parametrize("nbytes,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),
+                                         (1024 ** 2 - 1, "1024.0 KiB"), (1024 ** 2, "1.0 MiB"),
+                                         (5 * 1024 ** 3, "5.0 GiB")])
+def test_stored_bytes_are_written_in_binary_units(nbytes, text):
+    report = dt.ParameterReport(total=10, trainable=1, stored=2, not_stored=0, changed=0, stored_bytes=nbytes)
+    assert f"stored params: 2 ({text}) ||" in str(report)
+
+
+def test_report_as_data_and_text_has_percentages_and_regenerable_only_when_there_is_some():
+    report = dt.ParameterReport(total=400, trainable=3, stored=6, not_stored=1, changed=8, stored_bytes=24)
+    data = report.to_dict()
+    assert data["trainable_percent"] == 0.75 and data["stored_percent"] == 1.5
+    assert {k: data[k] for k in ("total", "trainable", "stored", "not_stored", "changed", "regenerable")} == \
+        {"total": 400, "trainable": 3, "stored": 6, "not_stored": 1, "changed": 8, "regenerable": 0}
+    assert str(report).endswith("trained, not stored: 1 || changed params: 8")
+    report.regenerable = 1_024
+    assert str(report).endswith("changed params: 8 || regenerable from the config: 1,024")
+    assert dt.ParameterReport(0, 0, 0, 0, 0, 0).to_dict()["stored_percent"] == 0.0
 
 
 # --- verbs -------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from torch import nn
 
 from .errors import AdapterFileError, ConfigError
 from .layer import AdapterState, Delta, DeltaLayer
-from .peft_keys import PROMPT_PREFIX, TUNER_PREFIX
+from .peft_keys import TUNER_PREFIX
 from .targets import resolve_targets
 
 FAMILIES = ("additive", "selective", "re-parameterisation", "full")
@@ -274,7 +274,7 @@ class Method:
     # --- Hugging Face peft's format: each method translates itself ------------------------
     #: ``peft_type`` in peft's adapter_config.json; None: peft has no format for this method.
     peft_type: ClassVar[str | None] = None
-    #: peft's prompt learning: keys under ``base_model.``, and a task type.
+    #: peft's prompt learning: its config has a task type (and the method maps its own keys).
     peft_prompt_learning: ClassVar[bool] = False
     #: peft config fields that mean nothing for loading here (settings deltatune detects itself).
     peft_ignored: ClassVar[tuple[str, ...]] = ()
@@ -290,14 +290,12 @@ class Method:
 
     def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our file's tensors under peft's keys."""
-        prefix = PROMPT_PREFIX if self.peft_prompt_learning else TUNER_PREFIX
-        return {prefix + k: v for k, v in tensors.items()}
+        return {TUNER_PREFIX + k: v for k, v in tensors.items()}
 
     @classmethod
     def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         """peft's tensors under our keys."""
-        prefix = PROMPT_PREFIX if cls.peft_prompt_learning else TUNER_PREFIX
-        return {k.removeprefix(prefix): v for k, v in tensors.items()}
+        return {k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
 
     @classmethod
     def check_peft_base(cls, model: nn.Module) -> None:
