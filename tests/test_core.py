@@ -170,6 +170,66 @@ def test_a_bad_second_adapter_leaves_the_first_in_place():
     assert structure(model) == before and dt.active_adapters(model) == ["a"]
 
 
+class Letters(nn.Module):
+    """Linear layers named alpha, bravo, ... (no name close to 'zzz') and one inside a Sequential."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        for name in ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"][:n]:
+            setattr(self, name, nn.Linear(1, 1))
+        self.seq = nn.Sequential(nn.Linear(1, 1))  # "seq.0": a number is no name to suggest
+
+
+def hint(model, entry, supported) -> str:
+    with pytest.raises(dt.TargetError) as info:
+        resolve_targets(model, [entry], supported, "lora")
+    assert info.value.message == f"target_modules entry '{entry}' matches no module of {type(model).__name__}."
+    return info.value.hint
+
+
+def test_no_match_lists_the_name_ends_of_modules_the_method_can_adapt():
+    assert hint(Letters(10), "zzz", (nn.Linear,)) == \
+        "this model's Linear modules end in: alpha, bravo, charlie, delta, echo, foxtrot, golf, hotel, ...."
+    assert hint(Letters(8), "zzz", (nn.Linear, Conv1D)) == \
+        "this model's Linear/Conv1D modules end in: alpha, bravo, charlie, delta, echo, foxtrot, golf, hotel."
+    assert hint(Letters(2), "zzz", (nn.Module,)) == "this model's modules end in: alpha, bravo, seq."
+    assert hint(nn.Sequential(nn.ReLU()), "zzz", (nn.Linear,)) == "this model has no Linear module."
+
+
+def test_no_match_suggests_the_five_closest_name_ends_also_for_a_regex():
+    # a regex is compared without its 're:' (as a regex, "dense" is no whole module name here)
+    assert hint(build("bert"), "re:dense", SUPPORTED) == \
+        "did you mean one of: dense, pooler.dense, output.dense, encoder, bert.pooler.dense?"
+
+
+def test_peft_target_modules_a_string_is_one_regex_and_a_list_is_kept():
+    from deltatune.core.peft_keys import targets_from_peft
+
+    assert targets_from_peft(".*query") == ["re:.*query"]
+    assert targets_from_peft("all-linear") == "all-linear"
+    assert targets_from_peft(["query", "value"]) == ["query", "value"]
+
+
+def test_peft_modules_are_named_by_everything_before_the_last_marker():
+    from deltatune.core.peft_keys import modules_with
+
+    keys = {"a.lora_A.b.lora_A.weight": 0, "c.lora_B.weight": 0, "c.lora_A.weight": 0, "d.weight": 0}
+    assert modules_with(keys, "lora_A", "lora_B") == ["a.lora_A.b", "c"]
+
+
+def test_peft_fields_we_do_not_implement_are_refused_unless_off():
+    from deltatune.core.peft_keys import refuse_unsupported
+
+    defaults = {"use_dora": False, "loftq_config": {}, "layer_replication": None}
+    for off in ({}, {"use_dora": False}, {"loftq_config": None}, {"loftq_config": False}, {"layer_replication": {}}):
+        refuse_unsupported(off, defaults)
+    with pytest.raises(dt.AdapterFileError) as info:
+        refuse_unsupported({"use_dora": True}, defaults)
+    assert info.value.message == ("this peft adapter sets use_dora=True, which deltatune does not implement; "
+                                  "loading it without would change its outputs.")
+    assert info.value.hint == "retrain without use_dora, or use peft for this adapter."
+
+
 # --- accounting --------------------------------------------------------------------------
 
 class Big(nn.Module):
@@ -360,6 +420,36 @@ def test_a_merge_that_fails_on_any_error_leaves_nothing_merged(monkeypatch):
 def test_verbs_on_a_model_without_adapters_say_apply_first():
     with pytest.raises(dt.ConfigError, match="apply"):
         dt.merge(Tiny())
+
+
+def test_merge_refusals_say_what_to_call_first():
+    model = dt.apply(build("bert"), lora())
+    with pytest.raises(dt.MergeError) as info:
+        dt.unmerge(model)
+    assert str(info.value) == "nothing is merged.\n  fix: call deltatune.merge(model) first."
+    dt.merge(model)
+    with pytest.raises(dt.MergeError) as info:
+        dt.delete_adapter(model, "default")
+    assert str(info.value) == ("cannot delete an adapter while adapters are merged into the base weights.\n"
+                               "  fix: call deltatune.unmerge(model) first.")
+
+
+def test_deleting_the_last_adapter_leaves_a_model_that_trains_in_full():
+    model = dt.apply(build("bert"), lora())
+    assert not all(p.requires_grad for p in model.parameters())
+    dt.delete_adapter(model, "default")
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_delta_that_cannot_merge_says_which():
+    from deltatune.core.layer import Delta
+
+    class Shift(Delta):
+        pass
+
+    for verb in (Shift().merge, Shift().unmerge):
+        with pytest.raises(dt.MergeError, match="^Shift cannot be folded into the base weights.$"):
+            verb(nn.Linear(1, 1))
 
 
 # --- adapter files -----------------------------------------------------------------------

@@ -85,7 +85,7 @@ def test_generate_runs_each_row_with_its_adapter(family, method):
     ids = inputs(family, batch=3)["input_ids"]
     names = ["a", "b", "__base__"]
     settings = {"max_new_tokens": 5, "do_sample": False, "num_beams": 2, "pad_token_id": 0}
-    mixed = model.generate(input_ids=ids, adapter_names=names, **settings)
+    mixed = model.generate(ids, adapter_names=names, **settings)  # inputs by position, as transformers allows
     for row, name in enumerate(names):
         if name == "__base__":
             with dt.disable_adapters(model):
