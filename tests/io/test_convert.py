@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import torch
@@ -38,15 +39,25 @@ def test_inspect_lists_method_base_config_and_every_tensor(tmp_path):
                          for i in (0, 1) for ab, shape in (("A", "(2, 32)"), ("B", "(32, 2)"))]
 
 
+def test_inspect_names_the_base_model_by_its_path(tmp_path):
+    model = build("bert")
+    model.config._name_or_path = "models/my-bert"
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["query"]))
+    dt.save_adapter(model, tmp_path / "a")
+    assert inspect_adapter(tmp_path / "a").splitlines()[2] == "base model:  models/my-bert (BertForSequenceClassification)"
+
+
 def test_convert_to_peft_and_back_keeps_tensors_and_outputs(tmp_path):
     model = saved_lora(tmp_path / "a")
     batch = inputs("bert")
     expected = output(model, batch)
     assert convert(tmp_path / "a", tmp_path / "peft", "peft") == tmp_path / "peft"
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
-    assert inspect_adapter(tmp_path / "peft").splitlines()[:2] == [f"adapter:     {tmp_path / 'peft'} (peft format)",
-                                                                    "method:      lora"]
+    assert inspect_adapter(tmp_path / "peft").splitlines()[:4] == [
+        f"adapter:     {tmp_path / 'peft'} (peft format)", "method:      lora",
+        "base model:  unknown (BertForSequenceClassification)", "fingerprint: -"]  # peft keeps no fingerprint
     convert(tmp_path / "peft", tmp_path / "back", "deltatune")
+    assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["method"] == "lora"  # as saved
     (_, original), (description, back) = read_adapter(tmp_path / "a"), read_adapter(tmp_path / "back")
     assert description["format"] == "deltatune" and description["config"]["method"] == "lora"
     assert original.keys() == back.keys() and all(torch.equal(original[k], back[k]) for k in original)

@@ -28,10 +28,10 @@ def inspect_adapter(path: str | Path) -> str:
     config: dict[str, Any] = description["config"]
     total = sum(t.numel() for t in tensors.values())
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    lines = [f"adapter:     {path} ({description.get('format', 'deltatune')} format)",
+    lines = [f"adapter:     {path} ({description['format']} format)",
              f"method:      {config['method']}",
              f"base model:  {description.get('base_model_name_or_path') or 'unknown'} "
-             f"({base_class(description) or description.get('base_model_type') or '?'})",
+             f"({base_class(description) or '?'})",
              f"fingerprint: {description.get('base_fingerprint') or '-'}",
              "config:      " + ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method"),
              f"tensors:     {len(tensors)}, {total:,} parameters, {nbytes:,} bytes"]
