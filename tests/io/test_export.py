@@ -249,3 +249,100 @@ def test_the_runs_config_overrides_reach_the_exported_config(run, tmp_path):
     export_merged(run_copy(run, tmp_path, overrides), tmp_path / "merged")
     exported = AutoConfig.from_pretrained(tmp_path / "merged")
     assert exported.hidden_dropout_prob == 0.25 and exported.id2label == {0: "negative", 1: "positive"}
+
+
+RUN_CARD = """---
+library_name: transformers
+base_model: org/bert-base
+tags:
+- deltatune
+- lora
+pipeline_tag: text-classification
+---
+
+# lora merged into bert-base
+
+A `BertForSequenceClassification`: the base model's weights with a **lora** adapter merged in. Plain transformers \
+loads it, without deltatune or peft.
+
+## How it was made
+
+- Base model: `org/bert-base` (weights from `/weights/bert`)
+- Method: lora (r=2, target_modules=['query'])
+- Merged and saved by `deltatune export` (deltatune {version}) from a peft-format adapter
+- Tokenizer: the base model's, saved beside the weights
+- Task: classification, trained on `train.csv`
+- Training: 40 steps, learning rate 0.001, batch size 8, seed 3; the adapter of step 30, the best on validation
+- Labels: 0 = LABEL_0, 1 = LABEL_1, 2 = LABEL_2
+- Trainable parameters: 1,234 of 100,000 (1.23%)
+
+## Metrics
+
+Measured by the run: `eval_*` on its validation split at the best step, `test_*` on its test split.
+
+| metric | value |
+|---|---|
+| eval_accuracy | 0.8750 |
+| eval_f1 | 0.5000 |
+
+## Use
+
+```python
+from transformers import pipeline
+
+pipe = pipeline("text-classification", model="PATH/TO/THIS/FOLDER")
+```
+
+## The run's configuration
+
+From `/runs/r1/run.yaml`:
+
+```yaml
+model:
+  name_or_path: org/bert-base
+task:
+  type: classification
+data:
+  train_file: train.csv
+training:
+  learning_rate: 0.001
+  batch_size: 8
+  seed: 3
+```
+"""
+
+
+def test_the_whole_card_of_a_run_word_for_word():
+    """The run's model name is the base; the folder the weights came from is said beside it;
+    the run's config in its own key order; metrics sorted, non-numbers left out."""
+    from deltatune.io.export import Run, model_card
+    from deltatune.version import __version__
+    from tiny import build
+
+    run = Run(Path("/runs/r1"), {"model": {"name_or_path": "org/bert-base"}, "task": {"type": "classification"},
+                                 "data": {"train_file": "train.csv"},
+                                 "training": {"learning_rate": 0.001, "batch_size": 8, "seed": 3}},
+              {"steps": 40, "best_step": 30, "parameters": {"trainable": 1234, "total": 100000, "trainable_percent": 1.234},
+               "metrics": {"eval_f1": 0.5, "eval_accuracy": 0.875, "note": "x"}})
+    description = {"format": "peft", "config": {"method": "lora", "r": 2, "target_modules": ["query"]},
+                   "base_model_name_or_path": "/weights/bert"}
+    assert model_card(description, build("bert"), run, None, True) == RUN_CARD.format(version=__version__)
+
+
+def test_a_card_without_a_run_or_a_head_claims_no_labels_and_no_pipeline():
+    from torch import nn
+
+    from deltatune.io.export import model_card
+
+    description = {"format": "deltatune", "config": {"method": "ia3"}, "base_model_name_or_path": "/base"}
+    body = type("BertModel", (nn.Module,), {})()
+    body.config = type("Config", (), {"id2label": {0: "LABEL_0"}})()  # transformers gives every config labels
+    card = model_card(description, body, None, "/base", False)
+    assert front_matter(card) == {"library_name": "transformers", "base_model": "/base", "tags": ["deltatune", "ia3"],
+                                  "pipeline_tag": "feature-extraction"}
+    assert section(card, "How it was made")[0] == "- Base model: `/base`"  # no "(weights from" the same folder
+    assert section(card, "How it was made")[3] == "- Tokenizer: not included (the base model folder has none)"
+    assert section(card, "Not known")[1:] == ["- the training data and hyperparameters;", "- any metrics."]
+    toy = model_card({**description, "base_model_name_or_path": None}, type("Toy", (nn.Module,), {})(), None, None, False)
+    assert front_matter(toy) == {"library_name": "transformers", "base_model": "unknown", "tags": ["deltatune", "ia3"]}
+    assert "## Use" not in toy and "# ia3 merged into unknown\n" in toy

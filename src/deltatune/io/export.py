@@ -180,7 +180,7 @@ def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, b
              f"- Base model: `{base_name}`" + (f" (weights from `{loaded_from}`)" if loaded_from != base_name else ""),
              f"- Method: {config['method']} ({settings})",
              f"- Merged and saved by `deltatune export` (deltatune {__version__}) from a "
-             f"{description.get('format', 'deltatune')}-format adapter",
+             f"{description['format']}-format adapter",
              "- Tokenizer: " + ("the base model's, saved beside the weights" if tokenizer
                                 else "not included (the base model folder has none)")]
     lines += _run_lines(run, id2label) if run else _unknown_lines(id2label)
