@@ -223,6 +223,7 @@ def test_a_base_that_is_not_a_local_folder_asks_for_base(run, tmp_path, tiny_mod
         export_merged(folder, tmp_path / "merged")
     export_merged(folder, tmp_path / "merged", base=str(tiny_model_dir))
     assert AutoConfig.from_pretrained(tmp_path / "merged").architectures == ["BertForSequenceClassification"]
+    assert front_matter((tmp_path / "merged" / "README.md").read_text())["base_model"] == str(tiny_model_dir)
 
 
 def test_a_model_class_transformers_lacks_is_named(run, tmp_path):
@@ -343,6 +344,44 @@ def test_a_card_without_a_run_or_a_head_claims_no_labels_and_no_pipeline():
     assert section(card, "How it was made")[0] == "- Base model: `/base`"  # no "(weights from" the same folder
     assert section(card, "How it was made")[3] == "- Tokenizer: not included (the base model folder has none)"
     assert section(card, "Not known")[1:] == ["- the training data and hyperparameters;", "- any metrics."]
+    assert "\n\n## Not known\n\nThis model was exported from a bare adapter folder" in card
     toy = model_card({**description, "base_model_name_or_path": None}, type("Toy", (nn.Module,), {})(), None, None, False)
     assert front_matter(toy) == {"library_name": "transformers", "base_model": "unknown", "tags": ["deltatune", "ia3"]}
     assert "## Use" not in toy and "# ia3 merged into unknown\n" in toy
+
+
+def test_an_adapter_that_records_its_class_but_fits_no_module_is_not_blamed_on_the_class(run, tmp_path):
+    folder = peft_copy(run, tmp_path, target_modules=["nosuch"])
+    with pytest.raises(dt.AdapterFileError) as info:
+        export_merged(folder, tmp_path / "merged")
+    assert "does not fit BertForSequenceClassification: target_modules entry 'nosuch' matches no module" in \
+        info.value.message and "does not record its model class" not in info.value.message
+
+
+def test_a_run_without_a_report_or_with_a_config_that_is_no_mapping_still_exports(run, tmp_path):
+    folder = run_copy(run, tmp_path, lambda path: None)
+    (folder / "report.json").unlink()
+    export_merged(folder, tmp_path / "merged")
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert section(card, "Metrics") == ["None: the run stopped before its final evaluation."]
+    (folder / "run.yaml").write_text("- a list, not a mapping\n")
+    export_merged(folder, tmp_path / "again")
+    assert "- Task: unknown, trained on `unknown`" in (tmp_path / "again" / "README.md").read_text()
+
+
+@pytest.mark.parametrize("config", [dt.FullFineTuningConfig(), dt.BitFitConfig(modules_to_save=["classifier"])],
+                         ids=["full", "bitfit"])
+def test_methods_that_train_base_weights_export_them(tmp_path, tiny_model_dir, config):
+    """Full fine-tuning changed the base itself (nothing to merge: export unloads), BitFit merges its biases."""
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=2)
+    dt.apply(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    dt.save_adapter(model, tmp_path / "adapter")
+    export_merged(tmp_path / "adapter", tmp_path / "merged")
+    merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.tensor([[2, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
