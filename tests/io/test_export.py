@@ -199,7 +199,8 @@ def test_a_prompt_for_a_model_peft_has_no_task_type_for_has_no_peft_form(tmp_pat
     dt.apply(model, dt.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(dt.AdapterFileError, match=r"(?s)peft needs a task_type to apply a prompt or prefix, and "
                                                  r"deltatune knows none for the base model class 'Encoder'\..*fix: "
-                                                 r"save the adapter from a transformers model with a task head"):
+                                                 r"save the adapter from a transformers model with a task head "
+                                                 r"\(e\.g\. \.\.\.ForCausalLM, \.\.\.ForSequenceClassification\)\.$"):
         dt.save_adapter(model, tmp_path / "peft", format="peft")
     assert not (tmp_path / "peft").exists()
 

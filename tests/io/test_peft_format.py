@@ -50,7 +50,9 @@ def test_peft_files_load_in_deltatune_and_back(name, tmp_path):
     assert (output(ours, batch) - expected).abs().max() <= 1e-5
 
     dt.save_adapter(ours, tmp_path / "to-peft", format="peft")
-    saved = json.loads((tmp_path / "to-peft" / "adapter_config.json").read_text())["modules_to_save"] or []
+    written = json.loads((tmp_path / "to-peft" / "adapter_config.json").read_text())
+    assert written["inference_mode"] is True and "revision" in written and written["revision"] is None  # as peft
+    saved = written["modules_to_save"] or []
     assert len(saved) == len(set(saved))  # peft lists a SEQ_CLS head twice; we keep it once
     again = peft.PeftModel.from_pretrained(build(family), tmp_path / "to-peft").eval()
     assert (output(again, batch) - expected).abs().max() <= 1e-5
@@ -82,6 +84,7 @@ def test_fields_of_a_newer_peft_are_ignored_with_a_warning(tmp_path):
         dt.load_adapter(model, tmp_path)
     assert [str(w.message) for w in caught] == ["ignoring peft config fields deltatune does not know: alpha_mode, "
                                                 "quantum_rank"]
+    assert caught[0].filename == __file__  # shown at the user's call, not inside deltatune
     loaded = dt.core.state.require_state(model).configs["default"]
     assert (loaded.lora_dropout, loaded.bias, loaded.use_rslora) == (0.0, "none", False)  # the defaults peft uses
 
@@ -101,8 +104,10 @@ def test_a_gpt2_peft_adapter_converted_to_peft_again_keeps_its_layout(tmp_path):
 def test_methods_without_a_peft_layout_are_refused(tmp_path):
     model = build("bert")
     dt.apply(model, dt.LayerTuningConfig(top_k=1))
-    with pytest.raises(dt.AdapterFileError, match="no peft format"):
-        dt.save_adapter(model, tmp_path, format="peft")
+    with pytest.raises(dt.AdapterFileError) as info:
+        dt.save_adapter(model, tmp_path / "peft", format="peft")
+    assert str(info.value) == "'layer' adapters have no peft format that deltatune writes.\n  fix: keep the deltatune format."
+    assert not (tmp_path / "peft").exists()
 
 
 # --- prefix tuning -----------------------------------------------------------------------

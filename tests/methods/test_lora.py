@@ -110,8 +110,10 @@ ALL_BIASES = HIDDEN + LAYERS * (7 * HIDDEN + 64) + HIDDEN
 @pytest.mark.filterwarnings("ignore:lora bias")
 @pytest.mark.parametrize("bias,biases", [("all", ALL_BIASES), ("lora_only", LAYERS * 2 * HIDDEN)])
 def test_trained_biases_beside_a_copied_head_are_counted_and_saved(bias, biases, tmp_path):
-    model = dt.apply(build("bert"), dt.LoraConfig(r=4, target_modules=["query", "value"], bias=bias,
-                                                  modules_to_save=["classifier"]))
+    with pytest.warns(UserWarning, match=f"lora bias='{bias}' trains base biases in place") as caught:
+        model = dt.apply(build("bert"), dt.LoraConfig(r=4, target_modules=["query", "value"], bias=bias,
+                                                      modules_to_save=["classifier"]))
+    assert caught[0].filename == __file__  # shown at the user's call, not inside deltatune
     perturb(model)  # the frozen original head's bias must not train: the copy's bias is saved
     report = dt.parameter_report(model)
     assert report.trainable == report.stored == 1123 + biases

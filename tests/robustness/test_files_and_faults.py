@@ -62,7 +62,7 @@ def test_damaged_config_inside_the_weights_file(saved):
     data = weights.read_bytes()
     assert data.count(b'\\"format\\"') == 1
     weights.write_bytes(data.replace(b'\\"format\\"', b"  format  "))
-    refused(path, "the config saved inside it is not valid JSON")
+    refused(path, r"adapter/adapter_model\.safetensors' is corrupted: the config saved inside it is not valid JSON")
 
 
 def test_config_that_is_not_json_and_no_embedded_copy(saved):
@@ -303,8 +303,9 @@ def test_a_damaged_or_stale_config_beside_the_weights_gives_way_to_the_embedded_
                                              r"file \(an interrupted save\?\); using the one saved with the weights\.")]:
         config.write_text(text)
         fresh = build("bert")
-        with pytest.warns(UserWarning, match=phrase):
+        with pytest.warns(UserWarning, match=phrase) as caught:
             dt.load_adapter(fresh, path)
+        assert caught[0].filename == __file__  # shown at the user's call, not inside deltatune
         assert output(fresh, inputs("bert")).tolist() == expected.tolist()
 
 

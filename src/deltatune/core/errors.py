@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+from pathlib import Path
+
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
+
 
 class DeltatuneError(Exception):
     """Base error. ``str()`` gives the problem and, when known, the fix on its own line."""
@@ -29,3 +35,12 @@ class AdapterFileError(DeltatuneError):
 
 class MergeError(DeltatuneError):
     """A merge, unmerge or disable request that cannot be carried out."""
+
+
+def warn_user(message: str) -> None:
+    """A UserWarning shown at the first caller outside deltatune: the line the user can change
+    (a fixed stacklevel would point inside deltatune for the entry points that call deeper)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

@@ -288,7 +288,7 @@ class Method:
         """peft's method-specific config fields for an adapter file."""
         raise NotImplementedError(f"{type(self).__name__} has no peft format")
 
-    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Our file's tensors under peft's keys."""
         return {TUNER_PREFIX + k: v for k, v in tensors.items()}
 

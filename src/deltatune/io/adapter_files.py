@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.errors import AdapterFileError, ConfigError, DeltatuneError, TargetError
+from ..core.errors import AdapterFileError, ConfigError, DeltatuneError, TargetError, warn_user
 from ..core.method import config_from_dict, deltas_of, method_for
 from ..core.verbs import adapter_state_dict, apply, delete_adapter, require_adapter
 from ..hf.layers import weight_is_transposed
@@ -158,12 +157,11 @@ def _read_description(config_path: Path, metadata: dict[str, str]) -> dict[str, 
             if embedded is None:
                 raise AdapterFileError(f"'{config_path}' is not valid JSON ({error}).",
                                        "restore the file or save the adapter again.") from error
-            warnings.warn(f"{config_path} is not valid JSON ({error}); using the config saved "
-                          "inside the weights file.", stacklevel=3)
+            warn_user(f"{config_path} is not valid JSON ({error}); using the config saved inside the weights file.")
     if embedded is not None:
         if on_disk is not None and on_disk != embedded:
-            warnings.warn(f"{config_path} differs from the config saved inside the weights file "
-                          "(an interrupted save?); using the one saved with the weights.", stacklevel=3)
+            warn_user(f"{config_path} differs from the config saved inside the weights file "
+                      "(an interrupted save?); using the one saved with the weights.")
         return embedded
     if on_disk is None:
         raise AdapterFileError(f"'{config_path}' is missing.", "save the adapter again.")

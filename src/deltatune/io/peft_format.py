@@ -8,13 +8,12 @@ message, never dropped; config fields a newer peft added are ignored with a warn
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.errors import AdapterFileError
+from ..core.errors import AdapterFileError, warn_user
 from ..core.method import config_from_dict, method_class, method_for, peft_method
 
 # Bookkeeping fields every peft config may carry (each method lists its own in peft_ignored).
@@ -51,7 +50,7 @@ def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
     known = _IGNORED | reads.read | set(method.peft_ignored)
     extra = sorted(k for k in data if k not in known and data[k] not in (None, False, {}, []))
     if extra:
-        warnings.warn(f"ignoring peft config fields deltatune does not know: {', '.join(extra)}", stacklevel=3)
+        warn_user(f"ignoring peft config fields deltatune does not know: {', '.join(extra)}")
     return config
 
 
@@ -78,7 +77,7 @@ def drop_unsaved_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor
     def stored(entry: str) -> bool:
         return any(k.startswith(entry + ".") or f".{entry}." in k for k in tensors)
 
-    entries = dict.fromkeys(config.get("modules_to_save", []))  # peft may list one twice
+    entries = dict.fromkeys(config["modules_to_save"])  # peft may list one twice
     config["modules_to_save"] = [e for e in entries if stored(e)]
 
 
@@ -102,7 +101,7 @@ def to_peft(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tu
                    else {"base_model_class": description["base_model_class"], "parent_library": "transformers"},
                    "modules_to_save": config.get("modules_to_save") or None,
                    **method.peft_config(description, tensors)}
-    return peft_config, method.tensors_to_peft(description, tensors)
+    return peft_config, method.tensors_to_peft(tensors)
 
 
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",

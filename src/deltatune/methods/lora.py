@@ -38,7 +38,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -46,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.errors import AdapterFileError, ConfigError
+from ..core.errors import AdapterFileError, ConfigError, warn_user
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, add_deltas, deltas_of, help_field, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
@@ -311,8 +310,8 @@ class Lora(Method):
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
         if self.config.bias != "none":
-            warnings.warn(f"lora bias='{self.config.bias}' trains base biases in place (as peft does): "
-                          "disable_adapters() and other adapters see the trained biases.", stacklevel=3)
+            warn_user(f"lora bias='{self.config.bias}' trains base biases in place (as peft does): "
+                      "disable_adapters() and other adapters see the trained biases.")
         add_deltas(model, plan, adapter_name, state, lambda base, _: make_lora_delta(base, self.config))
 
     def extra_trainable(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -390,7 +389,7 @@ class Lora(Method):
                 "use_dora": config.use_dora,
                 "fan_in_fan_out": description.get("fan_in_fan_out", False)}
 
-    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # peft keeps an adapted layer's own (trained) bias under its base_layer.
         adapted = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
         return {TUNER_PREFIX + (f"{k[:-5]}.base_layer.bias" if k.endswith(".bias") and k[:-5] in adapted else k): v

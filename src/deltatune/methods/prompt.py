@@ -154,7 +154,7 @@ class PromptTuning(Method):
         return {"num_virtual_tokens": self.config.num_virtual_tokens, "token_dim": tensors[PROMPT_KEY].shape[1],
                 "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
 
-    def tensors_to_peft(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings" if k == PROMPT_KEY else PROMPT_PREFIX + k: v for k, v in tensors.items()}
 
     @classmethod
