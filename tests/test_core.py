@@ -50,6 +50,26 @@ def test_config_from_dict_errors_name_the_key(values, expected):
     assert "fix:" in str(info.value)
 
 
+@pytest.mark.parametrize("text,words", [("[1, inf)", "at least 1"), ("(0, inf)", "greater than 0"),
+                                        ("[0, 1)", "at least 0 and below 1"), ("(0, 1]", "greater than 0 and at most 1"),
+                                        ("[2, 100]", "from 2 to 100"), ("(-inf, 5]", "at most 5"),
+                                        ("(-inf, inf)", "a finite number")])
+def test_a_range_in_words(text, words):
+    from deltatune.core.method import Range
+
+    assert str(Range.parse(text)) == words
+
+
+def test_type_names_in_errors_read_as_written():
+    from typing import Literal, Optional, Union
+
+    from deltatune.core.method import type_name
+
+    assert type_name(int) == "int" and type_name(list[str]) == "list[str]"
+    assert type_name(Literal["none", "all"]) == "'none' | 'all'"
+    assert type_name(Optional[int]) == "Optional[int]" and type_name(Union[str, list[str]]) == "Union[str, list[str]]"
+
+
 def test_a_range_keeps_whole_bounds_whole_and_reads_its_brackets():
     from deltatune.core.method import Range
 
@@ -432,6 +452,29 @@ def test_merge_refusals_say_what_to_call_first():
         dt.delete_adapter(model, "default")
     assert str(info.value) == ("cannot delete an adapter while adapters are merged into the base weights.\n"
                                "  fix: call deltatune.unmerge(model) first.")
+
+
+def test_merge_refusals_name_the_adapter_and_the_methods_that_merge():
+    model = dt.apply(build("bert"), lora())
+    dt.merge(model)
+    with pytest.raises(dt.MergeError) as info:
+        dt.merge(model)
+    assert str(info.value) == ("cannot merge again while adapters are merged into the base weights.\n"
+                               "  fix: call deltatune.unmerge(model) first.")
+    full = dt.apply(build("bert"), dt.FullFineTuningConfig())
+    with pytest.raises(dt.MergeError) as info:
+        dt.merge(full)
+    mergeable = ", ".join(name for name, cls in dt.registered().items() if cls.mergeable)
+    assert str(info.value) == ("adapter 'default' (full) cannot be merged: full fine-tuning already changed the base "
+                               "weights; there is nothing to merge.\n"
+                               f"  fix: serve it unmerged, or train a mergeable method ({mergeable}).")
+    assert {"lora", "ia3", "bitfit"} <= set(mergeable.split(", ")) and "prompt" not in mergeable
+
+
+def test_unload_leaves_a_plain_model_that_trains_in_full():
+    model = dt.apply(build("bert"), lora())
+    dt.unload(model)
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "_deltatune_state")
 
 
 def test_deleting_the_last_adapter_leaves_a_model_that_trains_in_full():

@@ -87,7 +87,11 @@ def test_config_naming_an_unknown_method(saved):
     dt.save_adapter(model, path, format="peft")
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "WIZARD"}))
-    refused(path, "type 'WIZARD' cannot be read")
+    refused(path, r"(?m)^peft adapters of type 'WIZARD' cannot be read by deltatune\.$")
+    with pytest.raises(dt.AdapterFileError) as info:
+        dt.load_adapter(build("bert"), path)
+    assert info.value.hint.startswith("supported peft types: ") and {"LORA", "IA3", "PROMPT_TUNING"} <= set(
+        info.value.hint.removeprefix("supported peft types: ").removesuffix(".").split(", "))
 
 
 def test_pickle_is_never_loaded(tmp_path):

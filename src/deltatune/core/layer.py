@@ -227,9 +227,7 @@ class DeltaLayer(nn.Module):
         out = (delta if delta.replaces_base else self.base_layer)(*delta.pre(args), **kwargs)
         return delta.post(args, out)
 
-    def merge(self, adapter_name: str = "default") -> None:
-        if adapter_name in self.merged:
-            raise MergeError(f"adapter '{adapter_name}' is already merged.", "call unmerge() first.")
+    def merge(self, adapter_name: str) -> None:
         if self.merged and self.deltas[adapter_name].merges_on_original:
             raise MergeError(f"adapter '{adapter_name}' rescales the original weight, which '{self.merged[-1]}' "
                              "has already changed by merging first.",
