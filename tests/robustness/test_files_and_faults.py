@@ -273,6 +273,31 @@ def test_a_save_leaves_the_temporary_file_of_a_live_writer_alone(tmp_path):
     assert (tmp_path / "report.json").read_text() == "[]"
 
 
+def test_a_write_reaches_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
+    """The order that survives a power cut: the new bytes flushed (fsync) before the rename, the
+    directory entry flushed after it; the temporary file is a dot-file beside the target."""
+    from deltatune.io.atomic import atomic_write_text
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "{}")
+    tmp = events[0][1]
+    assert events == [("fsync", tmp), ("replace", tmp, str(target)), ("fsync", str(tmp_path))]
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".report.json.") and tmp.endswith(".tmp")
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
 @pytest.mark.parametrize("mask", [0o022, 0o077])
 def test_written_files_follow_the_umask_like_any_other_tool(tmp_path, mask):
     """Temporary files are created 0o600; the rename must not carry that over."""
