@@ -222,6 +222,26 @@ def test_no_match_suggests_the_five_closest_name_ends_also_for_a_regex():
         "did you mean one of: dense, pooler.dense, output.dense, encoder, bert.pooler.dense?"
 
 
+def test_all_linear_leaves_out_heads_and_the_output_layer_whatever_its_name():
+    from transformers import BertForMaskedLM
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.unembed = nn.Linear(4, 4), nn.Linear(4, 10)
+
+        def get_output_embeddings(self):
+            return self.unembed
+
+    assert resolve_targets(Decoder(), "all-linear", (nn.Linear,), "lora") == ["block"]
+    plain = nn.Sequential()  # no get_output_embeddings at all
+    plain.add_module("proj", nn.Linear(4, 4))
+    assert resolve_targets(plain, "all-linear", (nn.Linear,), "lora") == ["proj"]
+    masked = BertForMaskedLM(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32))
+    chosen = resolve_targets(masked, "all-linear", (nn.Linear,), "lora")
+    assert len(chosen) == 6 and not any(name.startswith("cls.") for name in chosen)  # the MLM head's dense too
+
 def test_peft_target_modules_a_string_is_one_regex_and_a_list_is_kept():
     from deltatune.core.peft_keys import targets_from_peft
 
@@ -271,7 +291,36 @@ def test_counts_on_one_large_linear():
 
 def test_a_model_without_adapters_counts_everything_as_trainable():
     report = dt.parameter_report(Big())
-    assert report.trainable == report.stored == report.total == 4096 * 4096 + 4096
+    assert report.trainable == report.stored == report.total == report.changed == 4096 * 4096 + 4096
+    assert report.not_stored == 0 and report.stored_bytes == 4 * report.total and report.per_module == {}
+
+
+class Three(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.mid, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+
+def test_counts_per_module_are_by_the_modules_own_names():
+    """LoRA r=2 on proj (A 2x4 + B 4x2 + its trained bias 4), mid's bias (4), a copy of head
+    (4x2 + 2): a wrapped module's base bias counts as the module, as it is saved."""
+    with pytest.warns(UserWarning, match="trains base biases in place"):
+        model = dt.apply(Three(), dt.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], bias="all"))
+    report = dt.parameter_report(model)
+    assert report.per_module == {"proj": {"trainable": 20, "stored": 20}, "mid": {"trainable": 4, "stored": 4},
+                                 "head": {"trainable": 10, "stored": 10}}
+    assert report.trainable == report.stored == 34 and report.total == 20 + 20 + 10 + 16 + 10
+
+
+def test_the_report_counts_the_named_adapter_else_the_active_one():
+    model = dt.apply(Three(), dt.LoraConfig(r=1, target_modules=["proj"]), adapter_name="small")
+    dt.apply(model, dt.LoraConfig(r=3, target_modules=["proj"]), adapter_name="big")
+    assert dt.parameter_report(model).stored == 3 * 8  # "big", applied last, is active
+    assert dt.parameter_report(model, "small").stored == 1 * 8
+    dt.set_adapter(model, "small")
+    assert dt.parameter_report(model).stored == 8
+    dt.set_adapter(model, [])
+    assert dt.parameter_report(model).stored == 8  # none active: the first applied
 
 
 @pytest.mark.parametrize("nbytes,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"), (1536, "1.5 KiB"),

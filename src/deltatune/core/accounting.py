@@ -94,12 +94,13 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
 
 
 def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, dict[str, int]]:
-    """Trainable and stored counts per adapted module (the part of a name before '.deltas.')."""
+    """Trainable and stored counts per module, by the module's own name: a wrapped module's
+    deltas (``.deltas.``) and its trained base bias (``.base_layer.bias``) count as the module."""
     rows: dict[str, dict[str, int]] = {}
     for key, param in trainable.items():
-        module = key.split(".deltas.")[0] if ".deltas." in key else key.rpartition(".")[0]
+        module = key.split(".deltas.")[0] if ".deltas." in key else key.rpartition(".")[0].removesuffix(".base_layer")
         rows.setdefault(module, {"trainable": 0, "stored": 0})["trainable"] += param.numel()
     for key, tensor in stored.items():
-        module = next((m for m in rows if key.startswith(m + ".")), key.rpartition(".")[0])
+        module = max((m for m in rows if key.startswith(m + ".")), key=len, default=key.rpartition(".")[0])
         rows.setdefault(module, {"trainable": 0, "stored": 0})["stored"] += tensor.numel()
     return rows
