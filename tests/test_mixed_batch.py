@@ -174,3 +174,36 @@ def test_heads_of_different_sizes_cannot_share_a_batch():
         model(**inputs("bert", batch=2), adapter_names=["a", "b"])
     assert str(info.value) == ("adapter 'b' gives outputs shaped (5,) where the other rows' are (3,) (a task head of "
                                "another size).\n  fix: put adapters with different heads in separate batches.")
+
+
+def test_rows_of_slices_only_tensors_with_a_row_per_batch_entry():
+    from deltatune.core.layer import rows_of
+
+    x, scalar, other = torch.arange(6.0).view(3, 2), torch.tensor(5.0), torch.tensor([1.0, 2.0])
+    sliced = rows_of((x, scalar, other, 7), torch.tensor([0, 2]), batch=3)
+    assert sliced[0].tolist() == [[0.0, 1.0], [4.0, 5.0]] and sliced[1:] == (scalar, other, 7)
+
+
+def test_keyword_arguments_reach_the_rows_that_run_apart():
+    """A copied module (modules_to_save) runs its rows apart from the base's: with the same
+    keyword arguments the caller gave."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x, factor=1.0):
+            return x * self.weight * factor
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj, self.scale = torch.nn.Linear(2, 2), Scale()
+
+    model = dt.apply(Net(), dt.LoraConfig(r=1, target_modules=["proj"], modules_to_save=["scale"]), adapter_name="a")
+    with torch.no_grad():
+        model.scale.deltas["a"].copy.weight.fill_(3.0)
+    x = torch.ones(2, 2)
+    with dt.mixed_batch(model, ["a", "__base__"]):
+        assert model.scale(x, factor=2.0).tolist() == [[6.0, 6.0], [2.0, 2.0]]
