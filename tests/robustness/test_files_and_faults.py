@@ -129,6 +129,28 @@ def test_adapter_naming_modules_this_model_lacks(saved):
                   r"module.*fix: load it into the base model it was trained on")
 
 
+@pytest.mark.parametrize("change,problem", [
+    ({"r": 0}, "lora.r = 0 is out of range: must be at least 1."),
+    ({"rank": 8}, "unknown key '{path}/adapter_config.json:config.rank' for method 'lora'."),
+])
+def test_a_stored_config_that_is_not_usable_is_named_with_one_fix(saved, change, problem):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = saved
+    weights = path / "adapter_model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    description = json.loads(metadata["deltatune"])
+    description["config"].update(change)
+    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": json.dumps(description)})
+    (path / "adapter_config.json").write_text(json.dumps(description))
+    with pytest.raises(dt.AdapterFileError) as info:
+        dt.load_adapter(build("bert"), path)
+    assert str(info.value) == (f"the config in '{path}' is not usable: {problem.format(path=path)}\n"
+                               "  fix: save the adapter again with this version of deltatune.")
+
+
 def test_a_load_refused_after_its_tensors_were_copied_leaves_the_model_as_it_was(saved):
     """The base fingerprint is checked after the tensors are in: the rollback must take them
     out again (tensors compared by value: a merge instead of a delete keeps the keys)."""

@@ -200,7 +200,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     try:
         config = config_from_dict(description["config"], where=f"{path}/{CONFIG_NAME}:config")
     except (KeyError, TypeError, ConfigError) as error:
-        raise AdapterFileError(f"the config in '{path}' is not usable: {error}",
+        problem = error.message if isinstance(error, ConfigError) else str(error)  # one fix line, ours
+        raise AdapterFileError(f"the config in '{path}' is not usable: {problem}",
                                "save the adapter again with this version of deltatune.") from error
     if "peft_config" in description:
         peft_format.check_base(description, model)
