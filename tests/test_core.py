@@ -34,8 +34,12 @@ def lora(**kw) -> dt.LoraConfig:
 # --- configs -----------------------------------------------------------------------------
 
 def test_error_str_has_message_and_fix_line():
-    assert str(dt.ConfigError("bad r.", "use 8.")) == "bad r.\n  fix: use 8."
-    assert str(dt.ConfigError("bad r.")) == "bad r."
+    import pickle
+
+    error = dt.ConfigError("bad r.", "use 8.")
+    assert str(error) == "bad r.\n  fix: use 8." and str(dt.ConfigError("bad r.")) == "bad r."
+    assert error.args == ("bad r.",)  # as any exception: args[0] is the message
+    assert str(pickle.loads(pickle.dumps(error))) == str(error)  # crosses process boundaries whole
 
 
 @pytest.mark.parametrize("values,expected", [
