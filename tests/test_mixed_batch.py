@@ -160,8 +160,16 @@ def test_bad_names_are_refused_with_the_adapters_listed():
                                "  fix: pass one adapter name per row of the batch.")
     assert output(model, batch).shape == (2, 3)  # nothing left behind by the failed calls
     dt.merge(model)
-    with pytest.raises(dt.MergeError, match="merged"):
+    with pytest.raises(dt.MergeError) as info:
         model(**batch, adapter_names=["a", "__base__"])
+    assert str(info.value) == ("cannot run per-row adapters while adapters are merged into the base weights.\n"
+                               "  fix: call deltatune.unmerge(model) first.")
+    full = dt.apply(build("bert"), dt.FullFineTuningConfig(), adapter_name="a")
+    with pytest.raises(dt.MergeError) as info:
+        with dt.mixed_batch(full, ["a", "__base__"]):
+            pass
+    assert str(info.value) == ("adapter 'a' changed the base weights in place: there is no base model left for the "
+                               "'__base__' rows.\n  fix: load a fresh base model for them.")
 
 
 def test_heads_of_different_sizes_cannot_share_a_batch():
