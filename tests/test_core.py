@@ -308,11 +308,13 @@ class Three(nn.Module):
 def test_counts_per_module_are_by_the_modules_own_names():
     """LoRA r=2 on proj (A 2x4 + B 4x2 + its trained bias 4), mid's bias (4), a copy of head
     (4x2 + 2): a wrapped module's base bias counts as the module, as it is saved."""
+    model = nn.Module()
+    model.body = Three()
     with pytest.warns(UserWarning, match="trains base biases in place"):
-        model = dt.apply(Three(), dt.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], bias="all"))
+        dt.apply(model, dt.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["head"], bias="all"))
     report = dt.parameter_report(model)
-    assert report.per_module == {"proj": {"trainable": 20, "stored": 20}, "mid": {"trainable": 4, "stored": 4},
-                                 "head": {"trainable": 10, "stored": 10}}
+    assert report.per_module == {"body.proj": {"trainable": 20, "stored": 20},
+                                 "body.mid": {"trainable": 4, "stored": 4}, "body.head": {"trainable": 10, "stored": 10}}
     assert report.trainable == report.stored == 34 and report.total == 20 + 20 + 10 + 16 + 10
 
 

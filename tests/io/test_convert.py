@@ -39,6 +39,15 @@ def test_inspect_lists_method_base_config_and_every_tensor(tmp_path):
                          for i in (0, 1) for ab, shape in (("A", "(2, 32)"), ("B", "(32, 2)"))]
 
 
+def test_inspect_of_a_peft_file_that_records_no_model_class(tmp_path):
+    saved_lora(tmp_path / "a")
+    convert(tmp_path / "a", tmp_path / "peft", "peft")
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    config.pop("auto_mapping")
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
+    assert inspect_adapter(tmp_path / "peft").splitlines()[2] == "base model:  unknown (?)"
+
+
 def test_inspect_names_the_base_model_by_its_path(tmp_path):
     model = build("bert")
     model.config._name_or_path = "models/my-bert"

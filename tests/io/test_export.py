@@ -187,6 +187,9 @@ def test_a_base_without_a_tokenizer_exports_the_model_and_says_so(tmp_path):
     assert not list((tmp_path / "merged").glob("tokenizer*")) and not (tmp_path / "merged" / "vocab.txt").exists()
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "- Tokenizer: not included (the base model folder has none)\n" in card
+    (base / "tokenizer_config.json").write_text("{damaged")  # a tokenizer transformers cannot read
+    export_merged(tmp_path / "adapter", tmp_path / "again")
+    assert "- Tokenizer: not included" in (tmp_path / "again" / "README.md").read_text()
 
 
 class Encoder(BertModel):
@@ -329,6 +332,23 @@ def test_the_whole_card_of_a_run_word_for_word():
     description = {"format": "peft", "config": {"method": "lora", "r": 2, "target_modules": ["query"]},
                    "base_model_name_or_path": "/weights/bert"}
     assert model_card(description, build("bert"), run, None, True) == RUN_CARD.format(version=__version__)
+
+
+def test_a_card_of_a_run_that_recorded_little_says_what_it_does_not_know():
+    from deltatune.io.export import Run, model_card
+
+    run = Run(Path("/runs/r2"), {"data": {"source": "sst2"}}, {"metrics": {}})
+    card = model_card({"format": "deltatune", "config": {"method": "lora"}}, build_plain(), run, None, False)
+    assert section(card, "How it was made")[4:] == [
+        "- Task: unknown, trained on `sst2`",
+        "- Training: ? steps, learning rate None, batch size None, seed None; the adapter of step ?, the best on validation"]
+    assert section(card, "Metrics") == ["None: the run stopped before its final evaluation."]
+
+
+def build_plain():
+    from torch import nn
+
+    return type("Toy", (nn.Module,), {})()
 
 
 def test_a_card_without_a_run_or_a_head_claims_no_labels_and_no_pipeline():

@@ -37,7 +37,7 @@ class MergeError(DeltatuneError):
     """A merge, unmerge or disable request that cannot be carried out."""
 
 
-def warn_user(message: str) -> None:
+def warn_user(message: str) -> None:  # pragma: no mutate block (mutmut's trampoline would be its caller)
     """A UserWarning shown at the first caller outside deltatune: the line the user can change
     (a fixed stacklevel would point inside deltatune for the entry points that call deeper)."""
     frame, level = sys._getframe(1), 2

@@ -63,7 +63,7 @@ class Range:
 FINITE = Range.parse("(-inf, inf)")
 
 
-def help_field(default: Any, help: str, range: str | None = None, typical: Any = None, **kwargs: Any) -> Any:
+def help_field(default: Any, help: str, range: str | None = None, typical: Any = None) -> Any:
     """A dataclass field with its documentation beside it (shown by ``deltatune methods``).
 
     Args:
@@ -75,8 +75,8 @@ def help_field(default: Any, help: str, range: str | None = None, typical: Any =
     metadata = {"help": help, "range": Range.parse(range) if range else None,
                 "typical": default if typical is None else typical}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
-    return field(default=default, metadata=metadata, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def check_fields(config: Any, where: str) -> None:

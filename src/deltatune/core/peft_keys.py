@@ -32,7 +32,7 @@ def modules_with(tensors: dict[str, torch.Tensor], *markers: str) -> list[str]:
 def refuse_unsupported(peft_config: dict[str, Any], defaults: dict[str, Any]) -> None:
     """Refuse peft fields with a meaning deltatune does not implement unless they hold their default."""
     for field, default in defaults.items():
-        if peft_config.get(field, default) not in (default, None, {}, False):
+        if peft_config.get(field) not in (default, None, {}, False):
             raise AdapterFileError(f"this peft adapter sets {field}={peft_config[field]!r}, which deltatune "
                                    "does not implement; loading it without would change its outputs.",
                                    f"retrain without {field}, or use peft for this adapter.")

@@ -203,9 +203,9 @@ def _run_lines(run: Run, id2label: dict) -> list[str]:
              f"{run.report.get('best_step', '?')}, the best on validation"]
     if id2label:
         lines.append("- Labels: " + ", ".join(f"{i} = {name}" for i, name in id2label.items()))
-    if parameters:
-        lines.append(f"- Trainable parameters: {parameters.get('trainable', 0):,} of {parameters.get('total', 0):,} "
-                     f"({parameters.get('trainable_percent', 0):.2f}%)")
+    if parameters:  # a report's parameters always hold all three (ParameterReport.to_dict)
+        lines.append(f"- Trainable parameters: {parameters['trainable']:,} of {parameters['total']:,} "
+                     f"({parameters['trainable_percent']:.2f}%)")
     metrics = {k: v for k, v in (run.report.get("metrics") or {}).items() if isinstance(v, (int, float))}
     lines += ["", "## Metrics", ""]
     if not metrics:
