@@ -614,8 +614,11 @@ def test_pickle_only_directory_is_refused(tmp_path):
 def test_save_to_a_file_path_is_refused(saved, tmp_path):
     model, _, _ = saved
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(dt.AdapterFileError, match="not a directory"):
+    with pytest.raises(dt.AdapterFileError) as info:
         dt.save_adapter(model, tmp_path / "a_file")
+    assert str(info.value) == (f"cannot save the adapter to '{tmp_path / 'a_file'}': it is a file, not a directory.\n"
+                               "  fix: choose a directory path.")
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_a_failed_save_keeps_the_previous_adapter(saved, monkeypatch):

@@ -39,14 +39,18 @@ def refused(path, phrase, model=None):
 
 
 def test_missing_directory(tmp_path):
-    refused(tmp_path / "nope", "does not exist")
+    refused(tmp_path / "nope", r"(?s)^adapter directory '.*nope' does not exist\.\n  fix: pass the directory that "
+                               r"holds adapter_config\.json and adapter_model\.safetensors\.$")
+    (tmp_path / "empty").mkdir()
+    refused(tmp_path / "empty", r"(?s)^'.*empty' has no adapter_model\.safetensors\.\n  fix: save the adapter again\.$")
 
 
 def test_truncated_weights(saved):
     _, path = saved
     weights = path / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    refused(path, "truncated or corrupted")
+    refused(path, r"(?s)^'.*adapter_model\.safetensors' is not a valid safetensors file \(.*\)\.\n  fix: the file is "
+                  r"truncated or corrupted: save or copy it again\.$")
 
 
 def test_garbage_weights(saved):
@@ -99,7 +103,10 @@ def test_pickle_is_never_loaded(tmp_path):
     folder.mkdir()
     (folder / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
     (folder / "adapter_config.json").write_text("{}")
-    refused(folder, "pickle")
+    refused(folder, r"(?s)^'.*pickled' has no adapter_model\.safetensors\.\n  fix: 'adapter_model\.bin' is a pickle file, "
+                    r"which deltatune never loads: convert it to safetensors with the tool that wrote it\.$")
+    (folder / "adapter_model.bin").rename(folder / "weights.pt")
+    refused(folder, r"'weights\.pt' is a pickle file")
 
 
 def test_adapter_of_another_base_model(saved):
@@ -149,6 +156,25 @@ def test_a_stored_config_that_is_not_usable_is_named_with_one_fix(saved, change,
         dt.load_adapter(build("bert"), path)
     assert str(info.value) == (f"the config in '{path}' is not usable: {problem.format(path=path)}\n"
                                "  fix: save the adapter again with this version of deltatune.")
+
+
+def test_a_config_without_its_method_config_is_not_usable(saved):
+    model, path = saved
+    dt.save_adapter(model, path, format="peft")  # no embedded config: adapter_config.json is all there is
+    (path / "adapter_config.json").write_text(json.dumps({"format": "deltatune"}))
+    refused(path, r"(?s)^the config in '.*adapter' is not usable: it has no 'config' entry\.\n  fix: save the adapter "
+                  r"again with this version of deltatune\.$")
+
+
+def test_an_adapter_under_another_name_saves_and_loads_as_that_adapter(saved, tmp_path):
+    model, _ = saved
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["query"]), adapter_name="small")
+    dt.save_adapter(model, tmp_path / "small", adapter_name="small")
+    assert {tuple(t.shape) for t in load_file(tmp_path / "small" / "adapter_model.safetensors").values()} == \
+        {(2, 32), (32, 2)}  # "small" alone (r=2, query), not the default adapter (r=4, with its head)
+    fresh = dt.load_adapter(build("bert"), tmp_path / "small", adapter_name="small")
+    assert list(dt.core.state.require_state(fresh).configs) == ["small"]
+    assert dt.adapter_state_dict(fresh, "small").keys() == dt.adapter_state_dict(model, "small").keys()
 
 
 def test_a_load_refused_after_its_tensors_were_copied_leaves_the_model_as_it_was(saved):

@@ -94,8 +94,7 @@ def save_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     return path
 
 
-def write_adapter(path: Path, description: dict[str, Any], tensors: dict[str, torch.Tensor],
-                  format: str = "deltatune") -> None:
+def write_adapter(path: Path, description: dict[str, Any], tensors: dict[str, torch.Tensor], format: str) -> None:
     """Write a described adapter in deltatune's or peft's layout, each file atomically."""
     if format not in ("deltatune", "peft"):
         raise ConfigError(f"unknown adapter format '{format}'.", "use 'deltatune' or 'peft'.")
@@ -200,7 +199,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     try:
         config = config_from_dict(description["config"], where=f"{path}/{CONFIG_NAME}:config")
     except (KeyError, TypeError, ConfigError) as error:
-        problem = error.message if isinstance(error, ConfigError) else str(error)  # one fix line, ours
+        problem = (error.message if isinstance(error, ConfigError)  # one fix line: ours
+                   else f"it has no {error} entry." if isinstance(error, KeyError) else str(error))
         raise AdapterFileError(f"the config in '{path}' is not usable: {problem}",
                                "save the adapter again with this version of deltatune.") from error
     if "peft_config" in description:
