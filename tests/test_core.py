@@ -315,7 +315,19 @@ def test_counts_per_module_are_by_the_modules_own_names():
     report = dt.parameter_report(model)
     assert report.per_module == {"body.proj": {"trainable": 20, "stored": 20},
                                  "body.mid": {"trainable": 4, "stored": 4}, "body.head": {"trainable": 10, "stored": 10}}
+    # merging rewrites proj's weight (4x4) and the head (its copy's 10), the trained biases changed too
+    assert report.changed == 16 + 10 + 4 + 4
     assert report.trainable == report.stored == 34 and report.total == 20 + 20 + 10 + 16 + 10
+
+
+def test_stored_tensors_of_no_module_count_at_the_root():
+    """VeRA r=4 on two 32x32 query layers: lambda_d (32) + lambda_b (4) each train; the shared
+    projections A (4x32) and B (32x4) are stored once, at the root, and train not at all."""
+    model = dt.apply(build("bert"), dt.VeraConfig(r=4, target_modules=["query"]))
+    query = "bert.encoder.layer.{}.attention.self.query"
+    assert dt.parameter_report(model).per_module == {query.format(0): {"trainable": 36, "stored": 36},
+                                                     query.format(1): {"trainable": 36, "stored": 36},
+                                                     "": {"trainable": 0, "stored": 256}}
 
 
 def test_the_report_counts_the_named_adapter_else_the_active_one():
@@ -618,6 +630,9 @@ def test_save_to_a_file_path_is_refused(saved, tmp_path):
         dt.save_adapter(model, tmp_path / "a_file")
     assert str(info.value) == (f"cannot save the adapter to '{tmp_path / 'a_file'}': it is a file, not a directory.\n"
                                "  fix: choose a directory path.")
+    with pytest.raises(dt.ConfigError) as info:
+        dt.save_adapter(model, tmp_path / "onnx", format="onnx")
+    assert str(info.value) == "unknown adapter format 'onnx'.\n  fix: use 'deltatune' or 'peft'."
     assert (tmp_path / "a_file").read_text() == "x"
 
 

@@ -66,7 +66,21 @@ def test_damaged_config_inside_the_weights_file(saved):
     data = weights.read_bytes()
     assert data.count(b'\\"format\\"') == 1
     weights.write_bytes(data.replace(b'\\"format\\"', b"  format  "))
-    refused(path, r"adapter/adapter_model\.safetensors' is corrupted: the config saved inside it is not valid JSON")
+    refused(path, r"(?s)adapter/adapter_model\.safetensors' is corrupted: the config saved inside it is not valid JSON "
+                  r"\(.*\)\.\n  fix: the file is truncated or corrupted: save or copy it again\.$")
+
+
+def test_config_inside_the_weights_file_that_is_no_json_object(saved):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    _, path = saved
+    weights = path / "adapter_model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": "[1, 2]"})
+    refused(path, r"(?s)^'.*adapter/adapter_model\.safetensors' is corrupted: the config saved inside it is not a JSON "
+                  r"object\.\n  fix: the file is truncated or corrupted: save or copy it again\.$")
 
 
 def test_config_that_is_not_json_and_no_embedded_copy(saved):

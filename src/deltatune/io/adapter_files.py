@@ -198,9 +198,8 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
     description, tensors = read_adapter(path)
     try:
         config = config_from_dict(description["config"], where=f"{path}/{CONFIG_NAME}:config")
-    except (KeyError, TypeError, ConfigError) as error:
-        problem = (error.message if isinstance(error, ConfigError)  # one fix line: ours
-                   else f"it has no {error} entry." if isinstance(error, KeyError) else str(error))
+    except (KeyError, ConfigError) as error:
+        problem = error.message if isinstance(error, ConfigError) else f"it has no {error} entry."  # one fix: ours
         raise AdapterFileError(f"the config in '{path}' is not usable: {problem}",
                                "save the adapter again with this version of deltatune.") from error
     if "peft_config" in description:
