@@ -586,6 +586,28 @@ def test_saved_files_hold_the_config_and_only_the_stored_tensors(saved):
     assert not any(part in key for key in tensors for part in ("default", "base_layer", "deltas"))
     torch.testing.assert_close(tensors[layers[0]], model.get_parameter(
         "bert.encoder.layer.0.attention.self.query.deltas.default.lora_A.weight").detach())
+    from safetensors import safe_open
+
+    with safe_open(path / "adapter_model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "deltatune": json.dumps(config)}  # "pt": what transformers reads
+    assert (path / "adapter_config.json").read_text().startswith('{\n  "format": "deltatune",\n')  # as peft: indent 2
+    dt.save_adapter(model, path.parent / "new" / "deeper" / "peft", format="peft")  # missing folders are made
+    with safe_open(path.parent / "new" / "deeper" / "peft" / "adapter_model.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_the_base_fingerprint_covers_every_adapted_module():
+    """Two bases whose adapted layers differ only in the first one's bias: the LoRA tensors fit
+    both, the fingerprint tells them apart."""
+    from deltatune.io.adapter_files import base_fingerprint
+
+    def two_layers(first_bias: bool) -> nn.Module:
+        model = nn.Module()
+        model.first, model.second = nn.Linear(4, 4, bias=first_bias), nn.Linear(4, 4)
+        return dt.apply(model, dt.LoraConfig(r=2, target_modules=["first", "second"]))
+
+    assert base_fingerprint(two_layers(True), "default") != base_fingerprint(two_layers(False), "default")
+    assert base_fingerprint(two_layers(True), "default") == base_fingerprint(two_layers(True), "default")
 
 
 def test_load_into_another_shaped_base_names_the_module_and_changes_nothing(saved):
