@@ -337,6 +337,41 @@ def test_a_save_leaves_the_temporary_file_of_a_live_writer_alone(tmp_path):
     assert (tmp_path / "report.json").read_text() == "[]"
 
 
+def test_a_write_in_progress_is_no_leftover_to_a_second_writer(tmp_path):
+    """The first thing a save does is delete leftovers of killed saves: one that starts while
+    another is writing (here: from inside the first one's write) must leave its file alone."""
+    from deltatune.io.atomic import atomic_write, remove_leftovers
+
+    target = tmp_path / "report.json"
+
+    def write(tmp):
+        Path(tmp).write_text("{}")
+        remove_leftovers(target)
+        assert Path(tmp).exists(), "a live writer's temporary file was taken for a leftover"
+
+    atomic_write(target, write)
+    assert target.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_a_leftover_that_vanishes_meanwhile_does_not_stop_the_cleanup(tmp_path, monkeypatch):
+    from deltatune.io.atomic import remove_leftovers
+
+    first, second = tmp_path / ".report.json.a.tmp", tmp_path / ".report.json.b.tmp"
+    first.write_text("half")
+    second.write_text("half")
+    real_open, vanished = os.open, []
+
+    def open_vanished_first(path, *args):
+        if not vanished:  # the first one listed: its writer renamed it between the listing and the open
+            vanished.append(Path(path))
+            raise FileNotFoundError(path)
+        return real_open(path, *args)
+
+    monkeypatch.setattr(os, "open", open_vanished_first)
+    remove_leftovers(tmp_path / "report.json")
+    assert [p for p in (first, second) if p.exists()] == vanished  # the other one was still deleted
+
+
 def test_a_write_reaches_the_disk_before_it_replaces_the_file(tmp_path, monkeypatch):
     """The order that survives a power cut: the new bytes flushed (fsync) before the rename, the
     directory entry flushed after it; the temporary file is a dot-file beside the target."""
