@@ -246,6 +246,32 @@ def test_all_linear_leaves_out_heads_and_the_output_layer_whatever_its_name():
     chosen = resolve_targets(masked, "all-linear", (nn.Linear,), "lora")
     assert len(chosen) == 6 and not any(name.startswith("cls.") for name in chosen)  # the MLM head's dense too
 
+def test_target_refusals_word_for_word():
+    with pytest.raises(dt.TargetError) as info:
+        dt.apply(build("bert"), dt.LoraConfig(r=2, target_modules=["re:("]))
+    assert str(info.value) == ("target_modules entry 're:(' is not a valid regular expression (missing ), unterminated "
+                               "subpattern at position 0).\n  fix: write a Python regex over whole module names, e.g. "
+                               "'re:.*\\.(query|value)'.")
+    with pytest.raises(dt.TargetError) as info:
+        dt.apply(nn.Sequential(nn.ReLU()), dt.LoraConfig(r=2, target_modules="all-linear"))
+    assert str(info.value) == ("'all-linear' found no linear layer in Sequential.\n"
+                               "  fix: name the modules in target_modules explicitly.")
+    with pytest.raises(dt.ConfigError) as info:
+        dt.config_from_dict({"r": 2})
+    assert info.value.hint == f"one of: {', '.join(sorted(dt.registered()))}."
+
+
+def test_all_linear_leaves_out_a_linear_layer_around_a_module_trained_in_full():
+    class Gated(nn.Linear):  # a linear layer with a module inside it
+        def __init__(self):
+            super().__init__(4, 4)
+            self.gate = nn.Linear(4, 4)
+
+    model = nn.Module()
+    model.plain, model.gated = nn.Linear(4, 4), Gated()
+    assert resolve_targets(model, "all-linear", (nn.Linear,), "lora", exclude=["gated.gate"]) == ["plain"]
+    assert resolve_targets(model, "all-linear", (nn.Linear,), "lora") == ["plain", "gated", "gated.gate"]
+
 def test_peft_target_modules_a_string_is_one_regex_and_a_list_is_kept():
     from deltatune.core.peft_keys import targets_from_peft
 

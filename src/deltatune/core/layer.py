@@ -165,12 +165,12 @@ class ModuleCopy(Delta):
 class DeltaLayer(nn.Module):
     """A base module and the deltas of every adapter that targets it."""
 
-    def __init__(self, base_layer: nn.Module, state: AdapterState | None = None):
+    def __init__(self, base_layer: nn.Module, state: AdapterState):
         super().__init__()
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
         self.merged: list[str] = []
-        self._adapter_state = state if state is not None else AdapterState(active=["default"])
+        self._adapter_state = state
 
     def add_delta(self, adapter_name: str, delta: Delta) -> None:
         self.deltas[adapter_name] = delta
