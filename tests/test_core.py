@@ -535,6 +535,23 @@ def test_verbs_on_a_model_without_adapters_say_apply_first():
         dt.merge(Tiny())
 
 
+def test_adapters_may_share_a_module_but_not_nest():
+    """A second adapter whose module holds (or sits inside) one the first adapter wraps is refused
+    before the model changes; both directions, word for word."""
+    model = dt.apply(build("bert"), lora(target_modules=["query"]), adapter_name="a")
+    before = structure(model)
+    with pytest.raises(dt.ConfigError) as info:
+        dt.apply(model, lora(target_modules=["classifier"], modules_to_save=["bert.encoder.layer.0.attention.self"]),
+                 adapter_name="b")
+    assert str(info.value) == ("'bert.encoder.layer.0.attention.self' overlaps 'bert.encoder.layer.0.attention.self."
+                               "query', which another adapter already wraps.\n  fix: adapters may share a module but "
+                               "not nest: target other modules or delete_adapter() the other adapter first.")
+    assert structure(model) == before
+    outer = dt.apply(build("bert"), dt.LayerTuningConfig(top_k=1), adapter_name="outer")
+    with pytest.raises(dt.ConfigError, match="^'bert.encoder.layer.1.attention.self.query' overlaps 'bert.encoder.layer.1'"):
+        dt.apply(outer, lora(target_modules=["query"]), adapter_name="inner")
+    dt.apply(model, lora(target_modules=["query"]), adapter_name="shared")  # the same modules: allowed
+
 def test_merge_refusals_say_what_to_call_first():
     model = dt.apply(build("bert"), lora())
     with pytest.raises(dt.MergeError) as info:
