@@ -366,7 +366,7 @@ def test_a_card_without_a_run_or_a_head_claims_no_labels_and_no_pipeline():
     assert section(card, "How it was made")[3] == "- Tokenizer: not included (the base model folder has none)"
     assert section(card, "Not known")[1:] == ["- the training data and hyperparameters;", "- any metrics."]
     assert "\n\n## Not known\n\nThis model was exported from a bare adapter folder" in card
-    toy = model_card({**description, "base_model_name_or_path": None}, type("Toy", (nn.Module,), {})(), None, None, False)
+    toy = model_card({**description, "base_model_name_or_path": None}, build_plain(), None, None, False)
     assert front_matter(toy) == {"library_name": "transformers", "base_model": "unknown", "tags": ["deltatune", "ia3"]}
     assert "## Use" not in toy and "# ia3 merged into unknown\n" in toy
 
