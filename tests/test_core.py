@@ -552,6 +552,15 @@ def test_adapters_may_share_a_module_but_not_nest():
         dt.apply(outer, lora(target_modules=["query"]), adapter_name="inner")
     dt.apply(model, lora(target_modules=["query"]), adapter_name="shared")  # the same modules: allowed
 
+
+def test_a_new_delta_lives_on_its_modules_device():
+    """Deltas are built on the CPU and moved next to the module they adapt; the meta device stands
+    in for a GPU here (a delta left on the CPU would show as 'cpu')."""
+    model = dt.apply(build("bert").to("meta"), lora())
+    added = {name: p.device.type for name, p in model.named_parameters() if "lora_" in name}
+    assert len(added) == 2 * 2 * 2 and set(added.values()) == {"meta"}  # 2 layers x query, value x A, B
+
+
 def test_merge_refusals_say_what_to_call_first():
     model = dt.apply(build("bert"), lora())
     with pytest.raises(dt.MergeError) as info:
