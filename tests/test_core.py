@@ -485,15 +485,19 @@ def test_refused_verbs_leave_the_model_as_it_was(action, error, match):
     torch.testing.assert_close(model(X).detach(), expected)
 
 
-@pytest.mark.parametrize("action", [
-    lambda m: dt.merge(m), lambda m: dt.set_adapter(m, "a"), lambda m: dt.delete_adapter(m, "a"),
-    lambda m: dt.disable_adapters(m).__enter__(),
+@pytest.mark.parametrize("action,doing", [
+    (lambda m: dt.merge(m), "merge again"), (lambda m: dt.set_adapter(m, "a"), "switch adapters"),
+    (lambda m: dt.delete_adapter(m, "a"), "delete an adapter"),
+    (lambda m: dt.disable_adapters(m).__enter__(), "disable adapters"),
+    (lambda m: dt.apply(m, dt.LoraConfig(r=2, target_modules=["proj"]), "b"), "add an adapter"),
 ])
-def test_merged_model_refuses_what_would_lose_the_merge(action):
+def test_merged_model_refuses_what_would_lose_the_merge(action, doing):
     model = tiny_with("a")
     dt.merge(model)
-    with pytest.raises(dt.MergeError, match="merge"):
+    with pytest.raises(dt.MergeError) as info:
         action(model)
+    assert str(info.value) == (f"cannot {doing} while adapters are merged into the base weights.\n"
+                               "  fix: call deltatune.unmerge(model) first.")
 
 
 def test_merge_and_unload_after_merge_unloads_what_is_merged():
@@ -531,8 +535,25 @@ def test_a_merge_that_fails_on_any_error_leaves_nothing_merged(monkeypatch):
 
 
 def test_verbs_on_a_model_without_adapters_say_apply_first():
-    with pytest.raises(dt.ConfigError, match="apply"):
+    with pytest.raises(dt.ConfigError) as info:
         dt.merge(Tiny())
+    assert str(info.value) == "this model has no deltatune adapter.\n  fix: call deltatune.apply(model, config) first."
+
+
+def test_an_unknown_adapter_name_is_answered_with_the_names_there_are():
+    model = tiny_with("a", "b")
+    with pytest.raises(dt.ConfigError) as info:
+        dt.set_adapter(model, "c")
+    assert str(info.value) == "no adapter named 'c'.\n  fix: the model has: a, b."
+
+
+def test_a_target_that_holds_a_module_trained_in_full_is_refused():
+    """The other direction of the modules_to_save overlap: a whole block adapted, one of its layers saved."""
+    config = dt.LayerTuningConfig(top_k=1, modules_to_save=["bert.encoder.layer.1.output.dense"])
+    with pytest.raises(dt.ConfigError) as info:
+        dt.apply(build("bert"), config)
+    assert str(info.value) == ("'bert.encoder.layer.1' is a layer target and overlaps 'bert.encoder.layer.1.output.dense'"
+                               " in modules_to_save.\n  fix: a module is either adapted or trained in full, not both.")
 
 
 def test_adapters_may_share_a_module_but_not_nest():
