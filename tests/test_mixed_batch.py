@@ -144,11 +144,13 @@ def test_generate_with_prompts_of_different_lengths(family):
 def test_bad_names_are_refused_with_the_adapters_listed():
     model = build("bert")
     dt.apply(model, dt.LoraConfig(r=2), adapter_name="a")
+    dt.apply(model, dt.LoraConfig(r=2), adapter_name="b")
+    dt.set_adapter(model, "a")
     batch = inputs("bert", batch=2)
     with pytest.raises(dt.ConfigError) as info:
         model(**batch, adapter_names=["a", "typo"])
     assert str(info.value) == ("adapter_names names 'typo', which this model does not have.\n"
-                               "  fix: its adapters: a; '__base__' runs a row on the base model.")
+                               "  fix: its adapters: a, b; '__base__' runs a row on the base model.")
     with pytest.raises(dt.ConfigError) as info:
         with dt.mixed_batch(model, []):
             pass
