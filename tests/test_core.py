@@ -54,6 +54,14 @@ def test_config_from_dict_errors_name_the_key(values, expected):
     assert "fix:" in str(info.value)
 
 
+def test_an_unknown_method_is_answered_with_the_closest_name_if_any():
+    methods = "adapter, bitfit, full, ia3, layer, lora, prefix, prompt, vera"
+    for name, fix in [("lorax", f"did you mean 'lora'? choose one of: {methods}."), ("zzzz", f"choose one of: {methods}.")]:
+        with pytest.raises(dt.ConfigError) as info:
+            dt.config_from_dict({"method": name})
+        assert str(info.value) == f"unknown method '{name}'.\n  fix: {fix}"
+
+
 @pytest.mark.parametrize("text,words", [("[1, inf)", "at least 1"), ("(0, inf)", "greater than 0"),
                                         ("[0, 1)", "at least 0 and below 1"), ("(0, 1]", "greater than 0 and at most 1"),
                                         ("[2, 100]", "from 2 to 100"), ("(-inf, 5]", "at most 5"),
@@ -580,6 +588,21 @@ def test_a_new_delta_lives_on_its_modules_device():
     model = dt.apply(build("bert").to("meta"), lora())
     added = {name: p.device.type for name, p in model.named_parameters() if "lora_" in name}
     assert len(added) == 2 * 2 * 2 and set(added.values()) == {"meta"}  # 2 layers x query, value x A, B
+
+
+def test_a_second_adapter_under_a_taken_name_is_refused():
+    model = tiny_with("a")
+    with pytest.raises(dt.ConfigError) as info:
+        dt.apply(model, dt.LoraConfig(r=2, target_modules=["proj"]), "a")
+    assert str(info.value) == ("the model already has an adapter named 'a'.\n"
+                               "  fix: pass another adapter_name, or delete_adapter() the old one.")
+
+
+def test_modules_to_save_inside_another_are_saved_once_with_it():
+    """'pooler' holds 'pooler.dense': one copy of the pooler trains, not a second one of its layer."""
+    model = dt.apply(build("bert"), lora(modules_to_save=["pooler", "pooler.dense"]))
+    assert [n for n, p in model.named_parameters() if p.requires_grad and "pooler" in n] == [
+        "bert.pooler.deltas.default.copy.dense.weight", "bert.pooler.deltas.default.copy.dense.bias"]
 
 
 def test_merge_refusals_say_what_to_call_first():

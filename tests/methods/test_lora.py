@@ -256,6 +256,22 @@ def test_a_model_built_from_lora_linear_takes_every_verb(tmp_path):
     torch.testing.assert_close(plain(x).detach(), expected)
 
 
+def test_the_first_verb_on_hand_built_wrappers_makes_their_states_one():
+    """Each LoRALinear starts with its own bookkeeping; the first verb on the model joins them,
+    so switching every adapter off turns off both layers' deltas, not one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(dt.LoRALinear(16, 8, rank=4), nn.ReLU(), dt.LoRALinear(8, 4, rank=2))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.deltas["default"].lora_B.weight.normal_()
+    x = torch.randn(3, 16)
+    adapted = model(x).detach()
+    dt.set_adapter(model, [])
+    torch.testing.assert_close(model(x), model[2].base_layer(model[0].base_layer(x).relu()))
+    dt.set_adapter(model, "default")
+    torch.testing.assert_close(model(x).detach(), adapted)
+
+
 # --- parity with Hugging Face peft -------------------------------------------------------
 
 PARITY = [
