@@ -99,6 +99,13 @@ def test_a_method_key_out_of_range():
                                 "  fix: e.g. lora_dropout: 0.05.")
 
 
+def test_a_key_without_a_typical_value_says_leave_it_unset():
+    with pytest.raises(dt.ConfigError) as error:
+        dt.PromptTuningConfig(init="text", init_text="hi", init_token_ids=[3, -1])
+    assert str(error.value) == ("prompt.init_token_ids = [3, -1] is out of range: each item must be at least 0.\n"
+                                "  fix: leave init_token_ids unset (null).")
+
+
 @pytest.mark.parametrize("override,message", [
     ("training.epochs=-1", "training.epochs = -1 is out of range: must be greater than 0.\n  fix: e.g. epochs: 2."),
     ("training.batch_size=0", "training.batch_size = 0 is out of range: must be at least 1.\n  fix: e.g. batch_size: 32."),

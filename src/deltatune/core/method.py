@@ -141,14 +141,12 @@ class MethodConfig:
 
 def type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
-    if tp is Any:
-        return True
     if origin in (typing.Union, types.UnionType):
         return any(type_ok(value, t) for t in typing.get_args(tp))
     if origin is Literal:
         return value in typing.get_args(tp)
-    if origin in (list, tuple):
-        (item,) = typing.get_args(tp)[:1] or (Any,)
+    if origin is list:  # a tuple passed from Python reads as a list
+        (item,) = typing.get_args(tp)
         return isinstance(value, (list, tuple)) and all(type_ok(v, item) for v in value)
     if origin is dict:
         return isinstance(value, dict)
