@@ -181,7 +181,9 @@ def test_all_linear_skips_heads_and_embeddings():
     (lora(target_modules=["re:.*nothing"]), ["'re:.*nothing'", "matches no module", "query, key, value, dense"]),
     (lora(target_modules=["qkv"]), ["'qkv'", "matches no module", "modules end in: ", "query, key, value, dense"]),
     (lora(target_modules=["re:query("]), ["'re:query('", "not a valid regular expression"]),
-    (lora(target_modules=["LayerNorm"]), ["'bert.embeddings.LayerNorm', a LayerNorm", "cannot adapt"]),
+    (lora(target_modules=["LayerNorm"]), ["target_modules entry 'LayerNorm' matches 'bert.embeddings.LayerNorm', a "
+                                          "LayerNorm, which lora cannot adapt.\n  fix: choose modules of type Linear, "
+                                          "Conv1D, Embedding."]),
     (lora(modules_to_save=["classifer"]), ["modules_to_save entry 'classifer'", "classifier"]),
 ])
 def test_bad_targets_name_the_entry_and_leave_the_model_unchanged(config, expected):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import deltatune as dt
 from cases import case_params
@@ -172,6 +173,17 @@ def test_bad_names_are_refused_with_the_adapters_listed():
             pass
     assert str(info.value) == ("adapter 'a' changed the base weights in place: there is no base model left for the "
                                "'__base__' rows.\n  fix: load a fresh base model for them.")
+
+
+def test_row_indices_live_on_the_batchs_device():
+    """The meta device stands in for a GPU: row indices built on the CPU would not index it."""
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5))
+    for name in ("a", "b"):  # IA3 rows go through the generic per-row path (LoRA's is fused)
+        dt.apply(model, dt.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]), name)
+    model.to("meta")
+    with dt.mixed_batch(model, ["a", "b", "__base__"]):
+        out = model(torch.zeros(3, 6, device="meta"))
+    assert out.device.type == "meta" and out.shape == (3, 5)
 
 
 def test_heads_of_different_sizes_cannot_share_a_batch():
