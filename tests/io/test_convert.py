@@ -39,6 +39,17 @@ def test_inspect_lists_method_base_config_and_every_tensor(tmp_path):
                          for i in (0, 1) for ab, shape in (("A", "(2, 32)"), ("B", "(32, 2)"))]
 
 
+def test_inspect_of_a_file_emptied_of_tensors_says_it_holds_none(tmp_path):
+    from safetensors.torch import safe_open, save_file
+
+    saved_lora(tmp_path / "a")
+    weights = str(tmp_path / "a" / "adapter_model.safetensors")
+    with safe_open(weights, "pt") as f:
+        metadata = f.metadata()
+    save_file({}, weights, metadata=metadata)
+    assert inspect_adapter(tmp_path / "a").splitlines()[5:] == ["tensors:     0, 0 parameters, 0 bytes"]
+
+
 def test_inspect_of_a_peft_file_that_records_no_model_class(tmp_path):
     saved_lora(tmp_path / "a")
     convert(tmp_path / "a", tmp_path / "peft", "peft")

@@ -418,6 +418,34 @@ def test_written_files_follow_the_umask_like_any_other_tool(tmp_path, mask):
     assert checkpoint.stat().st_mode & 0o777 == 0o777 & ~mask
 
 
+UTF8_CHECK = """
+import locale, sys
+import deltatune as dt
+from deltatune.io.atomic import atomic_write_text
+print(locale.getencoding())
+atomic_write_text(sys.argv[1], "caf\\u00e9 \\u2713")
+assert dt.read_adapter(sys.argv[2])[0]["base_model_name_or_path"] == "mod\\u00e8le"
+"""
+
+
+def test_text_files_are_utf8_whatever_the_locale(tmp_path, monkeypatch):
+    """A bare C locale (or a Windows code page) must not change what is written or read: the same
+    calls run here, then in a process whose locale says ASCII."""
+    dt.save_adapter(dt.apply(build("bert"), dt.LoraConfig(r=4)), tmp_path / "peft", format="peft")
+    config_path = tmp_path / "peft" / "adapter_config.json"
+    config = {**json.loads(config_path.read_text(encoding="utf-8")), "base_model_name_or_path": "mod\u00e8le"}
+    config_path.write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")  # as other tools write it
+    monkeypatch.setattr(sys, "argv", ["", str(tmp_path / "here.txt"), str(tmp_path / "peft")])
+    exec(UTF8_CHECK, {})  # here, where the locale is UTF-8
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONPATH": str(Path(dt.__file__).parents[1])}  # the deltatune this test imported
+    ascii_run = subprocess.run([sys.executable, "-c", UTF8_CHECK, str(tmp_path / "ascii.txt"), str(tmp_path / "peft")],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert ascii_run.returncode == 0 and ascii_run.stdout.strip() == "ANSI_X3.4-1968", ascii_run.stderr[-2000:]
+    for name in ("here.txt", "ascii.txt"):
+        assert (tmp_path / name).read_bytes() == "caf\u00e9 \u2713".encode("utf-8")
+
+
 def test_a_damaged_or_stale_config_beside_the_weights_gives_way_to_the_embedded_one(saved):
     """The weights file holds the config it was saved with: a damaged adapter_config.json, or one
     that differs (a save interrupted between the two files), is named and the embedded one used."""
