@@ -233,13 +233,18 @@ def test_standalone_lora_linear():
     torch.testing.assert_close(layer.weight.detach(), W0, atol=1e-6, rtol=0)
 
 
-def test_a_model_built_from_lora_linear_takes_every_verb(tmp_path):
+def hand_built() -> tuple[nn.Sequential, torch.Tensor]:
+    """Two LoRALinear layers made on their own (no apply), B perturbed, and an input."""
     torch.manual_seed(0)
     model = nn.Sequential(dt.LoRALinear(16, 8, rank=4), nn.ReLU(), dt.LoRALinear(8, 4, rank=2))
     with torch.no_grad():
         for layer in (model[0], model[2]):
             layer.deltas["default"].lora_B.weight.normal_()
-    x = torch.randn(3, 16)
+    return model, torch.randn(3, 16)
+
+
+def test_a_model_built_from_lora_linear_takes_every_verb(tmp_path):
+    model, x = hand_built()
     expected = model(x).detach()
     report = dt.parameter_report(model)
     assert report.trainable == report.stored == 4 * (16 + 8) + 2 * (8 + 4) == 120
@@ -259,12 +264,7 @@ def test_a_model_built_from_lora_linear_takes_every_verb(tmp_path):
 def test_the_first_verb_on_hand_built_wrappers_makes_their_states_one():
     """Each LoRALinear starts with its own bookkeeping; the first verb on the model joins them,
     so switching every adapter off turns off both layers' deltas, not one."""
-    torch.manual_seed(0)
-    model = nn.Sequential(dt.LoRALinear(16, 8, rank=4), nn.ReLU(), dt.LoRALinear(8, 4, rank=2))
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.deltas["default"].lora_B.weight.normal_()
-    x = torch.randn(3, 16)
+    model, x = hand_built()
     adapted = model(x).detach()
     dt.set_adapter(model, [])
     torch.testing.assert_close(model(x), model[2].base_layer(model[0].base_layer(x).relu()))
