@@ -175,11 +175,16 @@ def test_bad_names_are_refused_with_the_adapters_listed():
                                "'__base__' rows.\n  fix: load a fresh base model for them.")
 
 
-def test_row_indices_live_on_the_batchs_device():
-    """The meta device stands in for a GPU: row indices built on the CPU would not index it."""
+@pytest.mark.parametrize("config", [
+    dt.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]),  # the generic per-row path
+    dt.LoraConfig(r=2, target_modules=["0", "1"]),  # LoRA's fused path: no count read back to the host
+], ids=["ia3", "lora"])
+def test_row_indices_live_on_the_batchs_device(config):
+    """The meta device stands in for a GPU: row indices built on the CPU would not index it, and
+    a size the device would have to send back to the host cannot be read from it."""
     model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 5))
-    for name in ("a", "b"):  # IA3 rows go through the generic per-row path (LoRA's is fused)
-        dt.apply(model, dt.IA3Config(target_modules=["0", "1"], feedforward_modules=["1"]), name)
+    for name in ("a", "b"):
+        dt.apply(model, config, name)
     model.to("meta")
     with dt.mixed_batch(model, ["a", "b", "__base__"]):
         out = model(torch.zeros(3, 6, device="meta"))

@@ -194,7 +194,9 @@ class LoraDelta(Delta):
         a = torch.cat([d.lora_A.weight for d in deltas])  # (sum r, d_in)
         b = torch.cat([d.lora_B.weight * d.scaling for d in deltas], dim=1)  # (d_out, sum r)
         ranks = torch.tensor([d.lora_A.weight.shape[0] for d in deltas], device=a.device)
-        column_owner = torch.repeat_interleave(torch.arange(len(deltas), device=a.device), ranks)  # (sum r,)
+        # output_size given: the GPU need not send the total back to the host first
+        column_owner = torch.repeat_interleave(torch.arange(len(deltas), device=a.device), ranks,
+                                               output_size=len(a))  # (sum r,)
         index, owner = joined(rows)
         row_owner = torch.full((len(out),), -1, device=a.device).index_copy(0, index, owner)  # (batch,)
         keep = (column_owner[None, :] == row_owner[:, None]).to(a.dtype)  # (batch, sum r)
