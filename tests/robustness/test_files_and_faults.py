@@ -422,7 +422,7 @@ UTF8_CHECK = """
 import codecs, locale, sys
 import deltatune as dt
 from deltatune.io.atomic import atomic_write_text
-print(codecs.lookup(locale.getencoding()).name)  # "ascii", however the platform spells it
+print(codecs.lookup(locale.getpreferredencoding(False)).name)  # "ascii", however the platform spells it
 atomic_write_text(sys.argv[1], "caf\\u00e9 \\u2713")
 assert dt.read_adapter(sys.argv[2])[0]["base_model_name_or_path"] == "mod\\u00e8le"
 """
