@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import deltatune as dt
 from tiny import assert_same, build, file_hashes, inputs, output, perturb, shown_at, snapshot
@@ -26,6 +28,18 @@ def saved(tmp_path):
     perturb(model)
     dt.save_adapter(model, tmp_path / "adapter")
     return model, tmp_path / "adapter"
+
+
+def rewrite_description(path: Path, edit: Callable[[dict], Any], beside: bool = True) -> None:
+    """Replace the description saved inside the weights file with ``edit(description)`` (tensors
+    kept), and the adapter_config.json beside it unless ``beside`` is False."""
+    weights = path / "adapter_model.safetensors"
+    with safe_open(weights, framework="pt") as f:
+        metadata = f.metadata()
+    text = json.dumps(edit(json.loads(metadata["deltatune"])))
+    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": text})
+    if beside:
+        (path / "adapter_config.json").write_text(text)
 
 
 def refused(path, phrase, model=None):
@@ -71,14 +85,8 @@ def test_damaged_config_inside_the_weights_file(saved):
 
 
 def test_config_inside_the_weights_file_that_is_no_json_object(saved):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     _, path = saved
-    weights = path / "adapter_model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": "[1, 2]"})
+    rewrite_description(path, lambda description: [1, 2], beside=False)
     refused(path, r"(?s)^'.*adapter/adapter_model\.safetensors' is corrupted: the config saved inside it is not a JSON "
                   r"object\.\n  fix: the file is truncated or corrupted: save or copy it again\.$")
 
@@ -135,17 +143,8 @@ def test_adapter_of_another_base_model(saved):
 def test_adapter_naming_modules_this_model_lacks(saved):
     """Found by the adapter-file fuzzer: one damaged byte in the embedded config renamed the
     'classifier' of modules_to_save; the load must say the file does not fit, not blame a config."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     _, path = saved
-    weights = path / "adapter_model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    description = json.loads(metadata["deltatune"])
-    description["config"]["target_modules"] = ["lassifier"]
-    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": json.dumps(description)})
-    (path / "adapter_config.json").write_text(json.dumps(description))
+    rewrite_description(path, lambda d: {**d, "config": {**d["config"], "target_modules": ["lassifier"]}})
     refused(path, r"(?s)does not fit BertForSequenceClassification: target_modules entry 'lassifier' matches no "
                   r"module.*fix: load it into the base model it was trained on")
 
@@ -155,17 +154,8 @@ def test_adapter_naming_modules_this_model_lacks(saved):
     ({"rank": 8}, "unknown key '{path}/adapter_config.json:config.rank' for method 'lora'."),
 ])
 def test_a_stored_config_that_is_not_usable_is_named_with_one_fix(saved, change, problem):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     _, path = saved
-    weights = path / "adapter_model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    description = json.loads(metadata["deltatune"])
-    description["config"].update(change)
-    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": json.dumps(description)})
-    (path / "adapter_config.json").write_text(json.dumps(description))
+    rewrite_description(path, lambda d: {**d, "config": {**d["config"], **change}})
     with pytest.raises(dt.AdapterFileError) as info:
         dt.load_adapter(build("bert"), path)
     assert str(info.value) == (f"the config in '{path}' is not usable: {problem.format(path=path)}\n"
@@ -194,16 +184,8 @@ def test_an_adapter_under_another_name_saves_and_loads_as_that_adapter(saved, tm
 def test_a_load_refused_after_its_tensors_were_copied_leaves_the_model_as_it_was(saved):
     """The base fingerprint is checked after the tensors are in: the rollback must take them
     out again (tensors compared by value: a merge instead of a delete keeps the keys)."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     _, path = saved
-    weights = path / "adapter_model.safetensors"
-    with safe_open(weights, framework="pt") as f:
-        metadata = f.metadata()
-    description = {**json.loads(metadata["deltatune"]), "base_fingerprint": "sha256:0000000000000000"}
-    save_file(load_file(weights), weights, metadata={**metadata, "deltatune": json.dumps(description)})
-    (path / "adapter_config.json").write_text(json.dumps(description))
+    rewrite_description(path, lambda d: {**d, "base_fingerprint": "sha256:0000000000000000"})
     refused(path, "another base model")
 
 
