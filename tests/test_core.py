@@ -356,6 +356,19 @@ def test_counts_per_module_are_by_the_modules_own_names():
     assert report.trainable == report.stored == 34 and report.total == 20 + 20 + 10 + 16 + 10
 
 
+def test_a_stored_tensor_counts_at_the_innermost_module_that_holds_it():
+    """body's own bias (3) trains beside body.proj's LoRA: proj's tensors start with both names
+    and count at body.proj, the longer one."""
+    model = nn.Module()
+    model.body = Three()
+    model.body.bias = nn.Parameter(torch.zeros(3))
+    with pytest.warns(UserWarning, match="trains base biases in place"):
+        dt.apply(model, dt.LoraConfig(r=2, target_modules=["proj"], bias="all"))
+    assert dt.parameter_report(model).per_module == {
+        "body": {"trainable": 3, "stored": 3}, "body.proj": {"trainable": 20, "stored": 20},
+        "body.mid": {"trainable": 4, "stored": 4}, "body.head": {"trainable": 2, "stored": 2}}
+
+
 def test_stored_tensors_of_no_module_count_at_the_root():
     """VeRA r=4 on two 32x32 query layers: lambda_d (32) + lambda_b (4) each train; the shared
     projections A (4x32) and B (32x4) are stored once, at the root, and train not at all."""

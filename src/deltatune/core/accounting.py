@@ -101,7 +101,6 @@ def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, d
         module = key.split(".deltas.")[0] if ".deltas." in key else key.rpartition(".")[0].removesuffix(".base_layer")
         rows.setdefault(module, {"trainable": 0, "stored": 0})["trainable"] += param.numel()
     for key, tensor in stored.items():
-        # the longest module name the key starts with (of two such names, the shorter sorts first)
-        module = max((m for m in rows if key.startswith(m + ".")), default=key.rpartition(".")[0])
+        module = max((m for m in rows if key.startswith(m + ".")), key=len, default=key.rpartition(".")[0])
         rows.setdefault(module, {"trainable": 0, "stored": 0})["stored"] += tensor.numel()
     return rows
