@@ -26,7 +26,9 @@ def adapted(case, family):
 @pytest.mark.parametrize("case,family", case_params(lambda c: c.identity_at_init))
 def test_fresh_adapter_leaves_outputs_unchanged(case, family):
     model, batch, base = adapted(case, family)
-    torch.testing.assert_close(output(model, batch), base, atol=1e-6, rtol=0)
+    # exact: every such method starts by adding an exact zero (a zero factor, a zero difference,
+    # a scale of one), so no rounding enters on any CPU kernel (PiSSA's once left 1e-6 on T5)
+    assert torch.equal(output(model, batch), base)
 
 
 @pytest.mark.parametrize("case,family", case_params())

@@ -29,8 +29,10 @@ s B0 A0 = U_r S_r V_r^T, and stay beside a frozen copy of that start:
     h = W0 x + s (B A - B0 A0) x   ==   (W0 - s B0 A0) x + s B A x
 
 the residual base plus B A, with the same gradients for A and B, while W0 itself is never
-rewritten (disabling gives the original base). A file holds the plain rank-2r LoRA this
-equals, B' = [B, -B0], A' = [A; A0] with alpha scaled to keep s, so any LoRA reader loads it.
+rewritten (disabling gives the original base). The update is computed as
+s ((B - B0) A + B0 (A - A0)) x: the same product, and exactly zero at the start on any CPU.
+A file holds the plain rank-2r LoRA this equals, B' = [B, -B0], A' = [A; A0] with alpha
+scaled to keep s, so any LoRA reader loads it.
 """
 
 from __future__ import annotations
@@ -151,11 +153,18 @@ class LoraDelta(Delta):
         merge adds it (DoRA then rescales), unmerge subtracts it."""
         if self.is_embedding:
             product = self.lora_embedding_B @ self.lora_embedding_A
+        elif self.pissa:
+            B_moved, A_moved = self.moved_from_start()
+            product = B_moved @ self.lora_A.weight + self.lora_B0 @ A_moved
         else:
             product = self.lora_B.weight @ self.lora_A.weight
-        if self.pissa:
-            product = product - self.lora_B0 @ self.lora_A0
         return product * self.scaling
+
+    def moved_from_start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """PiSSA's B - B0 and A - A0. B A - B0 A0 = (B - B0) A + B0 (A - A0): the same product,
+        but exactly zero at the start, where two equal products subtracted would leave the last
+        bits of whichever kernel computed them (a matmul's rounding may differ between calls)."""
+        return self.lora_B.weight - self.lora_B0, self.lora_A.weight - self.lora_A0
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """DoRA's n = ||W0 + s B A||_c, (d_out,), detached: no gradient flows through it (section 4.3)."""
@@ -173,9 +182,11 @@ class LoraDelta(Delta):
             update = F.embedding(x, self.lora_embedding_A.T, **self._embedding_args) @ self.lora_embedding_B.T
         else:
             x = self.dropout(x.to(self.lora_A.weight.dtype))
-            update = self.lora_B(self.lora_A(x))
             if self.pissa:
-                update = update - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+                B_moved, A_moved = self.moved_from_start()
+                update = F.linear(self.lora_A(x), B_moved) + F.linear(F.linear(x, A_moved), self.lora_B0)
+            else:
+                update = self.lora_B(self.lora_A(x))
         update = update * self.scaling
         if self.use_dora:
             return out + self._dora_change(x, out, update).to(out.dtype)
