@@ -9,7 +9,7 @@ from torch import nn
 
 import deltatune as dt
 from cases import case_params
-from tiny import build, inputs, output, perturb
+from tiny import assert_close_ulps, build, inputs, output, perturb
 
 NAMES = ["a", "b", "__base__", "a", "c"]  # row -> adapter; "c" is a LoRA beside the case's method
 
@@ -44,8 +44,8 @@ def test_each_row_equals_its_adapter_alone(case, family):
     keyword = model(**batch, adapter_names=NAMES).logits.detach()
     for row, name in enumerate(NAMES):
         expected = alone(model, batch, row, name)
-        torch.testing.assert_close(mixed[row], expected, atol=1e-5, rtol=0)
-        torch.testing.assert_close(keyword[row], expected, atol=1e-5, rtol=0)
+        assert_close_ulps(mixed[row], expected)
+        assert_close_ulps(keyword[row], expected)
     assert not torch.allclose(mixed[0], mixed[1], atol=1e-4)  # the two adapters differ, as their rows must
 
 
@@ -67,7 +67,7 @@ def test_methods_that_cannot_mix_refuse_and_run_alone(case, family):
     if "cannot share a batch" in str(info.value):
         assert str(info.value).endswith("\n  fix: give its rows a batch of their own (deltatune serve does).")
     with dt.mixed_batch(model, ["a", "a"]):  # one adapter for every row: that adapter alone
-        torch.testing.assert_close(output(model, batch), expected, atol=1e-6, rtol=0)
+        assert_close_ulps(output(model, batch), expected)
     assert dt.active_adapters(model) == (["other"] if others else ["a"])  # restored on leaving
 
 
@@ -126,7 +126,7 @@ def test_prompts_of_different_lengths_and_prefixes_share_a_batch(family):
     assert mixed.shape[1] == (3 if family in ("bert", "roberta", "distilbert") else batch.get(
         "decoder_input_ids", batch["input_ids"]).shape[1])  # the prompts' positions cut out
     for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], alone(model, batch, row, name), atol=1e-5, rtol=0)
+        assert_close_ulps(mixed[row], alone(model, batch, row, name))
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "t5"])

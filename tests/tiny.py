@@ -85,6 +85,24 @@ def output(model, batch: dict) -> torch.Tensor:
         return model(**batch).logits
 
 
+#: How far two orders of the same arithmetic may drift, in units in the last place (ulps) of the
+#: largest value compared. Every op of a tiny model rounds, and kernels round differently on other
+#: CPUs (AVX-512, AVX2, MKL's generic path), so the bound scales with the values: T5's and LLaMA's
+#: unscaled activations are 100x BERT's logits. Worst seen across the suite on AVX-512 and on
+#: `make test-kernels`: 55 ulps (gpt2, rows batched vs alone), so 256 leaves a 4x margin.
+REORDERED = 256
+#: A weight merged and unmerged (W + d - d, DoRA's norm rescale included): worst seen 21 ulps.
+ROUND_TRIP = 64
+
+
+def assert_close_ulps(actual, expected, ulps: int = REORDERED, msg=None) -> None:
+    """``actual`` equals ``expected`` to within ``ulps`` ulps of ``max|expected|`` (of its dtype)."""
+    expected = torch.as_tensor(expected)
+    actual = torch.as_tensor(actual, dtype=expected.dtype)
+    atol = ulps * torch.finfo(expected.dtype).eps * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0, msg=msg)
+
+
 def perturb(model, scale: float = 0.1, seed: int = 2) -> None:
     """Give every trainable parameter non-zero random values, as training would."""
     g = torch.Generator().manual_seed(seed)

@@ -11,7 +11,7 @@ import torch
 import deltatune as dt
 from deltatune.io.adapter_files import read_adapter
 from deltatune.io.convert import convert, inspect_adapter
-from tiny import build, inputs, output, perturb
+from tiny import assert_close_ulps, build, inputs, output, perturb
 
 KEY = "bert.encoder.layer.{}.attention.self.query.lora_{}.weight"
 
@@ -84,4 +84,4 @@ def test_convert_to_peft_and_back_keeps_tensors_and_outputs(tmp_path):
     for folder in ("peft", "back"):
         fresh = build("bert")
         dt.load_adapter(fresh, tmp_path / folder)
-        torch.testing.assert_close(output(fresh, batch), expected, atol=1e-6, rtol=0)
+        assert_close_ulps(output(fresh, batch), expected)

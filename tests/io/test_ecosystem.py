@@ -12,7 +12,7 @@ from transformers import AutoModelForSequenceClassification, Trainer, TrainingAr
 
 import deltatune as dt
 from deltatune.cli import main
-from tiny import build, inputs, output, perturb
+from tiny import assert_close_ulps, build, inputs, output, perturb
 
 
 @pytest.fixture
@@ -29,11 +29,11 @@ def test_convert_to_peft_and_back_on_the_command_line(lora_adapter):
     batch = inputs("bert")
     assert main(["convert", str(tmp / "native"), str(tmp / "peft"), "--to", "peft"]) == 0
     in_peft = peft.PeftModel.from_pretrained(build("bert"), tmp / "peft").eval()
-    torch.testing.assert_close(output(in_peft, batch), output(model, batch), atol=1e-5, rtol=0)
+    assert_close_ulps(output(in_peft, batch), output(model, batch))
     assert main(["convert", str(tmp / "peft"), str(tmp / "back"), "--to", "deltatune"]) == 0
     again = build("bert")
     dt.load_adapter(again, tmp / "back")
-    torch.testing.assert_close(output(again, batch), output(model, batch), atol=1e-5, rtol=0)
+    assert_close_ulps(output(again, batch), output(model, batch))
 
 
 def test_inspect_prints_method_tensors_and_sizes(lora_adapter, capsys):
@@ -56,7 +56,7 @@ def test_export_writes_a_plain_model_with_the_adapted_outputs(tmp_path):
     dt.save_adapter(model, tmp_path / "adapter")
     assert main(["export", str(tmp_path / "adapter"), str(tmp_path / "merged")]) == 0
     plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
-    torch.testing.assert_close(output(plain, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(plain, batch), expected)
     mask = os.umask(0)
     os.umask(mask)
     assert {f.stat().st_mode & 0o777 for f in (tmp_path / "merged").iterdir()} == {0o666 & ~mask}
@@ -105,7 +105,7 @@ def test_an_adapted_model_trains_under_the_transformers_trainer(tmp_path):
     batch = inputs("bert")
     fresh = build("bert")
     dt.load_adapter(fresh, tmp_path / "checkpoint-4" / "adapter")
-    torch.testing.assert_close(output(fresh, batch), output(model.eval(), batch), atol=1e-5, rtol=0)
+    assert_close_ulps(output(fresh, batch), output(model.eval(), batch))
     assert (tmp_path / "checkpoint-2" / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -134,4 +134,4 @@ def test_a_trainer_run_resumed_from_an_adapter_only_checkpoint_ends_with_the_sam
     resumed.train(resume_from_checkpoint=str(tmp_path / "straight" / "checkpoint-2"))
     expected = dict(straight.model.named_parameters())
     for name, param in resumed.model.named_parameters():
-        torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)
+        assert_close_ulps(param, expected[name])

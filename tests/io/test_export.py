@@ -22,6 +22,7 @@ from deltatune.io.convert import inspect_adapter
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
+from tiny import assert_close_ulps
 
 TEXTS = ["a great film", "an awful story"]
 
@@ -135,7 +136,7 @@ def test_a_peft_format_adapter_exports_to_the_same_model(run, tmp_path):
     with torch.no_grad():
         outputs = [AutoModelForSequenceClassification.from_pretrained(tmp_path / name).eval()(**batch).logits
                    for name in ("from-peft", "native")]
-    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    assert_close_ulps(outputs[0], outputs[1])
 
 
 def test_a_peft_adapter_with_a_task_type_loads_its_head(run, tmp_path):

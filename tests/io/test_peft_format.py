@@ -13,7 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import deltatune as dt
 from deltatune.io.convert import convert
 from deltatune.cli import main
-from tiny import build, inputs, output, perturb, shown_at
+from tiny import assert_close_ulps, build, inputs, output, perturb, shown_at
 
 CASES = {
     "lora-rslora-bias-head": ("bert", lambda: peft.LoraConfig(
@@ -97,8 +97,8 @@ def test_a_gpt2_peft_adapter_converted_to_peft_again_keeps_its_layout(tmp_path):
     expected = output(model.eval(), inputs("gpt2"))
     convert(tmp_path / "peft", tmp_path / "again", "peft")
     assert json.loads((tmp_path / "again" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
-    torch.testing.assert_close(output(peft.PeftModel.from_pretrained(build("gpt2"), tmp_path / "again").eval(),
-                                      inputs("gpt2")), expected, atol=1e-6, rtol=0)
+    assert_close_ulps(output(peft.PeftModel.from_pretrained(build("gpt2"), tmp_path / "again").eval(),
+                                      inputs("gpt2")), expected)
 
 
 def test_methods_without_a_peft_layout_are_refused(tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.layer import DeltaLayer
-from tiny import HIDDEN, LAYERS, build, inputs, output, perturb
+from tiny import HIDDEN, LAYERS, assert_close_ulps, build, inputs, output, perturb
 
 # embeddings LayerNorm + per layer (q, k, v, attention out, 2 LayerNorms, output: 7 x d; intermediate 64) + pooler
 BERT_BIASES = HIDDEN + LAYERS * (7 * HIDDEN + 64) + HIDDEN
@@ -92,4 +92,4 @@ def test_merge_adds_the_change_to_the_base_bias():
     assert set(after) == set(before) == set(changes)
     for key, change in changes.items():
         torch.testing.assert_close(after[key], before[key] + change)
-    torch.testing.assert_close(output(plain, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(plain, batch), expected)

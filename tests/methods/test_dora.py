@@ -12,7 +12,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.verbs import merged_adapters
-from tiny import HIDDEN, LAYERS, Net, build, inputs, output, perturb
+from tiny import HIDDEN, LAYERS, ROUND_TRIP, Net, assert_close_ulps, build, inputs, output, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's notices
 
@@ -45,7 +45,7 @@ def test_output_is_the_rescaled_direction():
     dt.merge(model)
     torch.testing.assert_close(model.proj.base_layer.weight.detach(), W)
     dt.unmerge(model)
-    torch.testing.assert_close(model.proj.base_layer.weight.detach(), W0, atol=1e-6, rtol=0)
+    assert_close_ulps(model.proj.base_layer.weight.detach(), W0, ROUND_TRIP)
 
 
 def test_the_weight_norm_takes_no_gradient():
@@ -78,7 +78,7 @@ def test_a_dora_adapter_merges_first_on_its_module_or_not_at_all():
     dt.set_adapter(model, ["dora", "plain"])
     expected = output(model, batch)
     dt.merge(model)
-    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, batch), expected)
 
 
 def perturb_all(model):
@@ -133,7 +133,7 @@ def test_a_peft_dora_adapter_loads_with_equal_outputs(family, kwargs, tmp_path):
     loaded = dt.load_adapter(build(family), tmp_path / "peft")
     batch = inputs(family)
     assert (output(theirs, batch) - output(build(family), batch)).abs().max() > 1e-4  # it changed the outputs
-    torch.testing.assert_close(output(loaded, batch), output(theirs, batch), atol=1e-5, rtol=0)
+    assert_close_ulps(output(loaded, batch), output(theirs, batch))
 
 
 @pytest.mark.parametrize("family,kwargs", PARITY)
@@ -147,7 +147,7 @@ def test_a_dora_adapter_written_for_peft_loads_there_with_equal_outputs(family, 
     magnitudes = [k for k in peft.get_peft_model_state_dict(theirs) if "lora_magnitude_vector" in k]
     assert magnitudes and all(k.endswith(".lora_magnitude_vector") for k in magnitudes)  # peft's file keys
     batch = inputs(family)
-    torch.testing.assert_close(output(theirs, batch), output(model, batch), atol=1e-5, rtol=0)
+    assert_close_ulps(output(theirs, batch), output(model, batch))
 
 
 @pytest.mark.parametrize("family,kwargs", PARITY)
@@ -170,7 +170,7 @@ def test_starts_and_gradients_match_peft_with_dropout(family, kwargs):
         logits.pow(2).mean().backward()
         outs.append(logits.detach())
         grads.append({same_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad})
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=0)  # logits ~1e-2 (bert) to ~1 (gpt2)
+    assert_close_ulps(outs[0], outs[1])
     assert sorted(grads[0]) == sorted(grads[1]) and len(grads[0]) > 0
     for name, grad in grads[0].items():  # tiny models give gradients of 1e-8 to 1: compare each to its size
         torch.testing.assert_close(grad, grads[1][name], atol=1e-4 * grad.abs().max().item(), rtol=1e-4, msg=name)

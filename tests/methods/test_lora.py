@@ -13,7 +13,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.core.verbs import merged_adapters
-from tiny import HIDDEN, LAYERS, Net, build, inputs, output, perturb, shown_at
+from tiny import HIDDEN, LAYERS, ROUND_TRIP, Net, assert_close_ulps, build, inputs, output, perturb, shown_at
 
 
 def lora_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +119,7 @@ def test_trained_biases_beside_a_copied_head_are_counted_and_saved(bias, biases,
     assert report.trainable == report.stored == 1123 + biases
     expected = output(model, inputs("bert"))
     loaded = dt.load_adapter(build("bert"), dt.save_adapter(model, tmp_path / "adapter"))
-    torch.testing.assert_close(output(loaded, inputs("bert")), expected, atol=1e-6, rtol=0)
+    assert_close_ulps(output(loaded, inputs("bert")), expected)
 
 
 # --- the formula -------------------------------------------------------------------------
@@ -167,7 +167,7 @@ def test_conv1d_merge_adds_the_transposed_update():
     A, B = lora_weights(layer)
     dt.merge(model)
     torch.testing.assert_close(layer.base_layer.weight.detach(), W0 + 2.0 * (B @ A).T)
-    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, batch), expected)
 
 
 def test_embedding_merge_on_an_untied_embedding():
@@ -183,7 +183,7 @@ def test_embedding_merge_on_an_untied_embedding():
     dt.merge(model)
     torch.testing.assert_close(layer.base_layer.weight.detach(),
                                W0 + 2.0 * (delta.lora_embedding_B @ delta.lora_embedding_A).T.detach())
-    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, batch), expected)
 
 
 def test_merging_a_tied_embedding_is_refused():
@@ -206,7 +206,7 @@ def test_merged_forward_runs_no_delta_module():
     assert delta_calls(model, batch) > 0
     dt.merge(model)
     assert delta_calls(model, batch) == 0
-    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, batch), expected)
     dt.unmerge(model)
     assert delta_calls(model, batch) > 0
 
@@ -230,7 +230,7 @@ def test_standalone_lora_linear():
     torch.testing.assert_close(layer(x).detach(), expected)
     torch.testing.assert_close(layer.weight.detach(), W0 + 2.0 * B @ A)
     layer.unmerge()
-    torch.testing.assert_close(layer.weight.detach(), W0, atol=1e-6, rtol=0)
+    assert_close_ulps(layer.weight.detach(), W0, ROUND_TRIP)
 
 
 def hand_built() -> tuple[nn.Sequential, torch.Tensor]:
@@ -294,7 +294,7 @@ def test_outputs_and_counts_match_peft(family, kwargs):
     assert not result.unexpected_keys
     batch = inputs(family)
     assert (output(theirs, batch) - output(build(family), batch)).abs().max() > 1e-4  # copied in
-    torch.testing.assert_close(output(theirs, batch), output(ours, batch), atol=1e-6, rtol=0)
+    assert_close_ulps(output(theirs, batch), output(ours, batch))
     report = dt.parameter_report(ours)
     assert theirs.get_nb_trainable_parameters() == (report.trainable, report.total)
 
@@ -335,17 +335,17 @@ def test_minilm_train_merge_save_load(tmp_path):
     expected = output(model, batch)
 
     dt.merge(model)
-    torch.testing.assert_close(output(model, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, batch), expected)
     dt.unmerge(model)
     path = dt.save_adapter(model, tmp_path / "minilm-lora")
     loaded = dt.load_adapter(fresh(), path).eval()
-    torch.testing.assert_close(output(loaded, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(loaded, batch), expected)
     stored_bytes = dt.parameter_report(model).stored_bytes
     size = (path / "adapter_model.safetensors").stat().st_size
     assert stored_bytes <= size <= stored_bytes * 1.01 + 16 * 1024
     plain = dt.merge_and_unload(model)
     assert not any(type(m).__module__.startswith("deltatune") for m in plain.modules())
-    torch.testing.assert_close(output(plain, batch), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(plain, batch), expected)
 
 
 def _eval_loss(model, batch) -> float:

@@ -8,7 +8,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 import deltatune as dt
-from tiny import HIDDEN, LAYERS, VOCAB, build, inputs, output, perturb
+from tiny import HIDDEN, LAYERS, VOCAB, assert_close_ulps, build, inputs, output, perturb
 
 N, H = 3, 16  # prefix length, MLP width
 KV = {"bert": HIDDEN, "roberta": HIDDEN, "gpt2": HIDDEN, "llama": 2 * 8, "t5": 4 * 8}  # d_kv
@@ -80,7 +80,7 @@ def test_bert_attention_equals_attention_over_extra_key_rows():
         with_prefix = attention(x)[0]
         with dt.disable_adapters(model):
             with_rows = attention(torch.cat([rows, x], dim=1))[0][:, N:]
-    torch.testing.assert_close(with_prefix, with_rows, atol=1e-6, rtol=0)
+    assert_close_ulps(with_prefix, with_rows)
 
 
 def test_llama_attention_by_hand():
@@ -101,7 +101,7 @@ def test_llama_attention_by_hand():
         visible = torch.ones(T, N + T, dtype=torch.bool).tril(N)
         weights = scores.masked_fill(~visible, float("-inf")).softmax(-1)
         expected = attn.o_proj((weights @ repeat_kv(v, 2)).transpose(1, 2).reshape(1, T, -1))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close_ulps(got, expected)
 
 
 def test_t5_prefixes_get_no_relative_position_bias():
@@ -119,7 +119,7 @@ def test_t5_prefixes_get_no_relative_position_bias():
         weights = (q @ k.transpose(2, 3) + expected_bias).softmax(-1)  # T5 does not scale
         expected = attn.o((weights @ v).transpose(1, 2).reshape(1, T, -1))
     torch.testing.assert_close(bias, expected_bias)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_close_ulps(got, expected)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])
@@ -128,7 +128,7 @@ def test_eager_and_sdpa_agree(family):
     perturb(model, scale=1.0)
     sdpa = output(model, inputs(family))
     model.set_attn_implementation("eager")
-    torch.testing.assert_close(output(model, inputs(family)), sdpa, atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, inputs(family)), sdpa)
 
 
 @pytest.mark.parametrize("family,pad_left", [("bert", False), ("roberta", False), ("t5", False),
@@ -143,8 +143,7 @@ def test_the_mask_still_hides_padding(family, pad_left):
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][-1, padded] = (batch["input_ids"][-1, padded] + 1) % VOCAB
     real = batch["attention_mask"][-1].bool() if pad_left else slice(None)
-    torch.testing.assert_close(output(model, changed)[-1][real], output(model, batch)[-1][real],
-                               atol=1e-6, rtol=0)
+    assert_close_ulps(output(model, changed)[-1][real], output(model, batch)[-1][real])
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -163,8 +162,7 @@ def test_two_active_prefixes_act_as_one_concatenated_prefix(family):
     single = dt.apply(build(family), dt.PrefixTuningConfig(num_virtual_tokens=2 * N, reparameterize=False))
     with torch.no_grad():
         prefixes_of(single).copy_(torch.cat([prefixes_of(model, "a"), prefixes_of(model, "b")], dim=2))
-    torch.testing.assert_close(output(model, inputs(family)), output(single, inputs(family)),
-                               atol=1e-5, rtol=0)
+    assert_close_ulps(output(model, inputs(family)), output(single, inputs(family)))
 
 
 def test_prefix_and_lora_share_the_key_projection():
@@ -191,7 +189,7 @@ def test_the_file_holds_folded_prefixes_and_loads_without_the_mlp(family, tmp_pa
     assert {k: tuple(t.shape) for k, t in tensors.items()} == {
         "deltatune_virtual_tokens.prefixes": (LAYERS, 2, N, KV[family])}
     loaded = dt.load_adapter(build(family), tmp_path / "adapter")
-    torch.testing.assert_close(output(loaded, inputs(family)), expected, atol=1e-5, rtol=0)
+    assert_close_ulps(output(loaded, inputs(family)), expected)
     names = [n for n, p in loaded.named_parameters() if p.requires_grad]
     assert names == ["deltatune_virtual_tokens.deltas.default.prefixes"]
     report = dt.parameter_report(loaded)
@@ -239,7 +237,7 @@ def test_generate_with_prefixes_on_a_causal_lm(family):
     batch = {"input_ids": inputs(family)["input_ids"]}
     result = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
                             return_dict_in_generate=True, pad_token_id=0)
-    torch.testing.assert_close(torch.stack(result.scores, 1), greedy_scores(model, batch, 4), atol=1e-5, rtol=0)
+    assert_close_ulps(torch.stack(result.scores, 1), greedy_scores(model, batch, 4))
     with torch.no_grad():
         cache = model(**batch, use_cache=True).past_key_values
     assert cache.get_seq_length() == batch["input_ids"].shape[1]  # the cache never holds prefixes

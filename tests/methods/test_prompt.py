@@ -12,7 +12,7 @@ from transformers import (BertConfig, BertForQuestionAnswering, BertForTokenClas
                           T5ForConditionalGeneration)
 
 import deltatune as dt
-from tiny import HIDDEN, LAYERS, VOCAB, build, inputs, output, perturb
+from tiny import HIDDEN, LAYERS, VOCAB, assert_close_ulps, build, inputs, output, perturb
 
 N = 4
 
@@ -162,8 +162,7 @@ def test_the_mask_still_hides_padding(family, pad_left):
     changed = {**batch, "input_ids": batch["input_ids"].clone()}
     changed["input_ids"][-1, padded] = (batch["input_ids"][-1, padded] + 1) % VOCAB
     real = batch["attention_mask"][-1].bool() if pad_left else slice(None)
-    torch.testing.assert_close(output(model, changed)[-1][real], output(model, batch)[-1][real],
-                               atol=1e-6, rtol=0)
+    assert_close_ulps(output(model, changed)[-1][real], output(model, batch)[-1][real])
 
 
 def test_positions_and_token_types_are_moved_past_the_prompt():
@@ -171,7 +170,7 @@ def test_positions_and_token_types_are_moved_past_the_prompt():
     perturb(model)
     batch = inputs("bert")
     explicit = {**batch, "position_ids": torch.arange(7)[None], "token_type_ids": torch.zeros_like(batch["input_ids"])}
-    torch.testing.assert_close(output(model, explicit), output(model, batch), atol=1e-6, rtol=0)
+    assert_close_ulps(output(model, explicit), output(model, batch))
 
 
 def test_removing_the_adapter_removes_the_hooks():
@@ -196,8 +195,7 @@ def test_two_active_prompts_act_as_one_concatenated_prompt(family):
     single = dt.apply(build(family), dt.PromptTuningConfig(num_virtual_tokens=2 * N))
     with torch.no_grad():
         prompt_of(single).copy_(torch.cat([prompt_of(model, "a"), prompt_of(model, "b")]))
-    torch.testing.assert_close(output(model, inputs(family)), output(single, inputs(family)),
-                               atol=1e-6, rtol=0)
+    assert_close_ulps(output(model, inputs(family)), output(single, inputs(family)))
 
 
 # --- generation --------------------------------------------------------------------------
@@ -208,7 +206,7 @@ def test_generate_adds_the_prompt_once_on_a_causal_lm():
     batch = {"input_ids": inputs("llama")["input_ids"]}
     result = model.generate(**batch, max_new_tokens=4, do_sample=False, output_scores=True,
                             return_dict_in_generate=True)
-    torch.testing.assert_close(torch.stack(result.scores, 1), greedy_scores(model, batch, 4), atol=1e-5, rtol=0)
+    assert_close_ulps(torch.stack(result.scores, 1), greedy_scores(model, batch, 4))
     with dt.disable_adapters(model):
         assert not torch.allclose(greedy_scores(model, batch, 4), torch.stack(result.scores, 1))
 
@@ -223,7 +221,7 @@ def test_generate_puts_the_prompt_in_front_of_the_encoder_input():
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=decoded).logits
-    torch.testing.assert_close(torch.stack(result.scores, 1), logits, atol=1e-5, rtol=0)
+    assert_close_ulps(torch.stack(result.scores, 1), logits)
 
 
 # --- parity with Hugging Face peft -------------------------------------------------------
@@ -246,7 +244,7 @@ def test_outputs_match_peft(family, task):
         expected = theirs(**batch).logits
     if task == "CAUSAL_LM":
         expected = expected[:, N:]  # peft returns the prompt positions too
-    torch.testing.assert_close(output(ours, batch), expected, atol=1e-6, rtol=0)
+    assert_close_ulps(output(ours, batch), expected)
     if isinstance(theirs.base_model, T5ForConditionalGeneration):
         return
     assert theirs.get_nb_trainable_parameters()[0] == dt.parameter_report(ours).trainable

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 from safetensors.torch import load_file
 
 from deltatune.train.config import load_config
 from deltatune.train.loop import train
+from tiny import REORDERED, assert_close_ulps
 
 pytestmark = pytest.mark.slow
 
@@ -50,4 +50,5 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path, sentiment_c
     a = load_file(tmp_path / "single" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "ddp" / "adapter" / "adapter_model.safetensors")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+        # two processes sum the gradients in another order and ten AdamW steps carry that rounding on
+        assert_close_ulps(a[key], b[key], ulps=10 * REORDERED)

@@ -20,7 +20,7 @@ from deltatune.compare.config import entry_name, load_compare_config
 from deltatune.compare.runner import compare, grid
 from deltatune.train.config import load_config
 from deltatune.train.loop import train
-from tiny import build
+from tiny import assert_close_ulps, build
 
 # (family, LoRA config fields, modules_to_save): linear, Conv1D and embedding LoRA, trained biases,
 # a task head and a trained norm.
@@ -119,7 +119,7 @@ def test_a_run_trains_b_at_ratio_times_the_rate_and_resumes_with_its_groups(tmp_
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        assert_close_ulps(a[key], b[key])
 
 
 class _Tokens(torch.utils.data.Dataset):
@@ -152,7 +152,7 @@ def test_transformers_trainer_trains_with_loraplus_groups_and_resumes(tmp_path):
     assert [g["initial_lr"] for g in resumed.optimizer.param_groups] == [1e-3, 16e-3, 16e-3]
     expected = dict(straight.model.named_parameters())
     for name, param in resumed.model.named_parameters():
-        torch.testing.assert_close(param, expected[name], atol=1e-6, rtol=0)
+        assert_close_ulps(param, expected[name])
 
 
 def _compare_yaml(tmp_path, **values):

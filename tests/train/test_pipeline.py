@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from deltatune import DeltatuneError
 from deltatune.train.config import load_config
 from deltatune.train.loop import TrainingError, train
-from tiny import logged_losses
+from tiny import assert_close_ulps, logged_losses
 
 
 def tiny_config(tmp_path, csv, *extra):
@@ -81,7 +81,7 @@ def test_resume_finishes_with_the_same_weights(tmp_path, sentiment_csv, monkeypa
     a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "run" / "adapter" / "adapter_model.safetensors")
     for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        assert_close_ulps(a[key], b[key])
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, sentiment_csv):
@@ -143,7 +143,7 @@ def test_a_paused_run_resumes_to_the_same_weights_as_one_run(tmp_path, sentiment
     b = load_file(tmp_path / "legs" / "run" / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:  # as the interrupted resume above: equal up to float summation order
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0)
+        assert_close_ulps(a[key], b[key])
     evals = [json.loads(l) for l in (tmp_path / "legs" / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in evals if "eval_accuracy" in e]
     assert steps == sorted(set(steps)) and len(steps) == 4  # one curve, every evaluation once
