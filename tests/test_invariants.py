@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 import deltatune as dt
+from cases import case_params
 from deltatune.core.layer import ModuleCopy
 from deltatune.core.method import method_for
-from cases import case_params
 from tiny import ROUND_TRIP, assert_close_ulps, build, inputs, output, perturb
 
 

@@ -5,12 +5,22 @@ from __future__ import annotations
 import os
 
 import torch
-from torch import nn
 import transformers
-from transformers import (BertConfig, BertForSequenceClassification, DistilBertConfig,
-                          DistilBertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
-                          LlamaConfig, LlamaForCausalLM, RobertaConfig,
-                          RobertaForSequenceClassification, T5Config, T5ForConditionalGeneration)
+from torch import nn
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 transformers.logging.set_verbosity_error()
 

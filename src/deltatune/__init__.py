@@ -7,7 +7,7 @@ and ``deltatune --help`` start without torch; ``dt.LoraConfig``, ``dt.apply`` an
 
 import importlib
 
-from .version import __version__
+from .version import __version__ as __version__  # re-exported: dt.__version__
 
 # every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
 _METHOD_NAMES = ["AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",

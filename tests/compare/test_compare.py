@@ -7,15 +7,15 @@ import json
 import pytest
 import yaml
 from safetensors.torch import load_file
+from transformers import AutoTokenizer
 
 from deltatune import ConfigError, parameter_report, registered
 from deltatune.compare.config import load_compare_config
 from deltatune.compare.runner import compare
-from deltatune.train.config import RunConfig
-from deltatune.train import setup
-from deltatune.train.setup import build_model, resolve_model_path, tokenised
 from deltatune.tasks import task_for
-from transformers import AutoTokenizer
+from deltatune.train import setup
+from deltatune.train.config import RunConfig
+from deltatune.train.setup import build_model, resolve_model_path, tokenised
 
 pytestmark = pytest.mark.slow
 

@@ -45,7 +45,9 @@ def page(tmp_path):
 
 
 def test_the_table_sorts_by_the_clicked_column(page):
-    methods = lambda: page.locator("#table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.method)")
+    def methods():
+        return page.locator("#table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.method)")
+
     assert methods() == ["full", "lora", "bitfit", "prompt"]  # best accuracy first
     page.locator("#table th", has_text="stored params").first.click()  # descending first
     assert methods() == ["full", "lora", "bitfit", "prompt"]

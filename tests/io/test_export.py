@@ -12,13 +12,12 @@ import peft
 import pytest
 import torch
 import yaml
-from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel,
-                          pipeline)
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertModel, pipeline
 
 import deltatune as dt
 from deltatune.cli import main
-from deltatune.io.export import export_merged
 from deltatune.io.convert import inspect_adapter
+from deltatune.io.export import export_merged
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import deltatune as dt
-from deltatune.io.convert import convert
 from deltatune.cli import main
+from deltatune.io.convert import convert
 from tiny import assert_close_ulps, build, inputs, output, perturb, shown_at
 
 CASES = {

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.io.adapter_files import load_adapter_state_dict
 import tiny
+from deltatune.io.adapter_files import load_adapter_state_dict
 from tiny import assert_close_ulps, build, inputs, output, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's notices

@@ -8,8 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import (BertConfig, BertForQuestionAnswering, BertForTokenClassification,
-                          T5ForConditionalGeneration)
+from transformers import BertConfig, BertForQuestionAnswering, BertForTokenClassification, T5ForConditionalGeneration
 
 import deltatune as dt
 from tiny import HIDDEN, LAYERS, VOCAB, assert_close_ulps, build, inputs, output, perturb

@@ -19,7 +19,6 @@ from deltatune.tasks.base import TASKS, task_class
 from deltatune.train.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
 from tiny import assert_same, build, perturb, snapshot
 
-
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}
 TASK_KINDS = {t: task_class(t).config_class for t in TASKS}
 ODD = st.sampled_from([-1, 0, 1, 0.5, 2, 1e-3, 1e308, math.nan, math.inf, True, None, "", "abc", "1e-4",

@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from conftest import sentiment_rows
 from fastapi.testclient import TestClient
 
-from conftest import sentiment_rows
 from deltatune.cli import main
 from deltatune.serve.app import create_app
 from deltatune.serve.registry import Registry, instance_key

@@ -9,8 +9,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import (AutoTokenizer, BertConfig, BertForQuestionAnswering, BertForTokenClassification,
-                          LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForQuestionAnswering,
+    BertForTokenClassification,
+    LlamaConfig,
+    LlamaForCausalLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
 
 import deltatune as dt
 from deltatune.serve.registry import Instance, Served

@@ -19,6 +19,7 @@ from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
 from tiny import CAPITALS, logged_losses, save_tiny
 
+
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -144,7 +144,7 @@ def test_a_paused_run_resumes_to_the_same_weights_as_one_run(tmp_path, sentiment
     assert a.keys() == b.keys()
     for key in a:  # as the interrupted resume above: equal up to float summation order
         assert_close_ulps(a[key], b[key])
-    evals = [json.loads(l) for l in (tmp_path / "legs" / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [json.loads(line) for line in (tmp_path / "legs" / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [e["step"] for e in evals if "eval_accuracy" in e]
     assert steps == sorted(set(steps)) and len(steps) == 4  # one curve, every evaluation once
     seconds = [e["train_seconds"] for e in evals if "eval_accuracy" in e]

@@ -17,7 +17,6 @@ from deltatune.train.loop import train
 from tiny import CAPITALS, logged_losses, save_tiny
 
 
-
 def test_rouge_by_hand():
     scores = rouge_scores(["the cat sat", "dogs"], ["the cat sat down", "a dog"])
     # 1: p 3/3, r 3/4 -> F 6/7 (ROUGE-1 and -L), bigrams p 2/2 r 2/3 -> 0.8; 2: "dogs" stems to "dog": p 1 r 1/2

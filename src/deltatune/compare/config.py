@@ -28,10 +28,8 @@ from typing import Any
 import yaml
 
 from ..core.errors import ConfigError
-from ..core.method import (check_fields, check_value, config_from_dict, help_field, method_class, method_for,
-                           registered)
-from ..train.config import (SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys,
-                            check_loraplus)
+from ..core.method import check_fields, check_value, config_from_dict, help_field, method_class, method_for, registered
+from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys, check_loraplus
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128

@@ -10,10 +10,10 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .layer import AdapterState, ModuleCopy
-from .method import (MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for,
-                     registered)
+from .method import MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for, registered
 from .rows import accept_adapter_names, drop_adapter_names
 from .state import STATE_ATTR, adapter_state, merged_adapters, refuse_if_merged, require_adapter, require_state
+
 
 def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
     """Inject an adapter into ``model`` in place and make it the one active, trainable adapter.

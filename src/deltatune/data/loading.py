@@ -36,7 +36,8 @@ def read_file(path: str) -> Dataset:
     try:
         return load_dataset(kind, data_files=str(file), split="train", **options)
     except Exception as error:  # datasets raises many types for malformed files
-        if kind != "parquet" and len([l for l in file.read_text(errors="replace").splitlines() if l.strip()]) <= 1:
+        text = "" if kind == "parquet" else file.read_text(errors="replace")
+        if kind != "parquet" and sum(bool(line.strip()) for line in text.splitlines()) <= 1:
             raise ConfigError(f"data file '{path}' has no data rows.", "add rows below the header.") from error
         raise ConfigError(f"could not read '{path}' as {kind}: {error}",
                           "check that the file is well-formed and matches its extension.") from error

@@ -23,7 +23,7 @@ from ..core.errors import ConfigError, DeltatuneError
 from ..env import offline_and_quiet
 from ..train.logs import eta_text
 from ..train.loop import check_output_folder, train
-from .report import TrialRecord, TuneResult, format_cell, best_trial, write_report
+from .report import TrialRecord, TuneResult, best_trial, format_cell, write_report
 from .space import TuneConfig, load_tune_config
 
 STUDY = "deltatune"

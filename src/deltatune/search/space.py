@@ -24,8 +24,17 @@ from typing import Any
 from ..core.errors import ConfigError
 from ..core.method import check_fields, help_field
 from ..tasks.base import lower_is_better
-from ..train.config import (RunConfig, apply_override, as_number, best_model_metric, check_keys, config_hash, did_you_mean,
-                            read_yaml, set_path)
+from ..train.config import (
+    RunConfig,
+    apply_override,
+    as_number,
+    best_model_metric,
+    check_keys,
+    config_hash,
+    did_you_mean,
+    read_yaml,
+    set_path,
+)
 
 SPEC_KEYS = ["low", "high", "log", "step", "choices"]
 SECTIONS = [f.name for f in dataclasses.fields(RunConfig)]  # model, task, data, method, training
