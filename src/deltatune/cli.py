@@ -19,6 +19,7 @@ from .env import offline_and_quiet
 
 ADAPTER_HELP = ("a run folder (its best adapter, RUN/adapter), an adapter folder, or a peft adapter folder "
                 "(adapter_config.json + adapter_model.safetensors)")
+PRECISION_HELP = "auto, fp32, bf16 or fp16 (default: what the run trained in)"
 RUN_HELP = "a run folder (its best adapter, RUN/adapter) or that adapter folder: the run gives the task and labels"
 
 
@@ -70,6 +71,7 @@ def _run_commands(sub: Any) -> None:
     evaluate = sub.add_parser("eval", help="evaluate a run's adapter")
     evaluate.add_argument("adapter", metavar="ADAPTER", help=RUN_HELP)
     evaluate.add_argument("--data", help="a data file with the run's columns (default: the run's test split)")
+    evaluate.add_argument("--precision", metavar="P", help=PRECISION_HELP)
     evaluate.set_defaults(run=_eval)
 
     predict = sub.add_parser("predict", help="predict with a run's adapter (labels, tags, answers, completions)")
@@ -79,6 +81,7 @@ def _run_commands(sub: Any) -> None:
                                          "task's columns; qa needs question and context)")
     predict.add_argument("--column", help="take only this column of --input (default: whole rows)")
     predict.add_argument("--output", help="write predictions as JSONL here instead of printing")
+    predict.add_argument("--precision", metavar="P", help=PRECISION_HELP)
     predict.set_defaults(run=_predict)
 
     compare = sub.add_parser("compare", help="train every method on identical work and compare them")
@@ -101,6 +104,7 @@ def _run_commands(sub: Any) -> None:
                             "base); default: the first adapter's run's base")
     serve.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
                        help="serve the run folder RUN (its best adapter) as NAME; repeat for more")
+    serve.add_argument("--precision", metavar="P", help=PRECISION_HELP.replace("the run", "each run"))
     serve.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="the port to listen on (default: %(default)s)")
     serve.add_argument("--max-batch", type=int, default=32, metavar="N", help="rows per batch (default: %(default)s)")
@@ -183,12 +187,14 @@ def _adapter_format(config: Path) -> str:
 def _train(args: argparse.Namespace) -> int:
     from .train.config import load_config
     from .train.loop import train
+    from .train.precision import describe
 
     overrides = list(args.set) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_config(args.config, overrides)
     if args.config is None:
         print(f"No config given: training the bundled default ({config.method.method} on "
               f"{config.model.name_or_path}, {config.data.source}).")
+    print(describe(config.training.precision))
     result = train(config, resume=args.resume)
     report = result.parameters
     print(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
@@ -221,9 +227,11 @@ def _compare(args: argparse.Namespace) -> int:
 def _tune(args: argparse.Namespace) -> int:
     from .search import load_tune_config, tune
     from .search.report import markdown
+    from .train.precision import describe
 
     overrides = list(args.set) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_tune_config(args.config, overrides)
+    print(describe(config.run_config({}).training.precision))
     try:
         result = tune(config, args.trials)
     except KeyboardInterrupt:
@@ -245,7 +253,7 @@ def _serve(args: argparse.Namespace) -> int:
     adapters = [_named_run(value) for value in args.adapter]
     settings = Settings(max_inputs=args.max_inputs, max_input_chars=args.max_input_chars,
                         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    serve(args.base, adapters, args.host, args.port, settings)
+    serve(args.base, adapters, args.host, args.port, settings, args.precision)
     return 0
 
 
@@ -281,7 +289,7 @@ def _export(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .train.inference import evaluate_run
 
-    metrics = evaluate_run(locate_adapter(args.adapter, need_run=True).run, args.data)
+    metrics = evaluate_run(locate_adapter(args.adapter, need_run=True).run, args.data, args.precision)
     print(json.dumps(metrics, indent=2))
     return 0
 
@@ -292,7 +300,7 @@ def _predict(args: argparse.Namespace) -> int:
     texts = list(args.text) + (read_texts(args.input, args.column) if args.input else [])
     if not texts:
         raise DeltatuneError("predict needs texts.", "pass them as arguments or with --input FILE.")
-    rows = predict_texts(locate_adapter(args.adapter, need_run=True).run, texts)
+    rows = predict_texts(locate_adapter(args.adapter, need_run=True).run, texts, args.precision)
     lines = "\n".join(json.dumps(row) for row in rows)
     if args.output:
         Path(args.output).write_text(lines + "\n", encoding="utf-8")

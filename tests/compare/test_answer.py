@@ -90,7 +90,7 @@ class FakeTraining:
                 on_evaluate(step, {"eval_accuracy": 0.5 + step / 1000 * (2 if rate == 1e-3 else 1)})
             except Pause:
                 paused = True
-        return RunResult("", {}, {}, 0, 0.0, 0.0, 0.0, step, step, paused=paused,
+        return RunResult("", {}, {}, 0, 0.0, 0.0, 0.0, "fp32", step, step, paused=paused,
                          seconds={"train": float(step)})
 
 

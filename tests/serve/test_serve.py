@@ -21,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 from conftest import sentiment_rows
 from fastapi.testclient import TestClient
@@ -67,13 +68,13 @@ def runs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def expected(runs) -> dict[str, list[dict]]:
-    """What each run alone predicts for TEXTS."""
-    return {name: predict_texts(folder, TEXTS) for name, folder in runs.items()}
+    """What each run alone predicts for TEXTS, in fp32: batches of other rows round alike there."""
+    return {name: predict_texts(folder, TEXTS, precision="fp32") for name, folder in runs.items()}
 
 
 @pytest.fixture(scope="module")
 def registry(runs) -> Registry:
-    registry = Registry(runs["lora"])
+    registry = Registry(runs["lora"], precision="fp32")
     for name, folder in runs.items():
         registry.load(name, folder)
     return registry
@@ -122,8 +123,31 @@ def test_an_adapter_that_trains_base_biases_gets_a_base_of_its_own(runs):
     every other adapter would see them."""
     folder, config, task = read_run(runs["lora"])
     biased = dataclasses.replace(config, method=dataclasses.replace(config.method, bias="all"))
-    assert instance_key("lora", config, task) == instance_key("other", config, task)  # plain LoRA runs share
-    assert instance_key("biased", biased, task) != instance_key("lora", config, task)
+    assert instance_key("lora", config, task, "fp32") == instance_key("other", config, task, "fp32")  # plain LoRA runs share
+    assert instance_key("biased", biased, task, "fp32") != instance_key("lora", config, task, "fp32")
+
+
+def test_a_run_is_served_in_its_own_precision_unless_told_otherwise(runs):
+    """By default each run computes as it trained (run.yaml records the precision auto chose);
+    --precision bf16 holds the base in bf16 beside the adapter's fp32 weights, and answers as
+    the run's own predictions in bf16 do."""
+    own = Registry(runs["lora"])
+    own.load("lora", runs["lora"])
+    assert own.adapters["lora"].instance.key[-1] == read_run(runs["lora"])[1].training.precision
+    registry = Registry(runs["lora"], precision="bf16")
+    registry.load("lean", runs["lora"])
+    lean = registry.adapters["lean"].instance
+    assert lean.key[-1] == "bf16"
+    assert {p.dtype for n, p in lean.model.named_parameters() if ".deltas." not in n} == {torch.bfloat16}
+    # LoRA's matrices keep fp32; the head's copy takes the base's dtype (autocast rounds a linear
+    # layer's fp32 weights to bf16 alike)
+    assert {p.dtype for n, p in lean.model.named_parameters() if "lora_" in n} == {torch.float32}
+    with client(registry) as http:
+        served = predict(http, "lean", TEXTS).json()["outputs"]
+    alone = predict_texts(runs["lora"], TEXTS, precision="bf16")
+    assert [row["label"] for row in served] == [row["label"] for row in alone]
+    for got, want in zip(served, alone):  # the same rows in one batch: at most bf16's rounding (2^-8) apart
+        assert all(abs(got["probabilities"][k] - want["probabilities"][k]) <= 2 ** -8 for k in want["probabilities"])
 
 
 def test_bad_requests_get_a_4xx_message_and_leave_their_batch_alone(registry, expected):

@@ -22,6 +22,7 @@ from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload
 from ..data.bundled import BUNDLED, read_bundled
 from ..train.config import RunConfig
+from ..train.precision import compute_in, resolve
 from ..train.setup import resolve_model_path, tokenised
 
 GENERAL = "bbc-news"  # the general text whose embeddings measure forgetting
@@ -33,7 +34,7 @@ class Reference:
 
     def __init__(self, config: RunConfig, task: Any, tokenizer: Any, latency_batches: int, forgetting_texts: int):
         path = resolve_model_path(config.model.name_or_path)
-        self.model = task.load_model(path).eval()
+        self.model = compute_in(task.load_model(path), resolve(config.training.precision)).eval()
         splits = tokenised(config, task, tokenizer, path)
         #: validation metrics of the trivial predictor (the majority class), where the task has one
         self.baseline = task.baseline(splits["train"], splits["validation"])

@@ -24,6 +24,7 @@ from ..train.config import RunConfig, best_model_metric
 from ..train.inference import load_run
 from ..train.logs import eta_text, read_metrics
 from ..train.loop import PHASES
+from ..train.precision import describe
 from .config import CompareConfig, entry_name
 from .halving import Candidate, halve
 from .measure import Reference, measure
@@ -66,6 +67,7 @@ def compare(config: CompareConfig, echo: Callable[[str], Any] = print) -> dict[s
     done = {c.key for c in cells if _cell_file(folder, c).is_file()}
     todo = [c for c in cells if c.key not in done]
     echo(f"comparison: {len(cells)} runs ({len(done)} already finished) -> {folder}")
+    echo(describe(RunConfig.from_dict(copy.deepcopy(config.base)).training.precision))
     started = time.perf_counter()
     # The libraries' objects live as long as the process: keep them out of the garbage
     # collections that each run's memory measurement starts with (0.3 s each otherwise).

@@ -53,10 +53,10 @@ class BiasDelta(Delta):
         return out.index_add(0, index, per_row(biases, out).expand_as(out[index]))
 
     def merge(self, base: nn.Module) -> None:
-        base.bias.data += self.bias.detach().to(base.bias.dtype)
+        base.bias.data += self.bias.detach()
 
     def unmerge(self, base: nn.Module) -> None:
-        base.bias.data -= self.bias.detach().to(base.bias.dtype)
+        base.bias.data -= self.bias.detach()
 
     def changed_numel(self, base: nn.Module) -> int:
         return base.bias.numel()

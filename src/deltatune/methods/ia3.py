@@ -94,7 +94,7 @@ class IA3Delta(Delta):
 
     def _factors(self, base: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         """l shaped to multiply the stored weight, and l for the bias (None: bias unchanged)."""
-        scale = self.ia3_l.detach().flatten().to(base.weight.dtype)
+        scale = self.ia3_l.detach().flatten()  # in fp32: a bf16 base is rounded once, by the in-place op
         weight = scale[:, None] if self.scales_rows else scale[None, :]
         scales_bias = not self.feedforward and base.bias is not None
         return weight, scale if scales_bias else None

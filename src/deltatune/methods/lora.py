@@ -172,7 +172,8 @@ class LoraDelta(Delta):
 
     def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        if not (self.is_embedding or self.pissa or self.use_dora) and out.dtype == self.lora_B.weight.dtype:
+        if not (self.is_embedding or self.pissa or self.use_dora) and (
+                out.dtype == self.lora_B.weight.dtype or torch.is_autocast_enabled(out.device.type)):
             # s applied to the r-wide hidden, not the d_out-wide update, and the addition fused
             # into B's matmul: two passes over (tokens x d_out) fewer than B(A(x)) * s + out.
             hidden = self.lora_A(self.dropout(x.to(out.dtype))) * self.scaling  # (..., r)
@@ -239,16 +240,15 @@ class LoraDelta(Delta):
         weight = self.oriented(base.weight.data)  # (d_out, d_in), a view: writes go to the base
         if self.use_dora:  # n of the unmerged weight, kept: the merged weight no longer gives it
             self._merged_norm = self.weight_norm(weight)
-        weight += self.delta_weight().detach().to(weight.dtype)
-        if self.use_dora:  # W' = m/n (W0 + s B A)
-            weight *= self._dora_factor().to(weight.dtype)
+        # W0 + s B A (DoRA: times m/n) in fp32, written back once: a bf16 base is rounded once
+        merged = weight + self.delta_weight().detach()
+        weight.copy_(merged * self._dora_factor() if self.use_dora else merged)
 
     def unmerge(self, base: nn.Module) -> None:
         weight = self.oriented(base.weight.data)
-        if self.use_dora:  # W0 = W' n/m - s B A
-            weight /= self._dora_factor().to(weight.dtype)
-            self._merged_norm = None
-        weight -= self.delta_weight().detach().to(weight.dtype)
+        original = weight / self._dora_factor() if self.use_dora else weight  # W0 = W' n/m - s B A
+        weight.copy_(original - self.delta_weight().detach())
+        self._merged_norm = None
 
     def _dora_factor(self) -> torch.Tensor:
         """m/n as of the merge, a column (d_out, 1) that scales the rows of an oriented weight."""

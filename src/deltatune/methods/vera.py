@@ -124,10 +124,10 @@ class VeraDelta(Delta):
         return weight.T if self.fan_in_fan_out else weight
 
     def merge(self, base: nn.Module) -> None:
-        base.weight.data += self.delta_weight().to(base.weight.dtype)
+        base.weight.data += self.delta_weight()  # computed in fp32, rounded once to a bf16 base
 
     def unmerge(self, base: nn.Module) -> None:
-        base.weight.data -= self.delta_weight().to(base.weight.dtype)
+        base.weight.data -= self.delta_weight()
 
     def changed_numel(self, base: nn.Module) -> int:
         return base.weight.numel()

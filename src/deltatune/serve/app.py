@@ -115,12 +115,13 @@ def _first_problem(errors: list[dict[str, Any]]) -> str:
 
 
 def serve(base: str | None, adapters: list[tuple[str, str]], host: str = "127.0.0.1", port: int = 8000,
-          settings: Settings = Settings()) -> None:
+          settings: Settings = Settings(), precision: str | None = None) -> None:
     """Load the adapters, then serve until SIGTERM or Ctrl-C; requests in flight are answered first.
 
     Args:
         base: the base model (a folder, a bundled name or a run folder); None: the first adapter's run's.
         adapters: (name, run folder) pairs.
+        precision: what every adapter computes in; None: each its run's own (auto, fp32, bf16, fp16).
 
     Raises:
         DeltatuneError: no base model at all, or an adapter that cannot be served.
@@ -130,10 +131,11 @@ def serve(base: str | None, adapters: list[tuple[str, str]], host: str = "127.0.
     if base is None and not adapters:
         raise DeltatuneError("serve needs a base model or at least one adapter.",
                              "e.g. deltatune serve --adapter sentiment=runs/default")
-    registry = Registry(base or adapters[0][1])
+    registry = Registry(base or adapters[0][1], precision)
     for name, path in adapters:
         served = registry.load(name, path)
-        print(f"loaded {name}: {served.method} {served.task.name} run {served.folder}", file=sys.stderr)
+        print(f"loaded {name}: {served.method} {served.task.name} run {served.folder} in {served.instance.key[-1]}",
+              file=sys.stderr)
     # uvicorn raises SIGTERM again once it has shut down gracefully: then exit 0, as a finished server
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     print(f"serving {len(adapters)} adapter(s) on base {registry.base} at http://{host}:{port} "

@@ -25,7 +25,8 @@ from ..core.method import method_for
 from ..core.verbs import delete_adapter
 from ..io.adapter_files import RUN_ADAPTER, load_adapter, locate
 from ..train.config import RunConfig
-from ..train.inference import read_run
+from ..train.inference import read_run, run_precision
+from ..train.precision import compute_in
 from ..train.setup import resolve_model_path
 from .errors import AdapterConflict, ServeError, UnknownAdapter, UnusableAdapter
 
@@ -80,8 +81,9 @@ def check_name(name: str) -> None:
 class Registry:
     """The adapters being served, by name, and the model instances that hold them."""
 
-    def __init__(self, base: str | Path):
+    def __init__(self, base: str | Path, precision: str | None = None):
         self.base = base_model(base)
+        self.precision = precision  # None: each run's own
         self.adapters: dict[str, Served] = {}
         self.instances: dict[tuple, Instance] = {}
         self.lock = threading.Lock()  # held while a model runs or changes
@@ -143,22 +145,22 @@ class Registry:
 
     def _instance_for(self, name: str, config: RunConfig, task: Any) -> Instance:
         """The instance the run's adapter goes into: one that exists, or a new copy of the base."""
-        key = instance_key(name, config, task)
+        key = instance_key(name, config, task, run_precision(config, self.precision))
         if key in self.instances:
             return self.instances[key]
-        model = task.load_model(self.base).eval()
+        model = compute_in(task.load_model(self.base), key[-1]).eval()
         tokenizers = [AutoTokenizer.from_pretrained(self.base) for _ in range(2)]
         return Instance(key, model, *tokenizers)
 
 
-def instance_key(name: str, config: RunConfig, task: Any) -> tuple:
-    """Runs with equal keys share a model instance: the same task, head width (labels) and model
-    settings. An adapter that changed base weights in place (full fine-tuning, LoRA with trained
+def instance_key(name: str, config: RunConfig, task: Any, precision: str) -> tuple:
+    """Runs with equal keys share a model instance: the same task, head width (labels), model
+    settings and precision (last). An adapter that changed base weights in place (full fine-tuning, LoRA with trained
     biases) or cannot run per row (layer tuning) has its own."""
     method = method_for(config.method)
     own = name if method.in_place or method.row_refusal() else None
     overrides = json.dumps(config.model.config_overrides, sort_keys=True)
-    return task.name, len(getattr(task, "labels", [])), overrides, own
+    return task.name, len(getattr(task, "labels", [])), overrides, own, precision
 
 
 def _folder(name_or_path: str) -> Path:

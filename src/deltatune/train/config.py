@@ -82,7 +82,11 @@ class TrainingConfig:
     warmup_steps: int = help_field(30, "Steps of linear warm-up from 0 to learning_rate.", range="[0, inf)")
     gradient_accumulation_steps: int = help_field(1, "Batches per optimizer step.", range="[1, inf)")
     max_grad_norm: float | None = help_field(1.0, "Clip gradients to this norm; null to disable.", range="(0, inf)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = help_field("no", "Autocast precision where supported.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = help_field(
+        "auto", "What the run computes in. auto: bf16 where the device has bf16 arithmetic units (AVX-512 BF16 "
+                "or AMX CPUs, recent GPUs), else fp32. Under bf16 the frozen weights are held in bf16 and "
+                "everything trained keeps fp32 weights; fp16 needs a GPU. mixed_precision (no, bf16, fp16) "
+                "is read as this key.")
     seed: int = help_field(42, "Seed for initialisation, dropout and batch order.", range=SEEDS)
     eval_steps: int | float | None = help_field(None, "Evaluate every N steps; below 1, a fraction of the "
                                                 "run's steps (0.125: eight evaluations); 0 or null: every epoch.",
@@ -121,6 +125,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
+        data = {**data, "training": _precision_alias(data.get("training") or {})}
         sections = {name: _section(kind, data.get(name) or {}, name)
                     for name, kind in (("model", ModelConfig), ("task", _task_kind(data.get("task"))),
                                        ("data", DataConfig), ("training", TrainingConfig))}
@@ -129,6 +134,26 @@ class RunConfig:
             method = {"method": "lora", **method}  # LoRA unless the section names another method
         method = config_from_dict(method, "method")
         return cls(method=method, **sections)
+
+
+#: accelerate's and transformers' names for training.precision; YAML 1.1 reads a bare `no` as False
+_MIXED_PRECISION = {"no": "fp32", False: "fp32", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _precision_alias(training: Any) -> Any:
+    """``training.mixed_precision`` (accelerate's name) read as ``training.precision``."""
+    if not isinstance(training, dict) or "mixed_precision" not in training:
+        return training
+    training = dict(training)
+    value = training.pop("mixed_precision")
+    if "precision" in training:
+        raise ConfigError("training.mixed_precision and training.precision are both set; they are one setting.",
+                          "keep training.precision (auto, fp32, bf16 or fp16) only.")
+    if value not in _MIXED_PRECISION:
+        raise ConfigError(f"training.mixed_precision = {value!r} is not one of no, bf16, fp16.",
+                          "set training.precision: auto, fp32, bf16 or fp16.")
+    training["precision"] = _MIXED_PRECISION[value]
+    return training
 
 
 def best_model_metric(config: RunConfig) -> str:

@@ -18,6 +18,7 @@ from ..io.adapter_files import CONFIG_NAME, load_adapter
 from ..tasks import task_for
 from .config import RunConfig
 from .loop import evaluate
+from .precision import compute_in, resolve
 from .setup import resolve_model_path
 
 
@@ -40,18 +41,25 @@ def read_run(path: str | Path) -> tuple[Path, RunConfig, Any]:
     return folder, config, task_for(config)
 
 
-def load_run(path: str | Path) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
-    """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode."""
+def run_precision(config: RunConfig, precision: str | None = None) -> str:
+    """The precision to use a run in: ``precision`` when given, else the one the run trained in
+    (its run.yaml records it; ``auto`` is decided for this machine)."""
+    return resolve(precision or config.training.precision)
+
+
+def load_run(path: str | Path, precision: str | None = None) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
+    """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode, computing
+    in ``precision`` (default: the run's own)."""
     folder, config, task = read_run(path)
     model_path = resolve_model_path(config.model.name_or_path)
-    model = task.load_model(model_path)
+    model = compute_in(task.load_model(model_path), run_precision(config, precision))
     load_adapter(model, folder / "adapter")
     return config, task, AutoTokenizer.from_pretrained(model_path), model.eval()
 
 
-def evaluate_run(path: str | Path, data_file: str | None = None) -> dict[str, float]:
+def evaluate_run(path: str | Path, data_file: str | None = None, precision: str | None = None) -> dict[str, float]:
     """Metrics of a run's adapter on ``data_file``, or on the run's own test split."""
-    config, task, tokenizer, model = load_run(path)
+    config, task, tokenizer, model = load_run(path, precision)
     if data_file:
         splits = DatasetDict({"test": read_file(data_file)})
     else:
@@ -62,18 +70,19 @@ def evaluate_run(path: str | Path, data_file: str | None = None) -> dict[str, fl
     return evaluate(model, loader, task, Accelerator(cpu=True), "test")
 
 
-def predict_texts(path: str | Path, inputs: list[Any]) -> list[dict[str, Any]]:
+def predict_texts(path: str | Path, inputs: list[Any], precision: str | None = None) -> list[dict[str, Any]]:
     """The run's predictions for raw inputs, each given back with what it was predicted from.
 
     Args:
         path: a run folder (or its adapter folder).
         inputs: texts, or rows with the task's columns (a question and a context for qa).
+        precision: fp32, bf16, fp16 or auto; default: the precision the run trained in.
 
     Returns:
         One dict per input: label and probabilities (classification), tags and entities
         (tokens), answer and span (qa), completion (causal_lm).
     """
-    _, task, tokenizer, model = load_run(path)
+    _, task, tokenizer, model = load_run(path, precision)
     return task.predict(model, tokenizer, list(inputs))
 
 

@@ -50,6 +50,8 @@ class RunResult:
     train_seconds: float
     step_seconds: float
     peak_memory_mb: float
+    #: what it computed in (training.precision with auto decided): fp32, bf16 or fp16
+    precision: str
     steps: int
     best_step: int
     stopped_early: bool = False
@@ -233,7 +235,7 @@ def _check_finite(loss: torch.Tensor, progress: Progress, folder: Path) -> None:
     raise TrainingError(f"the training loss became {loss.item()} at step {progress.step + 1} "
                         f"(epoch {progress.epoch + 1}); {kept}.",
                         "lower training.learning_rate, keep training.max_grad_norm set, or use "
-                        "mixed_precision: no; then run again with --resume.")
+                        "training.precision: fp32; then run again with --resume.")
 
 
 def evaluate(model: torch.nn.Module, loader: Any, task: Any, accelerator: Any, prefix: str) -> dict[str, float]:
@@ -335,7 +337,8 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         adapter_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
         train_seconds=round(loop_seconds, 3),
         step_seconds=round(statistics.median(progress.step_times), 4) if progress.step_times else 0.0,
-        peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1), steps=progress.step,
+        peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1),
+        precision=run.config.training.precision, steps=progress.step,
         best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
         interrupted=stopped == "interrupted", paused=stopped == "paused",
         seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),

@@ -28,6 +28,7 @@ from .batches import ResumableBatchSampler
 from .config import RunConfig, TrainingConfig, best_model_metric
 from .frozen_cache import FrozenPrefix, Indexed, indexed_collate, plan
 from .optim import loraplus_param_groups
+from .precision import ACCELERATE, autocast_forward, hold_frozen, resolve
 
 NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
@@ -82,8 +83,9 @@ def build_model(config: RunConfig, task: Task, path: str) -> torch.nn.Module:
 
 def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     training = config.training
+    precision = resolve(training.precision)
     # cpu=True where there is no GPU: accelerate then runs torchrun's processes as DDP over gloo.
-    accelerator = accelerator or Accelerator(mixed_precision=training.mixed_precision,
+    accelerator = accelerator or Accelerator(mixed_precision=ACCELERATE[precision],
                                              cpu=not torch.cuda.is_available())
     set_seed(training.seed)
     path = resolve_model_path(config.model.name_or_path)
@@ -92,13 +94,16 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     started = time.perf_counter()
     data = tokenised(config, task, tokenizer, path)
     data_seconds = time.perf_counter() - started
-    # The run's own config, with what the data and task decided filled in (run.yaml records
-    # them); the caller's config is left as given.
-    training = dataclasses.replace(training, metric_for_best_model=best_model_metric(config))
+    # The run's own config, with what the data, task and hardware decided filled in (run.yaml
+    # records them, so a loaded run computes as it trained); the caller's config is left as given.
+    training = dataclasses.replace(training, metric_for_best_model=best_model_metric(config), precision=precision)
     labels = list(getattr(task, "labels", []) or []) or None
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, labels=labels), training=training)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
+    hold_frozen(model, precision)
+    if precision == "bf16":  # fp16: accelerate's autocast, with its loss scaling
+        autocast_forward(model, precision, accelerator.device)
     _check_max_length(config, model)
     collate = task.collator(tokenizer)
     sampler = ResumableBatchSampler(data["train"]["length"], training.batch_size, training.seed,
