@@ -12,6 +12,11 @@ is built and adapted; on CUDA it is torch.cuda.max_memory_allocated minus the al
 
     python bench/lora_overhead.py --small            # 4 layers, hidden 256: a quick check
     python bench/lora_overhead.py                    # BERT-base shape, batch 8 x 128, 2 threads
+    python bench/lora_overhead.py --minilm --batch 16 --precision bf16
+
+``--precision bf16``: deltatune as ``training.precision: bf16`` runs (the frozen base held in bf16,
+what trains in fp32, the forward under autocast); peft, full fine-tuning and the base model as
+``Trainer(bf16=True)`` runs them (fp32 weights, the forward under the same autocast).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import transformers
 from transformers import BertConfig, BertForSequenceClassification
 
 import deltatune as dt
+from deltatune.train.precision import autocast_forward, hold_frozen
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations peft triggers
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: every side under bf16 autocast, deltatune's frozen base held in bf16")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration
     return parser.parse_args(argv)
 
@@ -65,8 +73,9 @@ def build_model(args):
     return model.to(args.device)
 
 
-def adapt(model, kind: str):
-    """Apply the LoRA of ``kind`` (query/value, r=8, alpha=16, dropout 0.1, classifier saved)."""
+def adapt(model, kind: str, precision: str = "fp32"):
+    """Apply the LoRA of ``kind`` (query/value, r=8, alpha=16, dropout 0.1, classifier saved),
+    computing in ``precision`` as that side's own training would."""
     options = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
                    modules_to_save=["classifier"])
     if kind.startswith("deltatune"):
@@ -77,9 +86,15 @@ def adapt(model, kind: str):
                     if "lora_B" in name:
                         param.normal_(std=0.01)
             dt.merge(model)
+        if kind == "deltatune-merged":  # frozen as served: the merged base held lean
+            model.requires_grad_(False)
+        hold_frozen(model, precision)
+    elif kind == "base":  # as deltatune serves it, so that merged / base is the same computation
+        hold_frozen(model.requires_grad_(False), precision)
     elif kind.startswith("peft"):
         model = peft.get_peft_model(model, peft.LoraConfig(**options))
-    return model  # "full" and "base": the plain model, every parameter trainable
+    # "full" and "base": the plain model, every parameter trainable
+    return autocast_forward(model, precision, next(model.parameters()).device)
 
 
 def fake_batch(args, vocab: int) -> dict:
@@ -106,7 +121,7 @@ def sync(device: str) -> None:
 
 def runner(args, phase: str, kind: str):
     """Build one configuration and return (model, a callable doing one step or forward)."""
-    model = adapt(build_model(args), kind)
+    model = adapt(build_model(args), kind, args.precision)
     batch = fake_batch(args, model.config.vocab_size)
     if phase == "infer":
         model.eval()
@@ -143,7 +158,7 @@ def run_memory_worker(args) -> dict:
 def measure_memory(args, phase: str, kind: str) -> dict:
     """Run one configuration in a fresh interpreter and read its JSON result."""
     flags = [f"--device={args.device}", f"--threads={args.threads}", f"--batch={args.batch}",
-             f"--length={args.length}", f"--worker={phase}:{kind}"] + (["--small"] if args.small else []) + (
+             f"--length={args.length}", f"--precision={args.precision}", f"--worker={phase}:{kind}"] + (["--small"] if args.small else []) + (
                  ["--minilm"] if args.minilm else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, env=env)
@@ -179,7 +194,7 @@ def measure_times(args, phase: str, kinds: list[str], n: int) -> dict[str, list[
 def report(args, train: dict, infer: dict, loads: list[float]) -> None:
     shape = ("4 layers, hidden 256" if args.small else "MiniLM-L6 shape (6 layers, hidden 384)" if args.minilm
              else "BERT-base (12 layers, hidden 768)")
-    print(f"\n{shape}, batch {args.batch} x {args.length}, device {args.device}, {args.threads} "
+    print(f"\n{shape}, batch {args.batch} x {args.length}, device {args.device}, {args.precision}, {args.threads} "
           f"threads; medians of {args.steps} steps / {args.repeats} forwards after {args.warmup} warm-up")
     print("(min: the least-disturbed call; on a busy machine it is the steadier figure)")
     print(f"\n{'training':20} {'s/step':>9} {'min':>9} {'peak MiB':>10} {'trainable':>13}")
