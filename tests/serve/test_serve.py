@@ -242,7 +242,7 @@ def free_port() -> int:
 def test_the_real_server_answers_the_request_in_flight_on_sigterm_then_exits_0(runs, expected):
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "deltatune.cli", "serve", "--adapter", f"lora={runs['lora']}",
-                               "--port", str(port), "--max-wait-ms", "2000"],
+                               "--port", str(port), "--max-wait-ms", "2000", "--precision", "fp32"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
