@@ -103,6 +103,10 @@ class TrainingConfig:
         False, "Keep each training example's input to the lowest trained block after its first visit and "
                "skip the frozen blocks below on later ones (layer tuning, or adapters in upper blocks only); "
                "dropout below that block is off. Memory: the model's width per training token.")
+    fast_dropout: bool = help_field(
+        True, "On CPUs, dropout masks from 16-bit random numbers (a quarter of torch's draws; p rounded to a "
+              "multiple of 2^-16), and attention with dropout computed outside sdpa's slow path: torch's "
+              "dropout in distribution, other masks. false: torch's own.")
     progress: bool = help_field(True, "Show a progress bar.")
 
 

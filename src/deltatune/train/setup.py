@@ -26,6 +26,7 @@ from ..data.loading import load_splits
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
 from .config import RunConfig, TrainingConfig, best_model_metric
+from .fast_dropout import use_fast_dropout
 from .frozen_cache import FrozenPrefix, Indexed, indexed_collate, plan
 from .optim import loraplus_param_groups
 from .precision import ACCELERATE, autocast_forward, hold_frozen, resolve
@@ -104,6 +105,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     hold_frozen(model, precision)
     if precision == "bf16":  # fp16: accelerate's autocast, with its loss scaling
         autocast_forward(model, precision, accelerator.device)
+    if training.fast_dropout:
+        use_fast_dropout(model, accelerator.device)
     _check_max_length(config, model)
     collate = task.collator(tokenizer)
     sampler = ResumableBatchSampler(data["train"]["length"], training.batch_size, training.seed,
