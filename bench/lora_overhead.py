@@ -17,6 +17,9 @@ is built and adapted; on CUDA it is torch.cuda.max_memory_allocated minus the al
 ``--precision bf16``: deltatune as ``training.precision: bf16`` runs (the frozen base held in bf16,
 what trains in fp32, the forward under autocast); peft, full fine-tuning and the base model as
 ``Trainer(bf16=True)`` runs them (fp32 weights, the forward under the same autocast).
+
+deltatune's sides (its LoRA and its full fine-tuning) train with ``training.fast_dropout`` as its
+runs do on CPUs; ``--torch-dropout`` gives them torch's dropout, as peft has.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import transformers
 from transformers import BertConfig, BertForSequenceClassification
 
 import deltatune as dt
+from deltatune.train.fast_dropout import use_fast_dropout
 from deltatune.train.precision import autocast_forward, hold_frozen
 
 transformers.logging.set_verbosity_error()
@@ -58,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: every side under bf16 autocast, deltatune's frozen base held in bf16")
+    parser.add_argument("--torch-dropout", action="store_true",
+                        help="deltatune's sides with torch's dropout, not training.fast_dropout's")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: run one configuration
     return parser.parse_args(argv)
 
@@ -73,9 +79,10 @@ def build_model(args):
     return model.to(args.device)
 
 
-def adapt(model, kind: str, precision: str = "fp32"):
+def adapt(model, kind: str, precision: str = "fp32", fast: bool = True):
     """Apply the LoRA of ``kind`` (query/value, r=8, alpha=16, dropout 0.1, classifier saved),
-    computing in ``precision`` as that side's own training would."""
+    computing in ``precision`` (and, for deltatune's sides, with ``fast`` dropout) as that side's
+    own training would."""
     options = dict(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["query", "value"],
                    modules_to_save=["classifier"])
     if kind.startswith("deltatune"):
@@ -94,7 +101,10 @@ def adapt(model, kind: str, precision: str = "fp32"):
     elif kind.startswith("peft"):
         model = peft.get_peft_model(model, peft.LoraConfig(**options))
     # "full" and "base": the plain model, every parameter trainable
-    return autocast_forward(model, precision, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if fast and (kind.startswith("deltatune") or kind == "full"):
+        use_fast_dropout(model, device)
+    return autocast_forward(model, precision, device)
 
 
 def fake_batch(args, vocab: int) -> dict:
@@ -121,7 +131,7 @@ def sync(device: str) -> None:
 
 def runner(args, phase: str, kind: str):
     """Build one configuration and return (model, a callable doing one step or forward)."""
-    model = adapt(build_model(args), kind, args.precision)
+    model = adapt(build_model(args), kind, args.precision, not args.torch_dropout)
     batch = fake_batch(args, model.config.vocab_size)
     if phase == "infer":
         model.eval()
@@ -159,7 +169,7 @@ def measure_memory(args, phase: str, kind: str) -> dict:
     """Run one configuration in a fresh interpreter and read its JSON result."""
     flags = [f"--device={args.device}", f"--threads={args.threads}", f"--batch={args.batch}",
              f"--length={args.length}", f"--precision={args.precision}", f"--worker={phase}:{kind}"] + (["--small"] if args.small else []) + (
-                 ["--minilm"] if args.minilm else [])
+                 ["--minilm"] if args.minilm else []) + (["--torch-dropout"] if args.torch_dropout else [])
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     done = subprocess.run([sys.executable, __file__, *flags], capture_output=True, text=True, env=env)
     if done.returncode:

@@ -16,6 +16,9 @@ the sides alternate (A B B A ...) so a shared machine's changing load hits both 
 
     python bench/whole_run.py --repeats 1     # one run each: a check
     python bench/whole_run.py                 # three runs each; medians
+
+deltatune runs as ``deltatune train`` does (``training.precision: auto``: bf16 on a CPU with bf16
+units); the Trainer runs twice, with its defaults (fp32 on CPUs) and with ``bf16=True``.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "examples" / "rotten_tomatoes_lora.yaml"
-SIDES = ("deltatune", "trainer")
+SIDES = ("deltatune", "trainer", "trainer-bf16")
+#: how the report names each side
+NAMES = {"deltatune": "deltatune", "trainer": "Trainer+peft", "trainer-bf16": "bf16=True"}
 PHASES = ("setup", "data", "train", "evaluate", "save")
 
 
@@ -45,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, default=CONFIG, help="a deltatune classification config")
     parser.add_argument("--results", type=Path, help="append each finished run to this JSON-lines file, and skip "
                         "the runs it already holds: a killed benchmark continues where it stopped")
-    parser.add_argument("--worker", choices=["trainer"], help=argparse.SUPPRESS)  # internal: one Trainer run
+    parser.add_argument("--worker", choices=SIDES[1:], help=argparse.SUPPRESS)  # internal: one Trainer run
     parser.add_argument("--output-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--launched", type=float, help=argparse.SUPPRESS)  # time.time() at launch
     return parser.parse_args(argv)
@@ -53,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- the Trainer + peft side, in its own process ----------------------------------------------
 
-def trainer_run(config_path: Path, folder: Path, threads: int, launched: float) -> None:
+def trainer_run(config_path: Path, folder: Path, threads: int, launched: float, bf16: bool) -> None:
     """Train as the config says with transformers.Trainer + peft; write ``result.json`` and the adapter."""
     import torch
     from transformers import AutoTokenizer
@@ -72,7 +77,7 @@ def trainer_run(config_path: Path, folder: Path, threads: int, launched: float) 
     data, labels = tokenised(config, tokenizer)
     data_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    trainer, saves = build_trainer(config, path, tokenizer, data, labels, folder)
+    trainer, saves = build_trainer(config, path, tokenizer, data, labels, folder, bf16)
     setup_seconds = tokenizer_seconds + time.perf_counter() - started
 
     started = time.perf_counter()
@@ -120,7 +125,7 @@ def tokenised(config, tokenizer):
     return splits.map(encode, batched=True, remove_columns=splits["train"].column_names), labels
 
 
-def build_trainer(config, path: str, tokenizer, data, labels: list[str], folder: Path):
+def build_trainer(config, path: str, tokenizer, data, labels: list[str], folder: Path, bf16: bool):
     """The peft model and a Trainer set up as the config says; and the callback timing its saves."""
     import numpy as np
     from peft import LoraConfig, TaskType, get_peft_model
@@ -152,7 +157,7 @@ def build_trainer(config, path: str, tokenizer, data, labels: list[str], folder:
         max_grad_norm=training.max_grad_norm, seed=training.seed, logging_steps=training.logging_steps,
         eval_strategy="epoch", save_strategy="epoch", load_best_model_at_end=True,
         metric_for_best_model="accuracy", train_sampling_strategy="group_by_length",
-        report_to=[], use_cpu=True)
+        report_to=[], use_cpu=True, bf16=bf16)
 
     def metrics(prediction) -> dict[str, float]:  # what deltatune's classification task reports
         predicted = np.argmax(prediction.predictions, axis=-1)
@@ -189,7 +194,7 @@ def launch(side: str, args: argparse.Namespace, folder: Path) -> dict:
         command = [str(Path(sys.executable).parent / "deltatune"), "train", str(args.config),
                    "--set", f"training.output_dir={folder}"]
     else:
-        command = [sys.executable, __file__, "--worker", "trainer", "--config", str(args.config),
+        command = [sys.executable, __file__, "--worker", side, "--config", str(args.config),
                    "--threads", str(args.threads), "--output-dir", str(folder)]
     loads, done = [], threading.Event()
     sampler = threading.Thread(target=_sample_load, args=(loads, done), daemon=True)
@@ -198,7 +203,7 @@ def launch(side: str, args: argparse.Namespace, folder: Path) -> dict:
     started = time.perf_counter()
     with open(log, "w") as out:
         launched = time.time()
-        code = subprocess.call(command + (["--launched", str(launched)] if side == "trainer" else []),
+        code = subprocess.call(command + (["--launched", str(launched)] if side != "deltatune" else []),
                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     wall = time.perf_counter() - started
     done.set()
@@ -242,40 +247,39 @@ def versions() -> str:
 
 
 def report(runs: dict[str, list[dict]], args: argparse.Namespace, loads: tuple[float, float]) -> None:
+    def row(label: str, values, spec: str) -> None:
+        print(f"{label:24} " + " ".join(f"{value:{spec}}" for value in values))
+
     median = {side: statistics.median(r["wall"] for r in runs[side]) for side in SIDES}
     print(f"\nmachine: {machine()}; {versions()}; {args.threads} torch threads each side")
     print(f"load average (1 min): {loads[0]:.2f} before, {loads[1]:.2f} after; during the runs, "
-          + ", ".join(f"{side} {statistics.fmean(r['load'] for r in runs[side]):.2f}" for side in SIDES))
+          + ", ".join(f"{NAMES[side]} {statistics.fmean(r['load'] for r in runs[side]):.2f}" for side in SIDES))
     print(f"{args.repeats} round(s), alternating; wall = process start to exit (adapter on disk)\n")
-    print(f"{'':22} {'deltatune':>12} {'Trainer+peft':>13}")
-    print(f"{'wall s (median)':22} {median['deltatune']:12.1f} {median['trainer']:13.1f}")
+    row("", [NAMES[side] for side in SIDES], ">13")
+    row("wall s (median)", [median[side] for side in SIDES], "13.1f")
     for i in range(args.repeats):
-        print(f"{'  run ' + str(i + 1):22} " + " ".join(f"{runs[s][i]['wall']:{w}.1f}" for s, w in zip(SIDES, (12, 13))))
-    accuracy = {s: statistics.median(r["test_accuracy"] for r in runs[s]) for s in SIDES}
-    print(f"{'test accuracy (median)':22} {accuracy['deltatune']:12.4f} {accuracy['trainer']:13.4f}")
-    each = {s: "/".join(f"{r['test_accuracy']:.4f}" for r in runs[s]) for s in SIDES}
-    print(f"{'  each run':22} {each['deltatune']:>12} {each['trainer']:>13}")
-    print(f"\nratio deltatune / Trainer+peft (median wall): {median['deltatune'] / median['trainer']:.3f}\n")
-    print("phases, median s (train = optimizer steps; evaluate = validation each epoch + test; "
+        row(f"  run {i + 1}", [runs[side][i]["wall"] for side in SIDES], "13.1f")
+    row("test accuracy (median)", [statistics.median(r["test_accuracy"] for r in runs[side]) for side in SIDES], "13.4f")
+    row("  each run", ["/".join(f"{r['test_accuracy']:.4f}" for r in runs[side]) for side in SIDES], ">13")
+    for peer in SIDES[1:]:
+        print(f"ratio deltatune / {NAMES[peer]} (median wall): {median['deltatune'] / median[peer]:.3f}")
+    print("\nphases, median s (train = optimizer steps; evaluate = validation each epoch + test; "
           "save = adapter + checkpoints;\n  other = wall - phases: interpreter, imports, reports)")
-    print(f"{'':22} {'deltatune':>12} {'Trainer+peft':>13}")
+    row("", [NAMES[side] for side in SIDES], ">13")
     for phase in (*PHASES, "other"):
-        values = [statistics.median(_phase(r, phase) for r in runs[s]) for s in SIDES]
-        print(f"{phase:22} {values[0]:12.2f} {values[1]:13.2f}")
-    trainer = runs["trainer"]
-    print("\nTrainer's own metrics, median s: "
-          f"train_runtime {statistics.median(r['train_runtime'] for r in trainer):.2f}, "
-          f"trainer.train() call {statistics.median(r['train_call'] for r in trainer):.2f}, "
-          f"eval_runtime per epoch {'/'.join(f'{statistics.median(e):.2f}' for e in zip(*(r['eval_runtimes'] for r in trainer)))}, "
-          f"test_runtime {statistics.median(r['test_runtime'] for r in trainer):.2f}, "
-          f"checkpoint saves {'/'.join(f'{statistics.median(e):.2f}' for e in zip(*(r['checkpoint_saves'] for r in trainer)))}, "
-          f"imports {statistics.median(r['import_seconds'] for r in trainer):.2f}")
+        row(phase, [statistics.median(_phase(r, phase) for r in runs[side]) for side in SIDES], "13.2f")
+    for peer in SIDES[1:]:
+        trainer = runs[peer]
+        print(f"\n{NAMES[peer]}: Trainer's own metrics, median s: "
+              f"train_runtime {statistics.median(r['train_runtime'] for r in trainer):.2f}, "
+              f"eval_runtime per epoch {'/'.join(f'{statistics.median(e):.2f}' for e in zip(*(r['eval_runtimes'] for r in trainer)))}, "
+              f"test_runtime {statistics.median(r['test_runtime'] for r in trainer):.2f}, "
+              f"imports {statistics.median(r['import_seconds'] for r in trainer):.2f}; steps {trainer[0]['steps']}, "
+              f"best {trainer[0]['best'].rsplit('/', 1)[-1]}, optimizer {trainer[0]['optimizer']}, threads {trainer[0]['threads']}")
+    print(f"deltatune: steps {runs['deltatune'][0]['steps']}, best {runs['deltatune'][0]['best']}")
     print("after the results were written (deltatune: report.json, then curves; Trainer: result.json), "
-          "median s: " + ", ".join(f"{s} {statistics.median(r['wall'] - r['written_seconds'] for r in runs[s]):.2f}"
+          "median s: " + ", ".join(f"{NAMES[s]} {statistics.median(r['wall'] - r['written_seconds'] for r in runs[s]):.2f}"
                                    for s in SIDES))
-    print(f"steps: deltatune {runs['deltatune'][0]['steps']}, Trainer {trainer[0]['steps']}; "
-          f"best: deltatune {runs['deltatune'][0]['best']}, Trainer {trainer[0]['best'].rsplit('/', 1)[-1]}; "
-          f"Trainer's optimizer {trainer[0]['optimizer']}, threads {trainer[0]['threads']}")
 
 
 def _phase(run: dict, phase: str) -> float:
@@ -286,8 +290,8 @@ def _phase(run: dict, phase: str) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.worker == "trainer":
-        trainer_run(args.config, args.output_dir, args.threads, args.launched)
+    if args.worker:
+        trainer_run(args.config, args.output_dir, args.threads, args.launched, args.worker == "trainer-bf16")
         return
     schedule = [(i, side) for i in range(args.repeats) for side in (SIDES if i % 2 == 0 else SIDES[::-1])]
     done = _recorded(args.results)

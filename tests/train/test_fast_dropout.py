@@ -103,3 +103,19 @@ def test_off_the_cpu_nothing_is_swapped():
     assert fd.use_fast_dropout(model, torch.device("cuda")) == 0
     assert any(type(m) is nn.Dropout for m in model.modules())
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_bf16_attention_computes_in_fp32_as_sdpa_does(monkeypatch):
+    """bf16 inputs: scores, softmax and the product with v in fp32, rounded once at the end, as
+    sdpa's own kernels compute them: the two agree to one bf16 rounding of the output."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    g = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(2, 4, 9, 16, generator=g).bfloat16() * 3 for _ in range(3))
+    padding = torch.ones(2, 1, 9, 9, dtype=torch.bool)
+    padding[0, ..., 6:] = False
+    drop_with(monkeypatch, lambda shape, p, device: (torch.ones(shape, dtype=torch.bool), 1.0))
+    got, _ = fd.attention(nn.Module().train(), query, key, value, padding, dropout=0.1)
+    expected, _ = sdpa_attention_forward(nn.Module().eval(), query, key, value, padding, dropout=0.0)
+    assert got.dtype == torch.bfloat16
+    tiny.assert_close_ulps(got.float(), expected.float(), ulps=2**16)  # 2^16 fp32 ulps: one bf16 ulp

@@ -72,7 +72,7 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
               is_causal: bool | None = None, position_bias: torch.Tensor | None = None,
               **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' sdpa attention, except in CPU training with dropout: there softmax, then this
-    module's dropout on the probabilities, as sdpa's own path for dropout computes them.
+    module's dropout on the probabilities, in fp32 as sdpa's own path for dropout computes them.
 
     query: (batch, heads, q, d); key, value: (batch, kv heads, k, d); returns (batch, q, heads, d).
     """
@@ -88,17 +88,24 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
     if hasattr(module, "num_key_value_groups"):
         key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = (query * scaling) @ key.transpose(-1, -2)  # (batch, heads, q, k)
     if causal:
         attention_mask = torch.ones(q_length, k_length, dtype=torch.bool, device=query.device).tril()
-    if attention_mask is not None and attention_mask.dtype == torch.bool:
+    # In fp32 whatever the inputs, autocast off: sdpa's path for dropout upcasts bf16 inputs alike
+    with torch.autocast(query.device.type, enabled=False):
+        output = _probabilities_times_values(query.float(), key.float(), value.float(), attention_mask, scaling, dropout)
+    return output.to(value.dtype).transpose(1, 2).contiguous(), None
+
+
+def _probabilities_times_values(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                mask: torch.Tensor | None, scaling: float, p: float) -> torch.Tensor:
+    # k transposed made contiguous: a product with the transposed view runs at half the speed here
+    scores = (query * scaling) @ key.transpose(-1, -2).contiguous()  # (batch, heads, q, k)
+    if mask is not None and mask.dtype == torch.bool:
         # the least finite score, not -inf: a row with no key left is uniform rather than NaN
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask[..., :k_length]
-    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    output = fast_dropout(probabilities, dropout) @ value
-    return output.transpose(1, 2).contiguous(), None
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask[..., :key.shape[2]]
+    return fast_dropout(torch.softmax(scores, dim=-1), p) @ value
 
 
 AttentionInterface.register(ATTENTION, attention)
