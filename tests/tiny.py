@@ -131,6 +131,15 @@ def logged_losses(run_folder) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line]
 
 
+def evaluated_metric_names(run_folder) -> set[str]:
+    """The validation metrics a run logged (``eval_`` taken off): what its task's evaluate returned."""
+    import json
+    from pathlib import Path
+
+    lines = [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+    return {key[5:] for line in lines for key in line if key.startswith("eval_")}
+
+
 def snapshot(model) -> dict[str, torch.Tensor]:
     """Every tensor of ``model`` (parameters and buffers), copied: what ``assert_same`` compares."""
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -13,11 +13,12 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
+from deltatune.tasks.base import task_class
 from deltatune.tasks.causal_lm import CausalLanguageModeling, fit, pack, token_nll
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import CAPITALS, logged_losses, save_tiny
+from tiny import CAPITALS, evaluated_metric_names, logged_losses, save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +96,7 @@ def test_causal_lm_trains_end_to_end_and_generates(tmp_path, tiny_llama_dir):
         "training.progress=false", "method.method=full", "task.max_new_tokens=3"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
+    assert evaluated_metric_names(tmp_path / "run") == set(task_class("causal_lm").metric_names)
     assert losses[-1] < losses[0] / 2
     # A model that knows nothing is uniform over the 30,522-token vocabulary: perplexity 30,522.
     # One that knows the ten capitals but not which country has which scores ln 10 on the capital

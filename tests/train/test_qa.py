@@ -11,12 +11,13 @@ from datasets import Dataset, DatasetDict
 
 from deltatune import DeltatuneError
 from deltatune.data.loading import read_file
+from deltatune.tasks.base import task_class
 from deltatune.tasks.qa import QuestionAnswering, answer_list
 from deltatune.tasks.spans import best_span, exact_match, f1, normalize_answer, squad_scores, token_span
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import logged_losses
+from tiny import evaluated_metric_names, logged_losses
 
 
 def test_squad_normalisation_exact_match_and_f1_by_hand():
@@ -145,6 +146,7 @@ def test_qa_trains_end_to_end_over_windows_and_predicts_spans(tmp_path):
         "method.method=lora", "method.r=8", "method.target_modules=[query,key,value]"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
+    assert evaluated_metric_names(tmp_path / "run") == set(task_class("qa").metric_names)
     assert losses[-1] < losses[0] * 0.8
     # Every test context is asked both questions, whose answers differ: a model that ignores the
     # question gives both the same answer and scores at most 0.5. (Always answering with the

@@ -10,11 +10,12 @@ import json
 
 import pytest
 
+from deltatune.tasks.base import task_class
 from deltatune.tasks.seq2seq import rouge_scores
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import CAPITALS, logged_losses, save_tiny
+from tiny import CAPITALS, evaluated_metric_names, logged_losses, save_tiny
 
 
 def test_rouge_by_hand():
@@ -48,6 +49,7 @@ def test_seq2seq_trains_end_to_end_and_generates(tmp_path, tiny_t5_dir):
         "method.method=full"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
+    assert evaluated_metric_names(tmp_path / "run") == set(task_class("seq2seq").metric_names)
     assert losses[-1] < losses[0] / 2
     assert {"test_rouge1", "test_rouge2", "test_rougeL", "test_loss"} <= set(result.metrics)
     # One constant capital for every country scores ROUGE-1 0.1 (right for one country in ten).

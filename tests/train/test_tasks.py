@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from deltatune import DeltatuneError
-from deltatune.tasks.base import lower_is_better, task_for
+from deltatune.core.errors import ConfigError
+from deltatune.tasks.base import lower_is_better, task_class, task_for
 from deltatune.tasks.batching import concat_padded, pad_collator
 from deltatune.train.config import load_config
 from deltatune.train.inference import evaluate_run, predict_texts, read_texts
 from deltatune.train.loop import train
+from tiny import evaluated_metric_names
 
 
 def test_each_task_has_its_own_options_and_refuses_the_others():
@@ -75,3 +77,11 @@ def test_the_best_checkpoint_follows_a_smaller_is_better_metric(tmp_path, tiny_m
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = {x["step"]: x["eval_loss"] for x in lines if "eval_loss" in x}
     assert result.best_step == min(losses, key=losses.get)
+    assert evaluated_metric_names(tmp_path) == set(task_class("classification").metric_names)
+
+
+def test_a_metric_the_task_does_not_report_is_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match="(?s)'acuracy' is not a metric of task 'classification'.*did you mean 'accuracy'"):
+        load_config(None, ["training.metric_for_best_model=acuracy"])
+    with pytest.raises(ConfigError, match="choose one of: perplexity, loss"):
+        load_config(None, ["task.type=causal_lm", "training.metric_for_best_model=accuracy"])

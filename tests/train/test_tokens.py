@@ -12,11 +12,12 @@ from deltatune import DeltatuneError
 from deltatune.assets import dist_file
 from deltatune.data.bundled import BUNDLED, read_bundled
 from deltatune.data.loading import read_file
+from deltatune.tasks.base import task_class
 from deltatune.tasks.tokens import TokenClassification, align_labels, entity_scores
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import logged_losses
+from tiny import evaluated_metric_names, logged_losses
 
 
 def test_first_sub_word_takes_the_label_and_the_rest_minus_100():
@@ -123,6 +124,7 @@ def test_ner_trains_end_to_end_and_predicts_words(tmp_path):
         "training.logging_steps=2", "training.progress=false", "method.method=lora", "method.r=4"])
     result = train(config)
     losses = logged_losses(tmp_path / "run")
+    assert evaluated_metric_names(tmp_path / "run") == set(task_class("tokens").metric_names)
     assert losses[-1] < losses[0] / 2
     assert result.metrics["test_f1"] > 0.5  # an all-O tagger scores 0
     [row] = predict_texts(tmp_path / "run", ["yesterday Mary Jones flew to New York for work"])

@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..core.errors import ConfigError
 from ..core.method import check_fields, check_value, config_from_dict, help_field, method_class, method_for, registered
-from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, as_number, check_keys, check_loraplus
+from ..core.yaml12 import read_yaml
+from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128
@@ -96,9 +95,7 @@ def load_compare_config(path: str | Path | None, overrides: list[str] = ()) -> C
     """Read a comparison YAML (or the defaults: every registered method on the bundled task)."""
     data: dict[str, Any] = copy.deepcopy(DEFAULT) if path is None else {}
     if path is not None:
-        if not Path(path).is_file():
-            raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = read_yaml(path)
     for item in overrides:
         apply_override(data, item)
     check_keys(data, ["model", "task", "data", "training", *GRID_KEYS], "")
@@ -120,12 +117,8 @@ def _method_entry(entry: Any) -> dict[str, Any]:
     checked = {k: v for k, v in entry.items() if k not in TRAINING_KEYS}
     config_from_dict(checked, where=where)  # fail now, not mid-way
     if "learning_rate" in entry:  # a pinned rate has training.learning_rate's type and range
-        rate = entry["learning_rate"]
-        entry["learning_rate"] = as_number(rate, where) if isinstance(rate, str) else rate
         check_value(LEARNING_RATE, float, entry["learning_rate"], f"{where}.learning_rate")
     if "loraplus_lr_ratio" in entry:  # training.loraplus_lr_ratio's type and range, for this entry alone
-        ratio = entry["loraplus_lr_ratio"]
-        entry["loraplus_lr_ratio"] = as_number(ratio, where) if isinstance(ratio, str) else ratio
         check_value(LORAPLUS, float | None, entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
         check_loraplus(entry["method"], entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
     return entry

@@ -14,10 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..assets import dist_file
 from ..core.errors import DeltatuneError
+from ..core.yaml12 import loads
 from .formats import read_conll
 
 Rows = list[dict[str, Any]]
@@ -55,7 +54,7 @@ def _chatterbot(marker: Path) -> Rows:
     One entry of trivia.yml is a lone string, not a list of turns: it holds no pair."""
     pairs: dict[tuple[str, str], None] = {}
     for file in sorted(marker.parent.glob("*.yml")):
-        for turns in yaml.safe_load(file.read_text(encoding="utf-8"))["conversations"]:
+        for turns in loads(file.read_text(encoding="utf-8"))["conversations"]:
             if isinstance(turns, list):
                 pairs.update(dict.fromkeys((str(a), str(b)) for a, b in zip(turns, turns[1:])))
     return [{"prompt": a, "completion": b} for a, b in pairs]

@@ -21,6 +21,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, TargetError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
+from ..core.yaml12 import dumps, loads
 from ..version import __version__
 from .adapter_files import RUN_CONFIG, load_adapter, locate, read_adapter
 from .atomic import atomic_write_text, follow_umask
@@ -60,7 +61,7 @@ def locate_run(path: str | Path) -> tuple[Path, Run | None]:
     if folder is None:
         return adapter, None
     report = folder / RUN_REPORT
-    return adapter, Run(folder, _read(folder / RUN_CONFIG, yaml.safe_load),
+    return adapter, Run(folder, _read(folder / RUN_CONFIG, loads),
                         _read(report, json.loads) if report.is_file() else {})
 
 
@@ -172,7 +173,7 @@ def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, b
     # every transformers config has an id2label; only a classification head gives it a meaning
     id2label = dict(model.config.id2label) if "Classification" in class_name else {}
     settings = ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method")
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+    lines = ["---", dumps(front).rstrip(), "---", "",
              f"# {config['method']} merged into {Path(base_name).name}", "",
              f"A `{class_name}`: the base model's weights with a **{config['method']}** adapter merged in. "
              "Plain transformers loads it, without deltatune or peft.", "",
@@ -189,7 +190,7 @@ def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, b
                   f'pipe = pipeline("{tag}", model="PATH/TO/THIS/FOLDER")', "```"]
     if run:
         lines += ["", "## The run's configuration", "", f"From `{run.folder / RUN_CONFIG}`:", "", "```yaml",
-                  yaml.safe_dump(run.config, sort_keys=False).rstrip(), "```"]
+                  dumps(run.config).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from ..core.yaml12 import dumps
 from ..io.atomic import atomic_write_text
 
 STATE_ORDER = {"complete": 0, "pruned": 1, "failed": 2}
@@ -60,7 +59,7 @@ def write_report(folder: Path, result: TuneResult, space: dict[str, Any], best_c
     if best_config is not None and result.best is not None:
         header = (f"# The best of {len(result.trials)} trials in {folder}: {result.metric} = {result.best.value:.4f} "
                   f"(trial-{result.best.number:03d}).\n# Train it: deltatune train {folder / 'best.yaml'}\n")
-        atomic_write_text(folder / "best.yaml", header + yaml.safe_dump(best_config, sort_keys=False))
+        atomic_write_text(folder / "best.yaml", header + dumps(best_config))
 
 
 def markdown(result: TuneResult, keys: list[str]) -> str:

@@ -27,7 +27,6 @@ from ..tasks.base import lower_is_better
 from ..train.config import (
     RunConfig,
     apply_override,
-    as_number,
     best_model_metric,
     check_keys,
     config_hash,
@@ -204,8 +203,6 @@ def _choices(where: str, key: str, spec: dict[str, Any]) -> Param:
 
 
 def _bound(value: Any, where: str) -> int | float:
-    if isinstance(value, str):
-        value = as_number(value, where)  # YAML reads 1e-4 (no dot) as a string
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where} = {value!r} is not a number.", EXAMPLE)
     return value

@@ -61,6 +61,8 @@ class Task(Protocol):
     name: str
     #: the metric that "better" means for this task (accuracy, f1, exact_match, perplexity, rouge1).
     primary_metric: str
+    #: every metric ``evaluate`` returns, ``loss`` included: what ``metric_for_best_model`` may name.
+    metric_names: tuple[str, ...]
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         """Check columns and labels, tokenise; keep model inputs, labels and ``length``."""
@@ -96,6 +98,7 @@ class TaskBase:
 
     name = ""
     primary_metric = ""
+    metric_names: tuple[str, ...] = ()
     config_class: type[TaskConfig] = TaskConfig
     #: the batch keys the model takes; the collator drops every other column.
     model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")

@@ -74,6 +74,7 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 class CausalLanguageModeling(TaskBase):
     name = "causal_lm"
     primary_metric = "perplexity"
+    metric_names = ("perplexity", "loss")
     config_class = CausalLmTaskConfig
     model_keys = ("input_ids", "attention_mask", "labels")
 

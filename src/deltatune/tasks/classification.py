@@ -21,6 +21,7 @@ from .batching import feature_rows, pad_collator
 class SequenceClassification(TaskBase):
     name = "classification"
     primary_metric = "accuracy"
+    metric_names = ("accuracy", "f1", "loss")
 
     def __init__(self, config: Any):
         super().__init__(config)

@@ -62,6 +62,7 @@ def answer_list(value: Any) -> list[Answer]:
 class QuestionAnswering(TaskBase):
     name = "qa"
     primary_metric = "exact_match"
+    metric_names = ("exact_match", "f1", "loss")
     config_class = QaTaskConfig
     model_keys = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 

@@ -54,6 +54,7 @@ def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, flo
 class SequenceToSequence(TaskBase):
     name = "seq2seq"
     primary_metric = "rouge1"
+    metric_names = (*ROUGE, "loss")
     config_class = Seq2SeqTaskConfig
     model_keys = ("input_ids", "attention_mask", "labels")
 

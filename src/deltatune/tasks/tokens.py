@@ -74,6 +74,7 @@ def tag_order(tag: str) -> tuple:
 class TokenClassification(TaskBase):
     name = "tokens"
     primary_metric = "f1"
+    metric_names = ("precision", "recall", "f1", "accuracy", "loss")
     config_class = TokensTaskConfig
 
     def __init__(self, config: Any):

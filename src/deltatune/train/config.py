@@ -10,7 +10,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +19,7 @@ import yaml
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
 from ..core.method import MethodConfig, check_fields, config_from_dict, help_field, method_class, registered
+from ..core.yaml12 import loads, read_yaml
 from ..data.bundled import BUNDLED
 from ..tasks.base import TaskConfig, task_class
 
@@ -120,6 +120,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_loraplus(self.method.method, self.training.loraplus_lr_ratio, "training.loraplus_lr_ratio")
+        _check_metric(self.training.metric_for_best_model, self.task.type)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -140,8 +141,8 @@ class RunConfig:
         return cls(method=method, **sections)
 
 
-#: accelerate's and transformers' names for training.precision; YAML 1.1 reads a bare `no` as False
-_MIXED_PRECISION = {"no": "fp32", False: "fp32", "bf16": "bf16", "fp16": "fp16"}
+#: accelerate's and transformers' names for training.precision
+_MIXED_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 def _precision_alias(training: Any) -> Any:
@@ -164,6 +165,14 @@ def best_model_metric(config: RunConfig) -> str:
     """The validation metric that picks the best checkpoint: ``training.metric_for_best_model``,
     else the task's own (accuracy, f1, exact_match, perplexity, rouge1)."""
     return config.training.metric_for_best_model or task_class(config.task.type).primary_metric
+
+
+def _check_metric(metric: str | None, task_type: str) -> None:
+    """``training.metric_for_best_model`` names a metric the task reports (known before training)."""
+    names = task_class(task_type).metric_names
+    if metric is not None and metric not in names:
+        raise ConfigError(f"training.metric_for_best_model = '{metric}' is not a metric of task '{task_type}'.",
+                          f"{did_you_mean(metric, list(names))}choose one of: {', '.join(names)}.")
 
 
 def check_loraplus(method: str, ratio: float | None, key: str) -> None:
@@ -212,20 +221,9 @@ def did_you_mean(key: Any, known: list[str]) -> str:
 
 def _section(kind: type, data: dict[str, Any], where: str) -> Any:
     check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
-    hints = typing.get_type_hints(kind)
-    numbers = {key: as_number(value, f"{where}.{key}") for key, value in data.items()  # YAML reads 5e-4 as a string
-               if isinstance(value, str) and hints[key] in (float, float | None, int | None, int, int | float | None)}
-    section = kind(**{**data, **numbers})
+    section = kind(**data)
     check_fields(section, where)  # types, then ranges: before anything is written
     return section
-
-
-def as_number(text: str, where: str) -> float | str:
-    try:
-        number = float(text)
-    except ValueError:
-        return text
-    return int(number) if number.is_integer() and "." not in text and "e" not in text.lower() else number
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -244,21 +242,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     return RunConfig.from_dict(data)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """The data of a YAML file (``{}`` when empty).
-
-    Raises:
-        ConfigError: the file is missing or not YAML.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist.", "pass the path of a YAML file.")
-    try:
-        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ConfigError(f"'{path}' is not valid YAML: {error}.") from error
-
-
 def apply_override(data: dict[str, Any], item: str) -> None:
     """Apply one ``--set key.path=value``. ``--set method=NAME`` replaces the method section with
     NAME's defaults but keeps ``modules_to_save``: what trains in full (a head, new cross-attention)
@@ -266,13 +249,22 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set '{item}' is not of the form key.path=value.", "e.g. --set training.epochs=2")
-    key, value = key.strip(), yaml.safe_load(raw)
+    key, value = key.strip(), _override_value(raw, item)
     section = data.get("method") if isinstance(data, dict) and isinstance(data.get("method"), dict) else {}
     if key == "method" and isinstance(value, str):
         value = {"method": value, **{k: v for k, v in section.items() if k == "modules_to_save"}}
     elif key == "method.method":
         _check_method_switch(section, value, item)
     set_path(data, key, value, f"--set '{item}'")
+
+
+def _override_value(raw: str, item: str) -> Any:
+    """The value of ``--set key=raw``, read as a YAML 1.2 scalar or flow collection, as in a file."""
+    try:
+        return loads(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set '{item}': the value is not YAML ({error.problem or error}).",
+                          "quote a value with special characters: --set 'key=\"a: b\"'.") from error
 
 
 def _check_method_switch(section: dict[str, Any], name: Any, item: str) -> None:

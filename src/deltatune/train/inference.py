@@ -6,13 +6,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from datasets import Dataset, DatasetDict
 from torch.utils.data import DataLoader
 from transformers import AutoTokenizer
 
 from ..core.errors import ConfigError
+from ..core.yaml12 import read_yaml
 from ..data.loading import load_splits, read_file
 from ..io.adapter_files import CONFIG_NAME, load_adapter
 from ..tasks import task_for
@@ -37,7 +37,7 @@ def find_run(path: str | Path) -> Path:
 def read_run(path: str | Path) -> tuple[Path, RunConfig, Any]:
     """(run folder, config, task) of a finished run, without loading any model."""
     folder = find_run(path)
-    config = RunConfig.from_dict(yaml.safe_load((folder / "run.yaml").read_text()))
+    config = RunConfig.from_dict(read_yaml(folder / "run.yaml"))
     return folder, config, task_for(config)
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 
 from ..core.accounting import parameter_report
 from ..core.errors import DeltatuneError
+from ..core.yaml12 import dumps
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 from ..io.atomic import atomic_write_text
 from ..tasks.base import lower_is_better
@@ -272,10 +272,6 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
     # training seconds so far (every leg), for curves of quality against time
     log.write({"step": progress.step, "train_seconds": round(sum(progress.step_times), 3), **metrics})
     key = f"eval_{run.config.training.metric_for_best_model}"
-    if key not in metrics:
-        raise TrainingError(f"training.metric_for_best_model '{run.config.training.metric_for_best_model}' "
-                            "is not a metric of this task.",
-                            f"choose one of: {', '.join(k[5:] for k in metrics)}.")
     value = -metrics[key] if lower_is_better(key) else metrics[key]
     with _timed(progress, "save"):
         if progress.best_metric is None or value > progress.best_metric:
@@ -315,7 +311,7 @@ def _restore(run: Run, folder: Path) -> Progress:
 
 def _write_run_config(run: Run, folder: Path) -> None:
     if run.accelerator.is_main_process:
-        atomic_write_text(folder / "run.yaml", yaml.safe_dump(run.config.to_dict(), sort_keys=False))
+        atomic_write_text(folder / "run.yaml", dumps(run.config.to_dict()))
 
 
 def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
