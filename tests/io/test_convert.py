@@ -85,3 +85,22 @@ def test_convert_to_peft_and_back_keeps_tensors_and_outputs(tmp_path):
         fresh = build("bert")
         dt.load_adapter(fresh, tmp_path / folder)
         assert_close_ulps(output(fresh, batch), expected)
+
+
+def test_ia3_on_keys_and_values_only_converts_to_peft_and_loads_back(tmp_path):
+    import peft
+
+    model = build("bert")
+    dt.apply(model, dt.IA3Config(target_modules=["key", "value"]))  # no feed-forward layer among them
+    perturb(model)
+    dt.save_adapter(model, tmp_path / "a")
+    batch = inputs("bert")
+    expected = output(model, batch)
+    convert(tmp_path / "a", tmp_path / "peft", "peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["feedforward_modules"] == []
+    for folder in ("a", "peft"):
+        fresh = build("bert")
+        dt.load_adapter(fresh, tmp_path / folder)
+        assert_close_ulps(output(fresh, batch), expected)
+    theirs = peft.PeftModel.from_pretrained(build("bert"), tmp_path / "peft").eval()
+    assert_close_ulps(output(theirs, batch), expected)

@@ -34,7 +34,7 @@ def scales(model: nn.Module) -> dict[str, tuple[bool, tuple]]:
 # --- config ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs,field", [
-    ({"target_modules": []}, "ia3.target_modules"), ({"feedforward_modules": []}, "ia3.feedforward_modules"),
+    ({"target_modules": []}, "ia3.target_modules"), ({"feedforward_modules": 3}, "ia3.feedforward_modules"),
     ({"target_modules": 3}, "ia3.target_modules"), ({"init_ia3_weights": "yes"}, "ia3.init_ia3_weights"),
 ])
 def test_invalid_config_names_the_field_and_the_fix(kwargs, field):
@@ -42,6 +42,11 @@ def test_invalid_config_names_the_field_and_the_fix(kwargs, field):
         dt.IA3Config(**kwargs)
     message = str(info.value)
     assert message.startswith(f"{field} ") and "\n  fix: " in message, message
+
+
+def test_empty_feedforward_modules_scale_every_target_on_its_output():
+    model = dt.apply(build("bert"), dt.IA3Config(target_modules=["value", "output.dense"], feedforward_modules=[]))
+    assert not any(feedforward for feedforward, _ in scales(model).values())
 
 
 def test_feedforward_modules_must_be_a_subset_of_target_modules():

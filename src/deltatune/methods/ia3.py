@@ -45,15 +45,14 @@ class IA3Config(MethodConfig):
               "Default: the architecture's key, value and feed-forward output projections.")
     feedforward_modules: str | list[str] | None = help_field(
         None, "Which of the target_modules scale their input (the activation) instead of their "
-              "output. Default: the feed-forward output projections among the targets.")
+              "output; [] for none. Default: the feed-forward output projections among the targets.")
     init_ia3_weights: bool = help_field(
         True, "Start every vector at ones (no change); False draws them from N(0, 1), as peft does.")
 
     def validate(self) -> None:
-        for key in ("target_modules", "feedforward_modules"):
-            if getattr(self, key) is not None and not getattr(self, key):
-                raise ConfigError(f"ia3.{key} is empty.", f"leave {key} out for the architecture's "
-                                  "default, or name modules, e.g. ['key', 'value', 'output.dense'].")
+        if self.target_modules is not None and not self.target_modules:  # [] feedforward_modules: none
+            raise ConfigError("ia3.target_modules is empty.", "leave target_modules out for the architecture's "
+                              "default, or name modules, e.g. ['key', 'value', 'output.dense'].")
 
 
 class IA3Delta(Delta):
@@ -147,6 +146,8 @@ class IA3(Method):
             roles = ANATOMIES.get(model_type(model))
             ffn_out = roles.ffn_out if roles else []
             return [n for n in targets if any(matches(n, e) for e in ffn_out)]
+        if not entries:  # every target scales its output
+            return []
         names = self.targets(model, entries, linear_types(), "feedforward_modules", linear_types())
         outside = [n for n in names if n not in targets]
         if outside:
@@ -166,7 +167,7 @@ class IA3(Method):
     @classmethod
     def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
         return {"method": "ia3", "target_modules": targets_from_peft(peft["target_modules"]),
-                "feedforward_modules": targets_from_peft(peft.get("feedforward_modules") or [])}
+                "feedforward_modules": targets_from_peft(peft.get("feedforward_modules"))}
 
     def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         targets = modules_with(tensors, "ia3_l")
