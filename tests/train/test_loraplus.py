@@ -19,6 +19,7 @@ from deltatune import ConfigError
 from deltatune.compare.config import entry_name, load_compare_config
 from deltatune.compare.runner import compare, grid
 from deltatune.train.config import load_config
+from deltatune.train.optim import param_groups
 from deltatune.train.loop import train
 from tiny import assert_close_ulps, build
 
@@ -199,3 +200,22 @@ def test_a_compare_entry_that_cannot_use_loraplus_is_refused_before_anything_run
     with pytest.raises(ConfigError, match=message):
         load_compare_config(_compare_yaml(tmp_path, **values))
     assert not (tmp_path / "out").exists()
+
+
+def _undecayed(groups, model) -> set[str]:
+    skipped = [p for g in groups if g["weight_decay"] == 0 for p in g["params"]]
+    return {n for n, p in model.named_parameters() if any(p is q for q in skipped)}
+
+
+@pytest.mark.parametrize("family,norms", [("gpt2", ["ln_1", "ln_2", "ln_f"]),
+                                          ("llama", ["input_layernorm", "post_attention_layernorm", "norm"])])
+def test_one_weight_decay_rule_spares_biases_and_every_norm_in_plain_training_and_loraplus(family, norms):
+    full = dt.apply(build(family), dt.config_from_dict({"method": "full"}))
+    undecayed = _undecayed(param_groups(full, weight_decay=0.1), full)
+    trainable = {n for n, p in full.named_parameters() if p.requires_grad}
+    is_norm_or_bias = {n for n in trainable if n.endswith(".bias") or any(f"{m}." in n for m in norms)}
+    assert undecayed == is_norm_or_bias and any("ln_f" in n or n.startswith("model.norm") for n in undecayed)
+    lora = dt.apply(build(family), dt.LoraConfig(r=2, bias="all", modules_to_save=norms[-1:]))
+    plain = _undecayed(param_groups(lora, weight_decay=0.1), lora)
+    assert plain == _undecayed(dt.loraplus_param_groups(lora, lr=1e-3, ratio=16, weight_decay=0.1), lora)
+    assert any(norms[-1] in n for n in plain)

@@ -1,4 +1,10 @@
-"""LoRA+ (Hayou et al., 2024): B learns faster than A.
+"""The optimizer's parameter groups: one rule for weight decay, and LoRA+'s rates.
+
+Weight decay never applies to biases and the weights of normalisation layers, found by module
+type (LayerNorm, RMSNorm, T5's LayerNorm...), not by name: GPT-2's ``ln_1.weight`` and LLaMA's
+``input_layernorm.weight`` are norms too. Plain training and LoRA+ use the same rule.
+
+LoRA+ (Hayou et al., 2024): B learns faster than A.
 
 In ``h = W0 x + B A x`` with a wide layer, one learning rate for both factors is too small for B
 or too large for A; LoRA+ trains B at ``ratio`` times A's rate (16 is the paper's usual value),
@@ -23,6 +29,16 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.method import method_for, registered
 from ..core.verbs import require_state
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's groups over the trainable parameters: decay, and no decay on biases and norms."""
+    skip = no_decay_names(model)
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_decay: float = 0.0,

@@ -28,10 +28,8 @@ from .batches import ResumableBatchSampler
 from .config import RunConfig, TrainingConfig, best_model_metric
 from .fast_dropout import use_fast_dropout
 from .frozen_cache import FrozenPrefix, Indexed, indexed_collate, plan
-from .optim import loraplus_param_groups
+from .optim import loraplus_param_groups, param_groups
 from .precision import ACCELERATE, autocast_forward, hold_frozen, resolve
-
-NO_DECAY = ("bias", "LayerNorm.weight", "layer_norm.weight", "norm.weight")
 
 
 @dataclass
@@ -185,15 +183,7 @@ def _check_max_length(config: RunConfig, model: torch.nn.Module) -> None:
 def _optimizer_groups(model: torch.nn.Module, training: TrainingConfig) -> list[dict]:
     """LoRA+'s groups when training.loraplus_lr_ratio is set, else one rate for all."""
     if training.loraplus_lr_ratio is None:
-        return _param_groups(model, training.weight_decay)
+        return param_groups(model, training.weight_decay)
     return loraplus_param_groups(model, training.learning_rate, training.loraplus_lr_ratio,
                                  training.weight_decay, training.loraplus_lr_embedding)
 
-
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW over trainable parameters only; no decay on biases and norm weights."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if name.endswith(NO_DECAY) else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
