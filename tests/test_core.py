@@ -786,3 +786,63 @@ def test_a_failed_save_keeps_the_previous_adapter(saved, monkeypatch):
     assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     fresh = dt.load_adapter(build("bert"), path)
     torch.testing.assert_close(output(fresh, inputs("bert")), expected, atol=0, rtol=0)
+
+
+def _fail_after(monkeypatch, owner, attribute: str, calls_before_failure: int) -> None:
+    """``owner.attribute`` raises RuntimeError (not a deltatune error) on call number N + 1."""
+    real, calls = getattr(owner, attribute), []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > calls_before_failure:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, failing)
+
+
+def _everything(model: nn.Module) -> tuple:
+    """structure() plus what trains, the active adapters and the hooks the model carries."""
+    state = getattr(model, "_deltatune_state", None)
+    return (structure(model), [(n, p.requires_grad) for n, p in model.named_parameters()],
+            list(state.active) if state else None, len(model._forward_pre_hooks), len(model._forward_hooks),
+            "generate" in model.__dict__)
+
+
+@pytest.mark.parametrize("first", [None, "lora"])
+@pytest.mark.parametrize("failing,config", [
+    (("deltatune.methods.lora", "LoraDelta", "__init__", 3), dt.LoraConfig(r=2, target_modules=["query", "value"])),
+    (("deltatune.core.verbs", None, "set_adapter", 0), dt.LoraConfig(r=2, target_modules=["key"])),
+    (("deltatune.methods.prompt", "PromptHooks", "__init__", 0), dt.config_from_dict({"method": "prompt"})),
+    (("deltatune.methods.prefix", None, "prefix_hooks", 0), dt.config_from_dict({"method": "prefix"})),
+], ids=["lora-third-delta", "lora-set-adapter", "prompt-hooks", "prefix-hooks"])
+def test_an_apply_that_fails_part_way_leaves_the_model_as_it_was(monkeypatch, failing, config, first):
+    import importlib
+
+    model = build("bert")
+    if first:
+        dt.apply(model, dt.LoraConfig(r=2, target_modules=["query"]), "first")
+    before, batch = _everything(model), inputs("bert")
+    expected = output(model, batch)
+    module, cls, attribute, calls = failing
+    owner = importlib.import_module(module)
+    _fail_after(monkeypatch, getattr(owner, cls) if cls else owner, attribute, calls)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dt.apply(model, config, "second")
+    monkeypatch.undo()
+    assert _everything(model) == before
+    torch.testing.assert_close(output(model, batch), expected, rtol=0, atol=0)
+    dt.apply(model, config, "second")  # the name is free again
+
+
+def test_a_load_that_fails_on_any_error_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    saved = build("bert")
+    dt.apply(saved, dt.config_from_dict({"method": "prompt"}))
+    dt.save_adapter(saved, tmp_path / "a")
+    model = build("bert")
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["query"]), "first")
+    before = _everything(model)
+    _fail_after(monkeypatch, adapter_files, "load_adapter_state_dict", 0)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        dt.load_adapter(model, tmp_path / "a", "second")
+    assert _everything(model) == before

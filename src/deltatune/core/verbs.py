@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .layer import AdapterState, ModuleCopy
-from .method import MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for, registered
+from .method import Method, MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for, registered
 from .rows import accept_adapter_names, drop_adapter_names
 from .state import STATE_ATTR, adapter_state, merged_adapters, refuse_if_merged, require_adapter, require_state
 
@@ -36,16 +36,51 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
                           "pass another adapter_name, or delete_adapter() the old one.")
     refuse_if_merged(model, "add an adapter")
     method = method_for(config)
-    saved = method.saved_modules(model)
-    plan = method.plan(model)
-    _check_wrapped(model, list(plan or []), saved, config.method)
-    method.inject(model, adapter_name, state, plan)
-    add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
-    state.configs[adapter_name] = method.config  # as applied: values derived from the model filled in
-    setattr(model, STATE_ATTR, state)
-    accept_adapter_names(model)
-    set_adapter(model, adapter_name)
+    with all_or_nothing(model, adapter_name, method):
+        saved = method.saved_modules(model)
+        plan = method.plan(model)
+        _check_wrapped(model, list(plan or []), saved, config.method)
+        method.inject(model, adapter_name, state, plan)
+        add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
+        state.configs[adapter_name] = method.config  # as applied: values derived from the model filled in
+        setattr(model, STATE_ATTR, state)
+        accept_adapter_names(model)
+        set_adapter(model, adapter_name)
     return model
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module, adapter_name: str, method: Method) -> Iterator[None]:
+    """Adding an adapter (``apply``, ``load_adapter``): any exception inside the block removes
+    whatever of it was added, so the model is as it was (wrappers, hooks, active adapters and
+    which parameters train)."""
+    before = adapter_state(model)
+    active = list(before.active) if before else []
+    trains = {id(p): p.requires_grad for p in model.parameters()}
+    try:
+        yield
+    except BaseException:
+        _remove(model, adapter_name, method)
+        state = adapter_state(model)
+        if state is not None:
+            state.configs.pop(adapter_name, None)
+            state.active = active
+        if before is None:  # nothing had an adapter: no state, no adapter_names hooks
+            model.__dict__.pop(STATE_ATTR, None)
+            drop_adapter_names(model)
+        for param in model.parameters():
+            param.requires_grad_(trains.get(id(param), param.requires_grad))
+        raise
+
+
+def _remove(model: nn.Module, adapter_name: str, method: Method) -> None:
+    """Take one adapter's deltas (and what its method added) out; empty wrappers unwrapped."""
+    method.remove(model, adapter_name)
+    for name, layer in list(iter_layers(model)):
+        if adapter_name in layer.deltas:
+            del layer.deltas[adapter_name]
+        if not len(layer.deltas):
+            _replace(model, name, layer.base_layer)
 
 
 def _check_wrapped(model: nn.Module, wrapped: list[str], saved: list[str], method: str) -> None:
@@ -189,12 +224,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter; wrappers left with no delta are replaced by their base module."""
     state = require_adapter(model, adapter_name)
     refuse_if_merged(model, "delete an adapter")
-    method_for(state.configs[adapter_name]).remove(model, adapter_name)
-    for name, layer in list(iter_layers(model)):
-        if adapter_name in layer.deltas:
-            del layer.deltas[adapter_name]
-            if not len(layer.deltas):
-                _replace(model, name, layer.base_layer)
+    _remove(model, adapter_name, method_for(state.configs[adapter_name]))
     del state.configs[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
     if not state.configs:  # a plain model again, trainable as from_pretrained gives it

@@ -50,14 +50,20 @@ def add(model: nn.Module, adapter_name: str, state: AdapterState, delta: Delta,
 
 
 def release(model: nn.Module, adapter_name: str) -> None:
-    """Drop one adapter's virtual tokens; hooks and holder go with the last that need them."""
-    holder = model._modules[HOLDER]
-    kind = type(holder.deltas[adapter_name])
-    del holder.deltas[adapter_name]
-    if not any(isinstance(d, kind) for d in holder.deltas.values()):
-        for handle in holder.hooks.pop(kind):
-            handle.remove()
+    """Drop one adapter's virtual tokens; hooks and holder go with the last that need them.
+    Also undoes an ``add`` that failed part way (a holder without the delta, or without hooks)."""
+    holder = model._modules.get(HOLDER)
+    if holder is None:
+        return
+    if adapter_name in holder.deltas:
+        kind = type(holder.deltas.pop(adapter_name))
+        if not any(isinstance(d, kind) for d in holder.deltas.values()):
+            for handle in holder.hooks.pop(kind, []):
+                handle.remove()
     if not len(holder.deltas):
+        for handles in holder.hooks.values():
+            for handle in handles:
+                handle.remove()
         delattr(model, HOLDER)
 
 

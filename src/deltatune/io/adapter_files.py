@@ -17,9 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.errors import AdapterFileError, ConfigError, DeltatuneError, TargetError, warn_user
+from ..core.errors import AdapterFileError, ConfigError, TargetError, warn_user
 from ..core.method import config_from_dict, deltas_of, method_for
-from ..core.verbs import adapter_state_dict, apply, delete_adapter, require_adapter
+from ..core.verbs import adapter_state_dict, all_or_nothing, apply, require_adapter
 from ..hf.layers import weight_is_transposed
 from ..version import __version__
 from . import peft_format
@@ -204,17 +204,14 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
                                "save the adapter again with this version of deltatune.") from error
     if "peft_config" in description:
         peft_format.check_base(description, model)
-    try:
-        apply(model, config, adapter_name)
-    except TargetError as error:
-        raise AdapterFileError(f"the adapter in '{path}' does not fit {type(model).__name__}: {error.message}",
-                               "load it into the base model it was trained on.") from error
-    try:
+    with all_or_nothing(model, adapter_name, method_for(config)):  # any failure: the model as it was
+        try:
+            apply(model, config, adapter_name)
+        except TargetError as error:
+            raise AdapterFileError(f"the adapter in '{path}' does not fit {type(model).__name__}: {error.message}",
+                                   "load it into the base model it was trained on.") from error
         load_adapter_state_dict(model, tensors, adapter_name)
         _check_fingerprint(model, adapter_name, description)
-    except DeltatuneError:
-        delete_adapter(model, adapter_name)
-        raise
     return model
 
 
