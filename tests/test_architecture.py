@@ -49,14 +49,48 @@ def test_imports_run_one_way(path):
                                                "train <- compare/search/serve <- cli")
 
 
-@pytest.mark.parametrize("path", sorted((SRC / "methods").glob("*.py")), ids=lambda p: p.name)
+def imported_modules(path: Path, source: str | None = None) -> set[str]:
+    """Every deltatune module a file imports, by dotted name, in any import form: ``import
+    deltatune.methods.lora``, ``from deltatune.methods import lora``, ``from . import lora``,
+    ``from .lora import X``. ``from M import a`` yields ``M`` and ``M.a`` (``a`` may be a module).
+    ``source``: read this instead of the file's text, as if it were the file at ``path``."""
+    package = ["deltatune", *path.relative_to(SRC).parts[:-1]]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text() if source is None else source)):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + (node.module.split(".") if node.module else []))
+            found.add(module)
+            found.update(f"{module}.{a.name}" for a in node.names)
+    return {m for m in found if m.startswith("deltatune.")}
+
+
+METHOD_FILES = sorted(p for p in (SRC / "methods").glob("*.py") if p.name != "__init__.py")
+
+
+def other_methods_imported(path: Path, source: str | None = None) -> set[str]:
+    others = {f"deltatune.methods.{p.stem}" for p in METHOD_FILES} - {f"deltatune.methods.{path.stem}"}
+    return {m for m in imported_modules(path, source) if any(m == o or m.startswith(o + ".") for o in others)}
+
+
+@pytest.mark.parametrize("path", METHOD_FILES, ids=lambda p: p.name)
 def test_no_method_imports_another(path):
-    methods = {p.stem for p in (SRC / "methods").glob("*.py")} - {"__init__"}
-    here = list(path.relative_to(SRC).parts[:-1])
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and path.name != "__init__.py":
-            assert node.module not in methods, f"methods/{path.name} imports methods/{node.module}.py"
-    assert here == ["methods"]
+    assert not other_methods_imported(path), f"methods/{path.name} imports {sorted(other_methods_imported(path))}"
+
+
+@pytest.mark.parametrize("source", ["from . import lora", "from .lora import LoraDelta", "from . import ia3, lora",
+                                    "import deltatune.methods.lora", "import deltatune.methods.lora as lora",
+                                    "from deltatune.methods import lora", "from deltatune.methods.lora import X",
+                                    "from ..methods import lora", "from ..methods.lora import X",
+                                    "def f():\n    from .lora import X"])
+def test_the_import_check_catches_every_import_form(source):
+    ia3 = SRC / "methods" / "ia3.py"
+    assert other_methods_imported(ia3, source) == {"deltatune.methods.lora"} | (
+        {"deltatune.methods.lora.X"} if "X" in source else {"deltatune.methods.lora.LoraDelta"} if "Delta" in source
+        else set())
+    assert not other_methods_imported(ia3, "from ..core.method import Method\nfrom . import ia3")
 
 
 def code_strings(path: Path) -> list[tuple[int, str]]:
@@ -68,14 +102,43 @@ def code_strings(path: Path) -> list[tuple[int, str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
 
 
+#: registered method names that are also ordinary words of the engine's vocabulary
+ENGLISH = {"layer", "prefix", "prompt", "adapter", "full"}
+
+
+def identifiers(path: Path) -> list[tuple[int, str]]:
+    """Every name a module defines or uses: variables, attributes, functions, classes, arguments."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        name = (node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute)
+                else node.arg if isinstance(node, ast.arg)
+                else node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) else None)
+        if name:
+            found.append((node.lineno, name))
+    return found
+
+
+def test_every_registered_method_has_a_case_row():
+    from cases import CASES
+
+    covered = {case.config(case.families[0]).method for case in CASES}
+    assert set(dt.registered()) <= covered, f"no case row in tests/cases.py for {set(dt.registered()) - covered}"
+
+
 @pytest.mark.parametrize("path", sorted([*(SRC / "core").glob("*.py"), *(SRC / "io").glob("*.py")]),
                          ids=lambda p: str(p.relative_to(SRC)))
 def test_the_engine_and_the_file_formats_name_no_method(path):
     # "adapter" is also the word for any adapter file; the families are the engine's to declare.
     methods = set(dt.registered()) - {"adapter"} - set(FAMILIES)
     configs = {cls.config_class.__name__ for cls in dt.registered().values()}
+    # Names that are no English word (lora, ia3, vera, bitfit) may not appear even inside a string
+    # or a name (lora_A, "rslora"); the others (layer, prefix, prompt) only not as a whole string.
+    coined = {m for m in methods if m not in ENGLISH}
     for line, text in code_strings(path):
         assert text.lower() not in methods, f"{path.name}:{line} names the method '{text}'"
+        assert not [m for m in coined if m in text.lower()], f"{path.name}:{line} names a method in '{text}'"
+    for line, name in identifiers(path):
+        assert not [m for m in coined if m in name.lower()], f"{path.name}:{line} names a method in '{name}'"
     names = {n.id for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Name)}
     assert not names & configs, f"{path.name} uses {names & configs}"
     if path != SRC / "io" / "__init__.py":  # which imports the methods package to register them all

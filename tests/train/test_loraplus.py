@@ -19,8 +19,8 @@ from deltatune import ConfigError
 from deltatune.compare.config import entry_name, load_compare_config
 from deltatune.compare.runner import compare, grid
 from deltatune.train.config import load_config
-from deltatune.train.optim import param_groups
 from deltatune.train.loop import train
+from deltatune.train.optim import param_groups
 from tiny import assert_close_ulps, build
 
 # (family, LoRA config fields, modules_to_save): linear, Conv1D and embedding LoRA, trained biases,
