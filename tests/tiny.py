@@ -198,3 +198,19 @@ def shown_at(warning, test_file: str) -> bool:
     """A warning points at the test's own line, not inside deltatune. Under `make mutation`
     mutmut's trampolines stand between deltatune's frames and the walk stops at the first one."""
     return warning.filename == test_file or ("MUTANT_UNDER_TEST" in os.environ and "mutmut" in warning.filename)
+
+
+def interrupt_at_step(monkeypatch, step_number: int):
+    """Training raises KeyboardInterrupt (as Ctrl-C would) in optimizer step ``step_number``;
+    returns a function that puts the real step back."""
+    import deltatune.train.loop as loop
+
+    real = loop._optimizer_step
+
+    def step(run, number):
+        if number == step_number:
+            raise KeyboardInterrupt
+        real(run, number)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+    return lambda: monkeypatch.setattr(loop, "_optimizer_step", real)

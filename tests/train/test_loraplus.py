@@ -21,7 +21,7 @@ from deltatune.compare.runner import compare, grid
 from deltatune.train.config import load_config
 from deltatune.train.loop import train
 from deltatune.train.optim import param_groups
-from tiny import assert_close_ulps, build
+from tiny import assert_close_ulps, build, interrupt_at_step
 
 # (family, LoRA config fields, modules_to_save): linear, Conv1D and embedding LoRA, trained biases,
 # a task head and a trained norm.
@@ -102,19 +102,9 @@ def test_a_run_trains_b_at_ratio_times_the_rate_and_resumes_with_its_groups(tmp_
     state = json.loads(next((tmp_path / "a" / "checkpoints").glob("step-*/state.json")).read_text())
     assert [g["initial_lr"] for g in state["param_groups"]] == [2e-3, 32e-3, 32e-3]  # A and head, B, biases
 
-    import deltatune.train.loop as loop
-
-    real_step, calls = loop._optimizer_step, {"n": 0}
-
-    def interrupt_at_step_5(run):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        real_step(run)
-
-    monkeypatch.setattr(loop, "_optimizer_step", interrupt_at_step_5)
+    restore_step = interrupt_at_step(monkeypatch, 5)
     assert train(_config(tmp_path / "b", sentiment_csv)).interrupted
-    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    restore_step()
     resumed = train(_config(tmp_path / "b", sentiment_csv), resume=True)
     assert resumed.steps == straight.steps == 6
     a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")

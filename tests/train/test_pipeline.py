@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from deltatune import DeltatuneError
 from deltatune.train.config import load_config
 from deltatune.train.loop import TrainingError, train
-from tiny import assert_close_ulps, logged_losses
+from tiny import assert_close_ulps, interrupt_at_step, logged_losses
 
 
 def tiny_config(tmp_path, csv, *extra):
@@ -62,20 +62,10 @@ def test_resume_finishes_with_the_same_weights(tmp_path, sentiment_csv, monkeypa
     extra = ["training.epochs=2", "training.save_steps=3", "method.lora_dropout=0.1"]
     straight = train(tiny_config(tmp_path / "a", sentiment_csv, *extra))
 
-    import deltatune.train.loop as loop
-
-    real_step, calls = loop._optimizer_step, {"n": 0}
-
-    def interrupt_at_step_7(run):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        real_step(run)
-
-    monkeypatch.setattr(loop, "_optimizer_step", interrupt_at_step_7)
+    restore_step = interrupt_at_step(monkeypatch, 7)
     config = tiny_config(tmp_path / "b", sentiment_csv, *extra)
     assert train(config).interrupted
-    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    restore_step()
     resumed = train(config, resume=True)
     assert resumed.steps == straight.steps
     a = load_file(tmp_path / "a" / "run" / "adapter" / "adapter_model.safetensors")

@@ -167,6 +167,29 @@ def type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "")
 
 
+class TrainingHooks:
+    """A method's part in the training loop, for methods that change while they train (a rank
+    budget reallocated by importance, a regulariser). ``Method.training_hooks`` returns one per
+    adapter; the loop calls it for the adapter that trains and never asks which method it is.
+    The defaults do nothing."""
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """A term added to the task's loss at every forward pass (after the model ran), or None."""
+        return None
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after optimizer step ``step`` (1-based) of ``total_steps``, before the gradients
+        are cleared: they are still there to read."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What ``after_step`` accumulated (running estimates, schedules), saved with each
+        checkpoint so that a resumed run continues exactly."""
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned."""
+
+
 class Method:
     """How one PEFT method adapts a model. One instance per config; methods keep no other state.
 
@@ -268,6 +291,11 @@ class Method:
 
     def remove(self, model: nn.Module, adapter_name: str) -> None:
         """Undo anything ``inject`` did beyond adding deltas (hooks, root modules)."""
+
+    def training_hooks(self, model: nn.Module, adapter_name: str) -> TrainingHooks | None:
+        """What the training loop calls besides the optimizer while this adapter trains (None:
+        nothing; most methods are fixed functions of their parameters)."""
+        return None
 
     # --- Hugging Face peft's format: each method translates itself ------------------------
     #: ``peft_type`` in peft's adapter_config.json; None: peft has no format for this method.

@@ -4,6 +4,8 @@
 - ``trainable.safetensors``: the trainable parameters, by their name in the model;
 - ``optimizer.safetensors``: AdamW's moments per parameter name;
 - ``rng.safetensors``: torch's RNG state;
+- ``hooks.safetensors``: what the adapter's training hooks accumulated, as ``ADAPTER/KEY``
+  (only where a method has training hooks);
 - ``state.json``: step, data position, best metric, scheduler, optimizer hyper-parameters,
   Python's RNG, and a hash of the run config (resuming another config is refused).
 
@@ -28,14 +30,16 @@ from ..core.errors import DeltatuneError
 from ..io.atomic import follow_umask, fsync_dir
 
 PREFIX = "step-"
+HOOKS_FILE = "hooks.safetensors"
 
 
 def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     state: dict[str, Any], rng: torch.Tensor | None = None,
-                    keep: set[Path] = frozenset()) -> Path:
+                    keep: set[Path] = frozenset(), hooks: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write checkpoint ``step`` whole, then delete older ones except ``keep``.
 
-    ``rng`` is torch's RNG state as of that step (default: now).
+    ``rng`` is torch's RNG state as of that step (default: now); ``hooks`` each adapter's
+    training-hook state (``TrainingHooks.state_dict``).
     """
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
@@ -46,6 +50,10 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
         save_file(params, tmp / "trainable.safetensors")
         save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
         save_file({"torch": torch.get_rng_state() if rng is None else rng}, tmp / "rng.safetensors")
+        hook_tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
+                        for name, tensors in (hooks or {}).items() for key, t in tensors.items()}
+        if hook_tensors:
+            save_file(hook_tensors, tmp / HOOKS_FILE)
         state = {**state, "step": step, "param_groups": _groups(optimizer), "python_rng": _py_rng()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         follow_umask(tmp, *tmp.iterdir())  # the renamed folder and its files keep these modes
@@ -103,6 +111,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return state
+
+
+def load_hook_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Each adapter's training-hook state in checkpoint ``path`` (none saved: ``{}``)."""
+    if not (path / HOOKS_FILE).is_file():
+        return {}
+    try:
+        tensors = load_file(path / HOOKS_FILE)
+    except (OSError, ValueError) as error:
+        raise DeltatuneError(f"checkpoint '{path}' cannot be read ({error}).",
+                             "delete it to resume from the one before, or start again.") from error
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, inner = key.partition("/")
+        states.setdefault(name, {})[inner] = tensor
+    return states
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:

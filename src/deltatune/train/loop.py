@@ -22,7 +22,7 @@ from ..core.yaml12 import dumps
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 from ..io.atomic import atomic_write_text
 from ..tasks.base import lower_is_better
-from .checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, load_hook_states, save_checkpoint
 from .config import RunConfig, config_hash
 from .frozen_cache import INDEX
 from .logs import MetricsLog, plot_curves
@@ -185,7 +185,7 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
         losses.append(loss.item())
         if (i + 1) % accumulate and i + 1 < batches_left:
             continue  # keep accumulating gradients
-        _optimizer_step(run)
+        _optimizer_step(run, progress.step + 1)
         progress.step, progress.batch = progress.step + 1, start + (i + 1) * processes
         progress.rng = torch.get_rng_state()
         progress.step_times.append(time.perf_counter() - tick)
@@ -211,19 +211,29 @@ def _run_epoch(run: Run, progress: Progress, log: MetricsLog, folder: Path, bar:
 
 
 def _training_loss(run: Run, batch: dict[str, Any]) -> torch.Tensor:
+    """The task's loss, plus any term the adapter's training hooks add (a regulariser)."""
     if run.frozen is None:
-        return run.model(**batch).loss
-    indices = batch.pop(INDEX)
-    with run.frozen.forward(batch, indices):
-        return run.model(**batch).loss
+        loss = run.model(**batch).loss
+    else:
+        indices = batch.pop(INDEX)
+        with run.frozen.forward(batch, indices):
+            loss = run.model(**batch).loss
+    for hooks in run.hooks.values():
+        extra = hooks.extra_loss()
+        if extra is not None:
+            loss = loss + extra
+    return loss
 
 
-def _optimizer_step(run: Run) -> None:
+def _optimizer_step(run: Run, step: int) -> None:
+    """Optimizer step number ``step`` (1-based): clip, update, schedule, hooks, clear gradients."""
     max_norm = run.config.training.max_grad_norm
     if max_norm is not None:
         run.accelerator.clip_grad_norm_(run.model.parameters(), max_norm)
     run.optimizer.step()
     run.scheduler.step()
+    for hooks in run.hooks.values():
+        hooks.after_step(step, run.total_steps)
     run.optimizer.zero_grad(set_to_none=True)
 
 
@@ -297,13 +307,16 @@ def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     state["config_hash"] = config_hash(run.config)
     save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
                     run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
-                    {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng)
+                    {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng,
+                    hooks={name: h.state_dict() for name, h in run.hooks.items()})
 
 
 def _restore(run: Run, folder: Path) -> Progress:
     path = list_checkpoints(folder / "checkpoints")[-1]
     optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
     state = load_checkpoint(path, run.accelerator.unwrap_model(run.model), optimizer, config_hash(run.config))
+    for name, tensors in load_hook_states(path).items():
+        run.hooks[name].load_state_dict(tensors)
     run.scheduler.load_state_dict(state["scheduler"])
     names = {f.name for f in dataclasses.fields(Progress)}
     return Progress(**{k: v for k, v in state.items() if k in names})

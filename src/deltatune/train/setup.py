@@ -7,7 +7,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,9 @@ from transformers import AutoTokenizer, get_scheduler
 
 from .. import assets
 from ..core.errors import ConfigError
-from ..core.verbs import apply
+from ..core.method import TrainingHooks, method_for
+from ..core.state import require_state
+from ..core.verbs import active_adapters, apply
 from ..data.loading import load_splits
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
@@ -52,6 +54,8 @@ class Run:
     data_seconds: float  # reading and tokenising (0 when this process had tokenised the data already)
     #: training.cache_frozen: the kept inputs of the lowest trained block
     frozen: FrozenPrefix | None = None
+    #: the training hooks of the adapter that trains (Method.training_hooks), by adapter name
+    hooks: dict[str, TrainingHooks] = field(default_factory=dict)
     #: called with (step, eval metrics) after each validation pass; see ``train(on_evaluate=...)``.
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
 
@@ -100,6 +104,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, labels=labels), training=training)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
+    hooks = training_hooks(model)
     hold_frozen(model, precision)
     if precision == "bf16":  # fp16: accelerate's autocast, with its loss scaling
         autocast_forward(model, precision, accelerator.device)
@@ -135,7 +140,14 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
         eval_steps = max(1, math.ceil(eval_steps * total))
     return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
                train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
-               steps_per_epoch, total, eval_steps, data_seconds, frozen)
+               steps_per_epoch, total, eval_steps, data_seconds, frozen, hooks)
+
+
+def training_hooks(model: torch.nn.Module) -> dict[str, TrainingHooks]:
+    """Each active adapter's training hooks, where its method has any."""
+    configs = require_state(model).configs
+    hooks = {name: method_for(configs[name]).training_hooks(model, name) for name in active_adapters(model)}
+    return {name: h for name, h in hooks.items() if h is not None}
 
 
 def _frozen_prefix(model: torch.nn.Module, rows: Any, collate: Any, accelerator: Accelerator) -> FrozenPrefix:
