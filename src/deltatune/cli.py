@@ -10,12 +10,14 @@ import argparse
 import functools
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .core.errors import AdapterFileError, ConfigError, DeltatuneError
 from .env import offline_and_quiet
+
+if TYPE_CHECKING:
+    from .io.run_folder import Located
 
 ADAPTER_HELP = ("a run folder (its best adapter, RUN/adapter), an adapter folder, or a peft adapter folder "
                 "(adapter_config.json + adapter_model.safetensors)")
@@ -142,12 +144,6 @@ def _adapter_commands(sub: Any) -> None:
     demo.set_defaults(run=_demo)
 
 
-@dataclass(frozen=True)
-class Located:
-    adapter: Path  # the folder holding adapter_config.json and adapter_model.safetensors
-    run: Path | None  # the run folder it belongs to, if any
-
-
 def locate_adapter(path: str | Path, need_run: bool = False) -> Located:
     """The adapter an ADAPTER argument names, said on stderr: a run folder gives its best
     adapter (RUN/adapter); an adapter folder (deltatune or peft format) is taken as it is.
@@ -156,9 +152,11 @@ def locate_adapter(path: str | Path, need_run: bool = False) -> Located:
         ConfigError: ``need_run`` (eval, predict) and the path is no run folder nor a run's adapter.
         AdapterFileError: a run without an adapter yet; a path with neither a run nor adapter files.
     """
-    from .io.adapter_files import CONFIG_NAME, RUN_CONFIG, WEIGHTS_NAME, locate
+    from .io.adapter_files import CONFIG_NAME, WEIGHTS_NAME
+    from .io.run_folder import RUN_CONFIG, Located, find_run, locate
 
-    path, run = locate(path)
+    located = locate(path)
+    path, run = located.adapter, located.run
     if run is not None:
         if not (path / WEIGHTS_NAME).is_file():
             raise AdapterFileError(f"run '{run}' has no adapter yet (it is saved at the first evaluation).",
@@ -167,9 +165,7 @@ def locate_adapter(path: str | Path, need_run: bool = False) -> Located:
         return Located(path, run)
     has_files = any((path / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
     if need_run:
-        bare = " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)"
-        raise ConfigError(f"'{path}' is not a deltatune run folder (no run.yaml).",
-                          f"pass a folder written by 'deltatune train' or its adapter folder{bare if has_files else ''}.")
+        find_run(path)  # says why there is none
     if not has_files:
         raise AdapterFileError(f"'{path}' is neither a run folder nor an adapter folder"
                                f"{'' if path.is_dir() else ' (it does not exist)'}.", f"pass {ADAPTER_HELP}.")

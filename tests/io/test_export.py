@@ -21,7 +21,7 @@ from deltatune.io.export import export_merged
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
 from deltatune.train.loop import train
-from tiny import assert_close_ulps
+from tiny import assert_close_ulps, build
 
 TEXTS = ["a great film", "an awful story"]
 
@@ -158,7 +158,7 @@ def run_copy(run, tmp_path, change) -> Path:
 
 def test_a_damaged_run_config_is_named_with_the_fix(run, tmp_path):
     folder = run_copy(run, tmp_path, lambda path: path.write_text("data: [unclosed"))
-    with pytest.raises(dt.AdapterFileError, match=r"(?s)run\.yaml' cannot be read .*fix: restore it, or export a copy "
+    with pytest.raises(dt.AdapterFileError, match=r"(?s)run\.yaml' cannot be read .*fix: restore it, or use a copy "
                                                  r"of the adapter folder without its run"):
         export_merged(folder, tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
@@ -320,7 +320,8 @@ training:
 def test_the_whole_card_of_a_run_word_for_word():
     """The run's model name is the base; the folder the weights came from is said beside it;
     the run's config in its own key order; metrics sorted, non-numbers left out."""
-    from deltatune.io.export import Run, model_card
+    from deltatune.io.export import model_card
+    from deltatune.io.run_folder import RunRecord as Run
     from deltatune.version import __version__
     from tiny import build
 
@@ -335,7 +336,8 @@ def test_the_whole_card_of_a_run_word_for_word():
 
 
 def test_a_card_of_a_run_that_recorded_little_says_what_it_does_not_know():
-    from deltatune.io.export import Run, model_card
+    from deltatune.io.export import model_card
+    from deltatune.io.run_folder import RunRecord as Run
 
     run = Run(Path("/runs/r2"), {"data": {"source": "sst2"}}, {"metrics": {}})
     card = model_card({"format": "deltatune", "config": {"method": "lora"}}, build_plain(), run, None, False)
@@ -406,3 +408,32 @@ def test_methods_that_train_base_weights_export_them(tmp_path, tiny_model_dir, c
     ids = torch.tensor([[2, 5, 9, 3]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+
+
+def test_an_export_reads_the_adapter_files_once(run, tmp_path, monkeypatch):
+    from deltatune.io import adapter_files, export
+
+    reads = []
+    real = adapter_files.read_adapter
+    monkeypatch.setattr(export, "read_adapter", lambda path: reads.append(path) or real(path))
+    monkeypatch.setattr(adapter_files, "read_adapter", lambda path: reads.append(path) or real(path))
+    export_merged(run, tmp_path / "merged")
+    assert reads == [run / "adapter"]
+
+
+def test_every_command_finds_runs_and_adapters_by_one_rule(run, tmp_path):
+    from deltatune.core.errors import ConfigError
+    from deltatune.io.run_folder import Located, find_run, locate, read_record
+
+    assert locate(run) == Located(run / "adapter", run)
+    assert locate(run / "adapter") == Located(run / "adapter", run)  # a run's adapter knows its run
+    (tmp_path / "link").symlink_to(run / "adapter")
+    assert locate(tmp_path / "link") == Located(tmp_path / "link", run)  # shown as given, run found resolved
+    assert locate(tmp_path) == Located(tmp_path, None)
+    assert find_run(run / "adapter") == run
+    record = read_record(run)
+    assert record.labels == ["negative", "positive"] and record.report["steps"] == 2
+    bare = tmp_path / "bare"
+    dt.save_adapter(dt.apply(build("bert"), dt.LoraConfig(r=2)), bare)
+    with pytest.raises(ConfigError, match="(?s)not a deltatune run folder.*a bare adapter has no task"):
+        find_run(bare)

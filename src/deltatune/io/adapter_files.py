@@ -27,21 +27,7 @@ from .atomic import atomic_write, atomic_write_text
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
-RUN_CONFIG, RUN_ADAPTER = "run.yaml", "adapter"  # a training run's folder: its config, its best adapter
 FORMAT = "deltatune"
-
-
-def locate(path: str | Path) -> tuple[Path, Path | None]:
-    """(adapter folder, its run folder or None), the one rule every command follows: a run
-    folder means its best adapter (``RUN/adapter``); a run's adapter folder knows its run; any
-    other folder is an adapter folder on its own (deltatune's or peft's)."""
-    path = Path(path)
-    if (path / RUN_CONFIG).is_file():
-        return path / RUN_ADAPTER, path
-    for folder in (path, path.resolve()):  # as given first, so messages show the user's path
-        if folder.name == RUN_ADAPTER and (folder.parent / RUN_CONFIG).is_file():
-            return path, folder.parent
-    return path, None
 
 
 def base_fingerprint(model: nn.Module, adapter_name: str) -> str:
@@ -196,6 +182,12 @@ def load_adapter(model: nn.Module, path: str | Path, adapter_name: str = "defaul
         ConfigError: the stored config names an unknown method or has invalid values.
     """
     description, tensors = read_adapter(path)
+    return load_read_adapter(model, description, tensors, path, adapter_name)
+
+
+def load_read_adapter(model: nn.Module, description: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      path: str | Path, adapter_name: str = "default") -> nn.Module:
+    """``load_adapter`` of what ``read_adapter(path)`` returned, for callers that read it already."""
     try:
         config = config_from_dict(description["config"], where=f"{path}/{CONFIG_NAME}:config")
     except (KeyError, ConfigError) as error:

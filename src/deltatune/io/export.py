@@ -8,26 +8,22 @@ data and the metrics. A run keeps its adapter in ``RUN/adapter`` beside ``run.ya
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import transformers
-import yaml
 from torch import nn
 
 from ..core.errors import AdapterFileError, TargetError
 from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
-from ..core.yaml12 import dumps, loads
+from ..core.yaml12 import dumps
 from ..version import __version__
-from .adapter_files import RUN_CONFIG, load_adapter, locate, read_adapter
+from .adapter_files import load_read_adapter, read_adapter
 from .atomic import atomic_write_text, follow_umask
+from .run_folder import RUN_CONFIG, RunRecord, locate, read_record
 
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
-RUN_REPORT = "report.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
 #: peft's task types -> the transformers auto class with that task's head.
@@ -42,38 +38,6 @@ PIPELINE_TAGS = {"ForSequenceClassification": "text-classification", "ForTokenCl
                  "EncoderDecoderModel": "text2text-generation", "Model": "feature-extraction"}
 
 
-@dataclass
-class Run:
-    """What a run folder recorded, as plain data: its ``run.yaml`` and ``report.json``."""
-
-    folder: Path
-    config: dict[str, Any]
-    report: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def labels(self) -> list[str]:
-        return [str(label) for label in (self.config.get("data") or {}).get("labels") or []]
-
-
-def locate_run(path: str | Path) -> tuple[Path, Run | None]:
-    """(adapter folder, what its run recorded, or None): :func:`locate`'s rule."""
-    adapter, folder = locate(path)
-    if folder is None:
-        return adapter, None
-    report = folder / RUN_REPORT
-    return adapter, Run(folder, _read(folder / RUN_CONFIG, loads),
-                        _read(report, json.loads) if report.is_file() else {})
-
-
-def _read(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
-    try:
-        data = parse(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as error:
-        raise AdapterFileError(f"'{path}' cannot be read ({error}).",
-                               "restore it, or export a copy of the adapter folder without its run.") from error
-    return data if isinstance(data, dict) else {}
-
-
 def base_class(description: dict[str, Any]) -> str | None:
     """The transformers class an adapter was saved from, by name.
 
@@ -85,10 +49,10 @@ def base_class(description: dict[str, Any]) -> str | None:
             or PEFT_TASK_CLASSES.get(peft.get("task_type")))
 
 
-def base_for(adapter: str | Path, base: str | None = None, run: Run | None = None) -> nn.Module:
-    """The base model an adapter was saved from, loaded from a local folder (never the hub),
-    with the run's label names and config overrides when there is a run."""
-    description, tensors = read_adapter(adapter)
+def base_for(adapter: Path, description: dict[str, Any], tensors: dict[str, Any], base: str | None = None,
+             run: RunRecord | None = None) -> nn.Module:
+    """The base model an adapter (read from ``adapter``) was saved from, loaded from a local folder
+    (never the hub), with the run's label names and config overrides when there is a run."""
     path = base or description.get("base_model_name_or_path")
     if not path or not Path(path).is_dir():
         raise AdapterFileError(f"the base model of '{adapter}' is not a local folder ({path!r}).",
@@ -105,7 +69,7 @@ def base_for(adapter: str | Path, base: str | None = None, run: Run | None = Non
     return model_class.from_pretrained(path, **kwargs)
 
 
-def _label_maps(labels: list[str], outputs: int, run: Run | None) -> dict[str, dict]:
+def _label_maps(labels: list[str], outputs: int, run: RunRecord | None) -> dict[str, dict]:
     if not labels:
         return {}
     if len(labels) != outputs:
@@ -127,11 +91,12 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
         AdapterFileError: the base model cannot be found locally, or the run's labels do not
             fit the adapter's head.
     """
-    adapter, run = locate_run(adapter)
-    description = read_adapter(adapter)[0]
-    model = base_for(adapter, base, run)
+    located = locate(adapter)
+    adapter, run = located.adapter, read_record(located.run) if located.run else None
+    description, tensors = read_adapter(adapter)  # once: base, head size and weights all come from it
+    model = base_for(adapter, description, tensors, base, run)
     try:
-        load_adapter(model, adapter)
+        load_read_adapter(model, description, tensors, adapter)
     except AdapterFileError as error:
         if base_class(description) or not isinstance(error.__cause__, TargetError):
             raise
@@ -160,7 +125,7 @@ def _save_tokenizer(path: str | None, output: Path) -> bool:
     return True
 
 
-def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, base: str | None,
+def model_card(description: dict[str, Any], model: nn.Module, run: RunRecord | None, base: str | None,
                tokenizer: bool) -> str:
     """A Hugging Face model card: YAML front matter, then how the model was made and how it scored."""
     config = description["config"]
@@ -194,7 +159,7 @@ def model_card(description: dict[str, Any], model: nn.Module, run: Run | None, b
     return "\n".join(lines) + "\n"
 
 
-def _run_lines(run: Run, id2label: dict) -> list[str]:
+def _run_lines(run: RunRecord, id2label: dict) -> list[str]:
     data, training = run.config.get("data") or {}, run.config.get("training") or {}
     task = (run.config.get("task") or {}).get("type", "unknown")
     parameters = run.report.get("parameters") or {}

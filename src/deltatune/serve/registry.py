@@ -23,7 +23,8 @@ from transformers import AutoTokenizer
 from .. import assets
 from ..core.method import method_for
 from ..core.verbs import delete_adapter
-from ..io.adapter_files import RUN_ADAPTER, load_adapter, locate
+from ..io.adapter_files import load_adapter
+from ..io.run_folder import RUN_ADAPTER, locate
 from ..train.config import RunConfig
 from ..train.inference import read_run, run_precision
 from ..train.precision import compute_in
@@ -66,7 +67,7 @@ class Served:
 
 def base_model(path: str | Path) -> str:
     """The model folder BASE names: a model folder, a bundled model's name, or a run folder (its base)."""
-    run = locate(path)[1]
+    run = locate(path).run
     if run is not None:
         path = read_run(run)[1].model.name_or_path
     return resolve_model_path(str(path))

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from ..core.errors import ConfigError
 from ..core.yaml12 import read_yaml
 from ..data.loading import load_splits, read_file
-from ..io.adapter_files import CONFIG_NAME, load_adapter
+from ..io.adapter_files import load_adapter
+from ..io.run_folder import RUN_ADAPTER, RUN_CONFIG, find_run
 from ..tasks import task_for
 from .config import RunConfig
 from .loop import evaluate
@@ -22,22 +23,10 @@ from .precision import compute_in, resolve
 from .setup import resolve_model_path
 
 
-def find_run(path: str | Path) -> Path:
-    """The run folder of ``path``: the folder itself, or the run that holds this adapter."""
-    path = Path(path)
-    for folder in (path, path.parent):
-        if (folder / "run.yaml").is_file():
-            return folder
-    hint = "pass a folder written by 'deltatune train'"
-    if (path / CONFIG_NAME).is_file():
-        hint += " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)"
-    raise ConfigError(f"'{path}' is not a deltatune run folder (no run.yaml).", hint + ".")
-
-
 def read_run(path: str | Path) -> tuple[Path, RunConfig, Any]:
     """(run folder, config, task) of a finished run, without loading any model."""
     folder = find_run(path)
-    config = RunConfig.from_dict(read_yaml(folder / "run.yaml"))
+    config = RunConfig.from_dict(read_yaml(folder / RUN_CONFIG))
     return folder, config, task_for(config)
 
 
@@ -53,7 +42,7 @@ def load_run(path: str | Path, precision: str | None = None) -> tuple[RunConfig,
     folder, config, task = read_run(path)
     model_path = resolve_model_path(config.model.name_or_path)
     model = compute_in(task.load_model(model_path), run_precision(config, precision))
-    load_adapter(model, folder / "adapter")
+    load_adapter(model, folder / RUN_ADAPTER)
     return config, task, AutoTokenizer.from_pretrained(model_path), model.eval()
 
 

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..io.run_folder import METRICS_LOG
+
 
 class MetricsLog:
     """Appends one JSON line per logging step or evaluation, mirrored to TensorBoard."""
 
     def __init__(self, folder: Path, enabled: bool = True, resume: bool = False):
-        self.path = folder / "metrics.jsonl"
+        self.path = folder / METRICS_LOG
         self.enabled = enabled
         self.writer = None
         if not enabled:
@@ -49,7 +51,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def plot_curves(folder: Path, metric: str) -> Path | None:
     """Training loss and the validation metric against the step, as ``curves.png``."""
-    rows = read_metrics(folder / "metrics.jsonl")
+    rows = read_metrics(folder / METRICS_LOG)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r[f"eval_{metric}"]) for r in rows if f"eval_{metric}" in r]
     if not train and not evals:

@@ -21,6 +21,7 @@ from ..core.errors import DeltatuneError
 from ..core.yaml12 import dumps
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 from ..io.atomic import atomic_write_text
+from ..io.run_folder import CHECKPOINTS, RUN_ADAPTER, RUN_CONFIG, RUN_REPORT
 from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, load_hook_states, save_checkpoint
 from .config import RunConfig, config_hash
@@ -149,7 +150,7 @@ def check_output_folder(folder: Path, resume: bool) -> None:
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         what = "is a file" if existing == folder else f"is under '{existing}', which is not a writable folder"
         raise TrainingError(f"output directory '{folder}' {what}.", "choose another training.output_dir.")
-    if resume and not list_checkpoints(folder / "checkpoints"):
+    if resume and not list_checkpoints(folder / CHECKPOINTS):
         raise TrainingError(f"--resume: '{folder}/checkpoints' holds no checkpoint.",
                             "start the run without --resume, or set training.save_steps.")
 
@@ -240,7 +241,7 @@ def _optimizer_step(run: Run, step: int) -> None:
 def _check_finite(loss: torch.Tensor, progress: Progress, folder: Path) -> None:
     if torch.isfinite(loss).all():
         return
-    checkpoints = list_checkpoints(folder / "checkpoints")
+    checkpoints = list_checkpoints(folder / CHECKPOINTS)
     kept = f"the last good checkpoint is kept at {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
     raise TrainingError(f"the training loss became {loss.item()} at step {progress.step + 1} "
                         f"(epoch {progress.epoch + 1}); {kept}.",
@@ -288,7 +289,7 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
             progress.best_metric, progress.best_step, progress.best_eval = value, progress.step, metrics
             progress.evals_without_improvement = 0
             if run.accelerator.is_main_process:
-                save_adapter(run.accelerator.unwrap_model(run.model), folder / "adapter")
+                save_adapter(run.accelerator.unwrap_model(run.model), folder / RUN_ADAPTER)
         else:
             progress.evals_without_improvement += 1
         _checkpoint(run, progress, folder)
@@ -305,14 +306,14 @@ def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     # seconds are per leg: a resumed run reports the time of its own leg
     state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng", "seconds")}
     state["config_hash"] = config_hash(run.config)
-    save_checkpoint(folder / "checkpoints", progress.step, run.accelerator.unwrap_model(run.model),
+    save_checkpoint(folder / CHECKPOINTS, progress.step, run.accelerator.unwrap_model(run.model),
                     run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
                     {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng,
                     hooks={name: h.state_dict() for name, h in run.hooks.items()})
 
 
 def _restore(run: Run, folder: Path) -> Progress:
-    path = list_checkpoints(folder / "checkpoints")[-1]
+    path = list_checkpoints(folder / CHECKPOINTS)[-1]
     optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
     state = load_checkpoint(path, run.accelerator.unwrap_model(run.model), optimizer, config_hash(run.config))
     for name, tensors in load_hook_states(path).items():
@@ -324,7 +325,7 @@ def _restore(run: Run, folder: Path) -> Progress:
 
 def _write_run_config(run: Run, folder: Path) -> None:
     if run.accelerator.is_main_process:
-        atomic_write_text(folder / "run.yaml", dumps(run.config.to_dict()))
+        atomic_write_text(folder / RUN_CONFIG, dumps(run.config.to_dict()))
 
 
 def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
@@ -332,7 +333,7 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
     # Counted as trained, before the best adapter is reloaded: a reload drops training-only parts.
     parameters = parameter_report(model).to_dict()
     metrics: dict[str, float] = {}
-    adapter_file = folder / "adapter" / WEIGHTS_NAME
+    adapter_file = folder / RUN_ADAPTER / WEIGHTS_NAME
     if not stopped:
         with _timed(progress, "evaluate"):
             if adapter_file.is_file():
@@ -354,7 +355,7 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         frozen_cache=run.frozen.summary() if run.frozen else None)
     if run.accelerator.is_main_process:
         result.parameters.pop("per_module", None)
-        atomic_write_text(folder / "report.json", json.dumps(result.to_dict(), indent=2) + "\n")
+        atomic_write_text(folder / RUN_REPORT, json.dumps(result.to_dict(), indent=2) + "\n")
         if not result.paused:
             plot_curves(folder, run.config.training.metric_for_best_model)
     return result
