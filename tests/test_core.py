@@ -67,7 +67,7 @@ def test_an_unknown_method_is_answered_with_the_closest_name_if_any():
                                         ("[2, 100]", "from 2 to 100"), ("(-inf, 5]", "at most 5"),
                                         ("(-inf, inf)", "a finite number")])
 def test_a_range_in_words(text, words):
-    from deltatune.core.method import Range
+    from deltatune.core.fields import Range
 
     assert str(Range.parse(text)) == words
 
@@ -75,7 +75,7 @@ def test_a_range_in_words(text, words):
 def test_type_names_in_errors_read_as_written():
     from typing import Literal, Optional, Union
 
-    from deltatune.core.method import type_name
+    from deltatune.core.fields import type_name
 
     assert type_name(int) == "int" and type_name(list[str]) == "list[str]"
     assert type_name(Literal["none", "all"]) == "'none' | 'all'"
@@ -83,7 +83,7 @@ def test_type_names_in_errors_read_as_written():
 
 
 def test_a_range_keeps_whole_bounds_whole_and_reads_its_brackets():
-    from deltatune.core.method import Range
+    from deltatune.core.fields import Range
 
     whole = Range.parse("[-2, 5)")
     assert (whole.low, whole.high, whole.open_low, whole.open_high) == (-2, 5, False, True)
@@ -98,7 +98,7 @@ def test_a_range_keeps_whole_bounds_whole_and_reads_its_brackets():
 def test_help_field_carries_its_help_range_and_typical_value_and_copies_list_defaults():
     import dataclasses
 
-    from deltatune.core.method import Range, help_field
+    from deltatune.core.fields import Range, help_field
 
     @dataclasses.dataclass
     class Fields:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import deltatune as dt
 from deltatune.compare.config import CompareConfig, load_compare_config
-from deltatune.core.method import Range
+from deltatune.core.fields import Range
 from deltatune.search.space import Param, load_tune_config
 from deltatune.tasks.base import TASKS, task_class
 from deltatune.train.config import DataConfig, ModelConfig, RunConfig, TrainingConfig, load_config

@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 from deltatune.core import method as core_method
-from deltatune.core.method import TrainingHooks, help_field, register
+from deltatune.core.fields import help_field
+from deltatune.core.method import TrainingHooks, register
 from deltatune.methods.lora import Lora, LoraConfig
 from deltatune.train.config import load_config
 from deltatune.train.loop import train

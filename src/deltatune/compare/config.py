@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..core.method import check_fields, check_value, config_from_dict, help_field, method_class, method_for, registered
+from ..core.fields import check_fields, check_value, help_field
+from ..core.method import config_from_dict, method_class, method_for, registered
 from ..core.yaml12 import read_yaml
 from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
 

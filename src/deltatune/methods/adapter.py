@@ -33,8 +33,9 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
-from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.method import Method, MethodConfig, add_deltas, register
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, hidden_size, model_type
 from ..hf.layers import linear_shape, linear_types

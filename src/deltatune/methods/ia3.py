@@ -28,8 +28,9 @@ import torch
 from torch import nn
 
 from ..core.errors import ConfigError, MergeError
+from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, joined, per_row
-from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.method import Method, MethodConfig, add_deltas, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, model_type

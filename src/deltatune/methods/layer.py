@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..core.errors import ConfigError
+from ..core.fields import help_field
 from ..core.layer import AdapterState, ModuleCopy
-from ..core.method import Method, MethodConfig, add_deltas, help_field, register
+from ..core.method import Method, MethodConfig, add_deltas, register
 from ..core.targets import module_names, resolve_targets
 from ..hf.anatomy import anatomy_of
 

@@ -48,8 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError, warn_user
+from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
-from ..core.method import Method, MethodConfig, add_deltas, deltas_of, help_field, register
+from ..core.method import Method, MethodConfig, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed

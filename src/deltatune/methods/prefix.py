@@ -45,8 +45,9 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..core.errors import AdapterFileError, ConfigError
+from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, help_field, register
+from ..core.method import Method, MethodConfig, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..core.targets import resolve_targets
 from ..hf import virtual_tokens

@@ -53,8 +53,9 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError
+from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, help_field, register
+from ..core.method import Method, MethodConfig, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..hf import virtual_tokens
 from ..hf.anatomy import ANATOMIES, model_type

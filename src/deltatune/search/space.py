@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..core.method import check_fields, help_field
+from ..core.fields import check_fields, help_field
 from ..tasks.base import lower_is_better
 from ..train.config import (
     RunConfig,

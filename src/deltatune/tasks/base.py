@@ -19,7 +19,7 @@ from datasets import DatasetDict
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.method import help_field
+from ..core.fields import help_field
 from ..core.targets import HEAD_NAMES
 from .batching import chunks, gather_logits, pad_collator
 

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ..core.method import help_field
+from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, TaskBase, TaskConfig
 from .batching import pad_id, stack

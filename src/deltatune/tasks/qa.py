@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AutoModelForQuestionAnswering
 
 from ..core.errors import ConfigError
-from ..core.method import help_field
+from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, TaskBase, TaskConfig
 from .batching import feature_rows, pad_collator

@@ -17,7 +17,7 @@ from datasets import DatasetDict
 from torch import nn
 from transformers import AutoModelForSeq2SeqLM
 
-from ..core.method import help_field
+from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, TaskBase, TaskConfig
 from .batching import feature_rows, pad_collator

@@ -18,7 +18,8 @@ import yaml
 
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
-from ..core.method import MethodConfig, check_fields, config_from_dict, help_field, method_class, registered
+from ..core.fields import check_fields, help_field
+from ..core.method import MethodConfig, config_from_dict, method_class, registered
 from ..core.yaml12 import loads, read_yaml
 from ..data.bundled import BUNDLED
 from ..tasks.base import TaskConfig, task_class
