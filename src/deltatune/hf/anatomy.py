@@ -30,11 +30,23 @@ class Anatomy:
     ffn: list[str]  # the whole feed-forward sub-layer, for parallel adapters
     ffn_input_arg: int = 0  # which positional argument of `ffn` is the sub-layer's input
     final_norm: list[str] = field(default_factory=list)
-    attention: list[str] = field(default_factory=list)  # self-attention modules
+    attention: list[str] = field(default_factory=list)  # attention modules (cross-attention too)
+    #: the self-attention modules among them, where they differ (T5's SelfAttention, not EncDecAttention)
+    self_attention_only: list[str] | None = None
     hidden_size_attr: str = "hidden_size"
     # A causal decoder without an encoder: it numbers its input's positions after whatever a
     # key/value cache already holds, so a prefix counts as that many earlier tokens.
     decoder_only: bool = False
+
+    @property
+    def self_attention(self) -> list[str]:
+        """The self-attention modules (those a prefix of virtual tokens joins)."""
+        return self.attention if self.self_attention_only is None else self.self_attention_only
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One projection computes queries, keys and values (GPT-2's c_attn)."""
+        return self.key == self.query
 
 
 _BERT = Anatomy(
@@ -74,7 +86,8 @@ ANATOMIES: dict[str, Anatomy] = {
         value=["SelfAttention.v", "EncDecAttention.v"],
         attn_out=["SelfAttention.o", "EncDecAttention.o"], ffn_out=["DenseReluDense.wo"],
         ffn=["DenseReluDense"], final_norm=["encoder.final_layer_norm", "decoder.final_layer_norm"],
-        attention=["SelfAttention", "EncDecAttention"], hidden_size_attr="d_model",
+        attention=["SelfAttention", "EncDecAttention"], self_attention_only=["SelfAttention"],
+        hidden_size_attr="d_model",
     ),
 }
 _LLAMA = Anatomy(

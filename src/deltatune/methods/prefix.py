@@ -56,8 +56,6 @@ from ..hf.layers import linear_shape, linear_types
 
 __all__ = ["PrefixTuningConfig"]
 
-# Families whose anatomy "attention" role also lists cross-attention, which gets no prefix.
-SELF_ATTENTION = {"t5": ["SelfAttention"]}
 ATTENTION_KINDS = (None, "eager", "sdpa")
 
 
@@ -151,10 +149,9 @@ class PrefixTuning(Method):
             raise ConfigError(f"prefix tuning supports eager and sdpa attention, not '{kind}'.",
                               "load the model with attn_implementation='sdpa'.")
         roles = anatomy_of(model, "prefix tuning")
-        entries = SELF_ATTENTION.get(model_type(model), roles.attention)
-        attentions = resolve_targets(model, entries, (nn.Module,), "prefix tuning", "attention")
+        attentions = resolve_targets(model, roles.self_attention, (nn.Module,), "prefix tuning", "attention")
         keys = resolve_targets(model, roles.key, linear_types(), "prefix tuning", "key")
-        sites = [site(model, a, keys, fused=roles.key == roles.query) for a in attentions]
+        sites = [site(model, a, keys, fused=roles.fused_qkv) for a in attentions]
         if len({s.width for s in sites}) > 1:
             raise ConfigError(f"prefix tuning needs one key width for all layers; {type(model).__name__} has "
                               f"{sorted({s.width for s in sites})}.", "use prompt tuning, LoRA or IA3 for this model.")
