@@ -196,8 +196,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
           f"in {result.train_seconds:.1f} s ({result.step_seconds:.3f} s/step), peak memory "
           f"{result.peak_memory_mb:.0f} MB")
-    print(f"trainable params: {report['trainable']:,} || all params: {report['total']:,} || "
-          f"stored params: {report['stored']:,} ({result.adapter_bytes:,} bytes on disk)")
+    print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
+          f"stored params: {report.stored:,} ({result.adapter_bytes:,} bytes on disk)")
     for key, value in result.metrics.items():
         print(f"  {key:<16} {value:.4f}")
     print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")

@@ -7,6 +7,7 @@ import pytest
 
 from deltatune.compare import halving
 from deltatune.compare.answer import answer, convergence, mark_ties, pareto, worst
+from deltatune.core.accounting import ParameterReport
 from deltatune.train.loop import Pause, RunResult, TrainingError
 
 
@@ -90,7 +91,7 @@ class FakeTraining:
                 on_evaluate(step, {"eval_accuracy": 0.5 + step / 1000 * (2 if rate == 1e-3 else 1)})
             except Pause:
                 paused = True
-        return RunResult("", {}, {}, 0, 0.0, 0.0, 0.0, "fp32", step, step, paused=paused,
+        return RunResult("", {}, ParameterReport(0, 0, 0, 0, 0, 0), 0, 0.0, 0.0, 0.0, "fp32", step, step, paused=paused,
                          seconds={"train": float(step)})
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..core.accounting import parameter_report
+from ..core.accounting import ParameterReport, parameter_report
 from ..core.errors import DeltatuneError
 from ..core.yaml12 import dumps
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
@@ -46,7 +46,7 @@ class RunResult:
 
     output_dir: str
     metrics: dict[str, float]
-    parameters: dict[str, Any]
+    parameters: ParameterReport
     adapter_bytes: int
     train_seconds: float
     step_seconds: float
@@ -69,6 +69,8 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        # report.json: the counts and percentages, not the per-module table (`deltatune inspect` shows it)
+        data["parameters"] = {k: v for k, v in self.parameters.to_dict().items() if k != "per_module"}
         data.update(self.metrics)  # eval_accuracy etc. at the top level, as transformers reports them
         return data
 
@@ -331,7 +333,7 @@ def _write_run_config(run: Run, folder: Path) -> None:
 def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
     model = run.accelerator.unwrap_model(run.model)
     # Counted as trained, before the best adapter is reloaded: a reload drops training-only parts.
-    parameters = parameter_report(model).to_dict()
+    parameters = parameter_report(model)
     metrics: dict[str, float] = {}
     adapter_file = folder / RUN_ADAPTER / WEIGHTS_NAME
     if not stopped:
@@ -354,7 +356,6 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),
         frozen_cache=run.frozen.summary() if run.frozen else None)
     if run.accelerator.is_main_process:
-        result.parameters.pop("per_module", None)
         atomic_write_text(folder / RUN_REPORT, json.dumps(result.to_dict(), indent=2) + "\n")
         if not result.paused:
             plot_curves(folder, run.config.training.metric_for_best_model)
