@@ -42,7 +42,7 @@ def test_fp16_on_a_cpu_and_unknown_names_are_refused():
 
 @pytest.mark.parametrize("value, expected", [("no", "fp32"), ("false", "fp32"), ("bf16", "bf16"), ("fp16", "fp16")])
 def test_mixed_precision_is_read_as_precision(value, expected):
-    """accelerate's key and values, YAML 1.1's bare `no` (read as False) included."""
+    """accelerate's key and values; `false` (no mixed precision) reads as accelerate's "no"."""
     assert load_config(None, [f"training.mixed_precision={value}"]).training.precision == expected
 
 

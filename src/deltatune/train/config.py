@@ -142,8 +142,8 @@ class RunConfig:
         return cls(method=method, **sections)
 
 
-#: accelerate's and transformers' names for training.precision
-_MIXED_PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
+#: accelerate's names for training.precision; false (no mixed precision) reads as its "no"
+_MIXED_PRECISION = {"no": "fp32", False: "fp32", "bf16": "bf16", "fp16": "fp16"}
 
 
 def _precision_alias(training: Any) -> Any:
