@@ -73,7 +73,7 @@ def test_every_method_compared_and_the_report_matches_the_runs(small):
         assert isinstance(row["latency_ratio"], float)  # a timing: its value is never asserted
         assert (row["merged_latency_ratio"] is not None) == registered()[row["method"]].mergeable
         assert row["verdict"] in ("converged", "still rising", "not learning", "too short")
-        assert [c["learning_rate"] for c in row["candidates"]] == list(registered()[row["method"]].learning_rates)
+        assert [c["learning_rate"] for c in row["candidates"]] == list(registered()[row["method"]].tuning.learning_rates)
         assert row["learning_rate"] in [c["learning_rate"] for c in row["candidates"]]
         assert len(row["curve"]) == 4 and row["curve"][-1][1] == 8  # evaluations: 4, the last at step 8
     by_method = {r["method"]: r for r in rows}

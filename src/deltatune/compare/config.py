@@ -12,7 +12,7 @@ models: [minilm-l6, /path/to/another]   # optional: scale
 output_dir: runs/compare
 ```
 Each method's learning rate is searched on validation data over the grid its own file declares
-(``Method.learning_rates``), by successive halving; an entry's ``learning_rate`` pins it. An
+(``Method.tuning.learning_rates``), by successive halving; an entry's ``learning_rate`` pins it. An
 entry's ``loraplus_lr_ratio`` trains it with LoRA+ (``training.loraplus_lr_ratio``); its row is
 named ``lora+16``, apart from plain ``lora`` (:func:`entry_name`).
 """
@@ -73,8 +73,8 @@ class CompareConfig:
         """The candidates for one entry: its pinned value, else its method's grid (or default)."""
         if "learning_rate" in method:
             return [float(method["learning_rate"])]
-        cls = method_class(method["method"])
-        return list(cls.learning_rates or [cls.default_learning_rate]) if self.search else [cls.default_learning_rate]
+        tuning = method_class(method["method"]).tuning
+        return list(tuning.learning_rates or [tuning.default_learning_rate]) if self.search else [tuning.default_learning_rate]
 
     def run_config(self, method: dict[str, Any], seed: int, size: int | None, model: str | None,
                    folder: Path, learning_rate: float) -> RunConfig:

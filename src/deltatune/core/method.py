@@ -59,6 +59,17 @@ class MethodConfig:
         return cls(**values)
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """A method's learning rates with AdamW: what ``compare`` searches and trains at."""
+
+    #: the rate that suits the method (``compare`` without a search, and a search's fallback)
+    default_learning_rate: float = 1e-3
+    #: the log-spaced rates ``compare`` searches by successive halving on validation data;
+    #: empty: ``compare`` trains at ``default_learning_rate`` alone
+    learning_rates: tuple[float, ...] = ()
+
+
 class TrainingHooks:
     """A method's part in the training loop, for methods that change while they train (a rank
     budget reallocated by importance, a regulariser). ``Method.training_hooks`` returns one per
@@ -97,11 +108,8 @@ class Method:
     in_place: ClassVar[bool] = False
     #: the trainable-parameter count, as a formula (shown by ``deltatune methods``).
     count_formula: ClassVar[str] = ""
-    #: a learning rate that suits the method with AdamW (used by ``compare`` unless overridden).
-    default_learning_rate: ClassVar[float] = 1e-3
-    #: the log-spaced learning rates ``compare`` searches (successive halving on validation data);
-    #: empty: ``compare`` trains at ``default_learning_rate`` alone.
-    learning_rates: ClassVar[tuple[float, ...]] = ()
+    #: what a comparison or a search needs to train this method at its best (its learning rates)
+    tuning: ClassVar[Tuning] = Tuning()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
     #: why this method's adapters cannot share a batch with other adapters (``mixed_batch``);

@@ -35,7 +35,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
-from ..core.method import Method, MethodConfig, add_deltas, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, register
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, hidden_size, model_type
 from ..hf.layers import linear_shape, linear_types
@@ -132,7 +132,7 @@ class Adapter(Method):
     name = "adapter"
     config_class = AdapterConfig
     family = "additive"
-    learning_rates = (3e-4, 1e-3, 3e-3)
+    tuning = Tuning(learning_rates=(3e-4, 1e-3, 3e-3))
     count_formula = "2 d m + d + m per adapter (houlsby: two per block, pfeiffer/parallel: one)"
     merge_refusal = ("the activation between its two projections is non-linear, so no base "
                      "weight can hold it")

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState, Delta, joined, per_row
-from ..core.method import Method, MethodConfig, add_deltas, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, register
 from ..core.targets import iter_base_modules
 from ..hf.layers import linear_types
 
@@ -72,7 +72,8 @@ class BitFit(Method):
     config_class = BitFitConfig
     family = "selective"
     mergeable = True
-    learning_rates = (1e-3, 3e-3, 1e-2)  # biases move little per step: the upper end
+    # biases move little per step: the upper end
+    tuning = Tuning(learning_rates=(1e-3, 3e-3, 1e-2))
     count_formula = "the number of bias elements (outside modules_to_save)"
 
     def plan(self, model: nn.Module) -> list[str]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core.errors import ConfigError
 from ..core.layer import AdapterState
-from ..core.method import Method, MethodConfig, iter_layers, register
+from ..core.method import Method, MethodConfig, Tuning, iter_layers, register
 
 __all__ = ["FullFineTuningConfig"]
 
@@ -31,8 +31,8 @@ class FullFineTuning(Method):
     config_class = FullFineTuningConfig
     family = "full"
     in_place = True
-    default_learning_rate = 5e-5
-    learning_rates = (3e-5, 1e-4, 3e-4)  # short budgets want the upper end
+    # short budgets want the upper end
+    tuning = Tuning(default_learning_rate=5e-5, learning_rates=(3e-5, 1e-4, 3e-4))
     count_formula = "all parameters of the model"
     merge_refusal = "full fine-tuning already changed the base weights; there is nothing to merge"
     per_row_refusal = "it changed the base weights themselves, which every row shares"

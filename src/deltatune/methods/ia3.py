@@ -30,7 +30,7 @@ from torch import nn
 from ..core.errors import ConfigError, MergeError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, joined, per_row
-from ..core.method import Method, MethodConfig, add_deltas, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, model_type
@@ -128,8 +128,8 @@ class IA3(Method):
     family = "additive"
     mergeable = True
     count_formula = "d_out per output-scaled layer + d_in per feed-forward layer"
-    default_learning_rate = 3e-3  # the (IA)^3 paper's; its vectors need larger steps than LoRA
-    learning_rates = (1e-3, 3e-3, 1e-2)
+    # the (IA)^3 paper's; its vectors need larger steps than LoRA
+    tuning = Tuning(default_learning_rate=3e-3, learning_rates=(1e-3, 3e-3, 1e-2))
 
     def plan(self, model: nn.Module) -> dict[str, bool]:
         """Module name -> whether it scales its input (feed-forward) rather than its output."""

@@ -19,7 +19,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, ModuleCopy
-from ..core.method import Method, MethodConfig, add_deltas, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, register
 from ..core.targets import module_names, resolve_targets
 from ..hf.anatomy import anatomy_of
 
@@ -49,8 +49,7 @@ class LayerTuning(Method):
     family = "selective"
     mergeable = True
     per_row_refusal = "it replaces whole blocks, whose inputs (caches, masks) cannot be split by row"
-    default_learning_rate = 1e-4
-    learning_rates = (1e-4, 3e-4, 1e-3)
+    tuning = Tuning(default_learning_rate=1e-4, learning_rates=(1e-4, 3e-4, 1e-3))
     count_formula = "top_k x (parameters of one block) + final norm"
 
     def plan(self, model: nn.Module) -> list[str]:

@@ -50,7 +50,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, ConfigError, warn_user
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
-from ..core.method import Method, MethodConfig, add_deltas, deltas_of, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -309,7 +309,8 @@ class Lora(Method):
     family = "re-parameterisation"
     mergeable = True
     factored = True
-    learning_rates = (1e-3, 3e-3, 1e-2)  # r=8 matrices on a small encoder take large steps
+    # r=8 matrices on a small encoder take large steps
+    tuning = Tuning(learning_rates=(1e-3, 3e-3, 1e-2))
     count_formula = "r * (d_in + d_out) per adapted layer (+ d_out with use_dora)"
 
     def plan(self, model: nn.Module) -> list[str]:

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, register
+from ..core.method import Method, MethodConfig, Tuning, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..core.targets import resolve_targets
 from ..hf import virtual_tokens
@@ -136,8 +136,8 @@ class PrefixTuning(Method):
     name = "prefix"
     config_class = PrefixTuningConfig
     family = "additive"
-    default_learning_rate = 1e-2  # few parameters far from the output: larger steps than LoRA
-    learning_rates = (3e-3, 1e-2, 3e-2)
+    # few parameters far from the output: larger steps than LoRA
+    tuning = Tuning(default_learning_rate=1e-2, learning_rates=(3e-3, 1e-2, 3e-2))
     count_formula = ("layers * 2 * num_virtual_tokens * d_kv stored (+ the training-only MLP "
                      "when reparameterize)")
     merge_refusal = "the prefixes add attention positions, which no base weight can hold"

@@ -55,7 +55,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, register
+from ..core.method import Method, MethodConfig, Tuning, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..hf import virtual_tokens
 from ..hf.anatomy import ANATOMIES, model_type
@@ -105,8 +105,8 @@ class PromptTuning(Method):
     name = "prompt"
     config_class = PromptTuningConfig
     family = "additive"
-    default_learning_rate = 3e-2  # a handful of input vectors: they need far larger steps than weights
-    learning_rates = (1e-2, 3e-2, 1e-1)
+    # a handful of input vectors: they need far larger steps than weights
+    tuning = Tuning(default_learning_rate=3e-2, learning_rates=(1e-2, 3e-2, 1e-1))
     count_formula = "num_virtual_tokens * d (d = embedding width)"
     merge_refusal = "the prompt adds input positions, which no base weight can hold"
 

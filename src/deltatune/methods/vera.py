@@ -39,7 +39,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
-from ..core.method import Method, MethodConfig, add_deltas, deltas_of, register
+from ..core.method import Method, MethodConfig, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -148,8 +148,7 @@ class Vera(Method):
     count_formula = ("r + d_out per adapted layer (trained); stored adds A and B once, "
                      "r * max_in + max_out * r, when save_projection (regenerable from the seed)")
     # Scaling vectors on fixed random matrices need large steps: the paper trains them at ~1e-2.
-    default_learning_rate = 1e-2
-    learning_rates = (3e-3, 1e-2, 3e-2, 1e-1)
+    tuning = Tuning(default_learning_rate=1e-2, learning_rates=(3e-3, 1e-2, 3e-2, 1e-1))
 
     def plan(self, model: nn.Module) -> list[str]:
         entries = self.config.target_modules
