@@ -140,10 +140,14 @@ def test_a_method_that_leaves_out_a_step_says_which_class_lacks_it():
     toy = type("Toy", (Method,), {})(None)
     with pytest.raises(NotImplementedError, match="^Toy.inject$"):
         toy.inject(nn.Linear(1, 1), "default", None, None)
-    with pytest.raises(NotImplementedError, match="^Toy has no peft format$"):
-        toy.peft_config({}, {})
-    with pytest.raises(NotImplementedError, match="^Toy has no peft format$"):
-        type(toy).config_from_peft({})
+    assert toy.peft is None  # no peft format unless the method's file gives a codec
+    from deltatune.core.method import PeftCodec
+
+    codec = type("ToyPeft", (PeftCodec,), {})()
+    with pytest.raises(NotImplementedError, match="^ToyPeft.peft_config$"):
+        codec.peft_config(None, {}, {})
+    with pytest.raises(NotImplementedError, match="^ToyPeft.config_from_peft$"):
+        codec.config_from_peft({})
 
 
 # --- targeting ---------------------------------------------------------------------------

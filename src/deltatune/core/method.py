@@ -93,6 +93,39 @@ class TrainingHooks:
         """Restore what ``state_dict`` returned."""
 
 
+class PeftCodec:
+    """How one method's adapter files translate to and from Hugging Face peft's format: its
+    config fields and tensor keys. The method's file defines one; ``io/peft_format`` knows
+    peft's directory layout and asks the codec for everything about the method."""
+
+    #: ``peft_type`` in peft's adapter_config.json
+    peft_type: ClassVar[str] = ""
+    #: peft's prompt learning: its config has a task type (and the method maps its own keys).
+    prompt_learning: ClassVar[bool] = False
+    #: peft config fields that mean nothing for loading here (settings deltatune detects itself).
+    ignored: ClassVar[tuple[str, ...]] = ()
+
+    def config_from_peft(self, peft_config: dict[str, Any]) -> dict[str, Any]:
+        """The method's config, as plain data, from peft's ``adapter_config.json``."""
+        raise NotImplementedError(f"{type(self).__name__}.config_from_peft")
+
+    def peft_config(self, config: Any, description: dict[str, Any],
+                    tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """peft's method-specific config fields for an adapter file saved with ``config``."""
+        raise NotImplementedError(f"{type(self).__name__}.peft_config")
+
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Our file's tensors under peft's keys."""
+        return {TUNER_PREFIX + k: v for k, v in tensors.items()}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """peft's tensors under our keys."""
+        return {k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
+
+    def check_base(self, model: nn.Module) -> None:
+        """Refuse, before the model changes, a peft adapter whose outputs we would not reproduce here."""
+
+
 class Method:
     """How one PEFT method adapts a model. One instance per config; methods keep no other state.
 
@@ -197,35 +230,8 @@ class Method:
         nothing; most methods are fixed functions of their parameters)."""
         return None
 
-    # --- Hugging Face peft's format: each method translates itself ------------------------
-    #: ``peft_type`` in peft's adapter_config.json; None: peft has no format for this method.
-    peft_type: ClassVar[str | None] = None
-    #: peft's prompt learning: its config has a task type (and the method maps its own keys).
-    peft_prompt_learning: ClassVar[bool] = False
-    #: peft config fields that mean nothing for loading here (settings deltatune detects itself).
-    peft_ignored: ClassVar[tuple[str, ...]] = ()
-
-    @classmethod
-    def config_from_peft(cls, peft_config: dict[str, Any]) -> dict[str, Any]:
-        """This method's config, as plain data, from peft's ``adapter_config.json``."""
-        raise NotImplementedError(f"{cls.__name__} has no peft format")
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """peft's method-specific config fields for an adapter file."""
-        raise NotImplementedError(f"{type(self).__name__} has no peft format")
-
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our file's tensors under peft's keys."""
-        return {TUNER_PREFIX + k: v for k, v in tensors.items()}
-
-    @classmethod
-    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """peft's tensors under our keys."""
-        return {k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
-
-    @classmethod
-    def check_peft_base(cls, model: nn.Module) -> None:
-        """Refuse, before the model changes, a peft adapter whose outputs we would not reproduce here."""
+    #: how its adapter files read and write in Hugging Face peft's format; None: peft has none.
+    peft: ClassVar[PeftCodec | None] = None
 
 
 _REGISTRY: dict[str, type[Method]] = {}
@@ -264,9 +270,9 @@ def method_for(config: MethodConfig) -> Method:
     return method_class(config.method)(config)
 
 
-def peft_method(peft_type: Any) -> type[Method]:
-    """The method that reads peft adapters of ``peft_type``."""
-    readers = {cls.peft_type: cls for cls in _REGISTRY.values() if cls.peft_type}
+def peft_codec(peft_type: Any) -> PeftCodec:
+    """The codec that reads peft adapters of ``peft_type``."""
+    readers = {cls.peft.peft_type: cls.peft for cls in _REGISTRY.values() if cls.peft}
     if peft_type not in readers:
         raise AdapterFileError(f"peft adapters of type '{peft_type}' cannot be read by deltatune.",
                                f"supported peft types: {', '.join(readers)}.")

@@ -1,8 +1,7 @@
 """Hugging Face ``peft`` adapter directories, both ways, for every method that has a peft twin.
 
 This module knows peft's file layout, not any method: each method's file translates its own
-config fields and tensors (``Method.peft_type``, ``config_from_peft``, ``peft_config``,
-``tensors_to_peft``, ``tensors_from_peft``). What one format cannot express is refused with a
+config fields and tensors in its codec (``Method.peft``, a ``PeftCodec``). What one format cannot express is refused with a
 message, never dropped; config fields a newer peft added are ignored with a warning.
 """
 
@@ -14,9 +13,9 @@ import torch
 from torch import nn
 
 from ..core.errors import AdapterFileError, warn_user
-from ..core.method import config_from_dict, method_class, method_for, peft_method
+from ..core.method import config_from_dict, method_class, method_for, peft_codec
 
-# Bookkeeping fields every peft config may carry (each method lists its own in peft_ignored).
+# Bookkeeping fields every peft config may carry (each codec lists its own in ignored).
 _IGNORED = {"peft_type", "peft_version", "auto_mapping", "base_model_name_or_path", "revision",
             "inference_mode", "task_type", "init_weights", "modules_to_save"}
 
@@ -44,10 +43,10 @@ def is_peft_config(data: dict[str, Any]) -> bool:
 def config_from_peft(data: dict[str, Any]) -> dict[str, Any]:
     """A deltatune method config (plain data) from peft's ``adapter_config.json``."""
     reads = _Reads(data)
-    method = peft_method(data.get("peft_type"))
-    config = method.config_from_peft(reads)
+    codec = peft_codec(data.get("peft_type"))
+    config = codec.config_from_peft(reads)
     config["modules_to_save"] = list(data.get("modules_to_save") or [])
-    known = _IGNORED | reads.read | set(method.peft_ignored)
+    known = _IGNORED | reads.read | set(codec.ignored)
     extra = sorted(k for k in data if k not in known and data[k] not in (None, False, {}, []))
     if extra:
         warn_user(f"ignoring peft config fields deltatune does not know: {', '.join(extra)}")
@@ -63,12 +62,14 @@ def describe_peft(data: dict[str, Any]) -> dict[str, Any]:
 
 def check_base(description: dict[str, Any], model: nn.Module) -> None:
     """Refuse, before the model changes, a peft adapter whose outputs deltatune would not reproduce."""
-    method_class(description["config"]["method"]).check_peft_base(model)
+    codec = method_class(description["config"]["method"]).peft
+    if codec is not None:
+        codec.check_base(model)
 
 
 def tensors_from_peft(tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """peft keys -> deltatune keys."""
-    return peft_method(peft_config.get("peft_type")).tensors_from_peft(tensors, peft_config)
+    return peft_codec(peft_config.get("peft_type")).tensors_from_peft(tensors, peft_config)
 
 
 def drop_unsaved_modules(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -85,23 +86,24 @@ def to_peft(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tu
     """(peft adapter_config.json, peft tensors) from a deltatune adapter."""
     config = description["config"]
     method = method_for(config_from_dict(config))
-    if method.peft_type is None:
+    codec = method.peft
+    if codec is None:
         raise AdapterFileError(f"'{method.name}' adapters have no peft format that deltatune writes.",
                                "keep the deltatune format.")
-    peft_config = {"peft_type": method.peft_type,
+    peft_config = {"peft_type": codec.peft_type,
                    "base_model_name_or_path": description.get("base_model_name_or_path"),
                    # Prompts need it to reach the model; for other tuners peft would add head
                    # modules to modules_to_save and then require their tensors.
                    "inference_mode": True,
-                   "task_type": _prompt_task_type(description) if method.peft_prompt_learning else None,
+                   "task_type": _prompt_task_type(description) if codec.prompt_learning else None,
                    "revision": None,
                    # Without a task_type, the class to load the base as (peft writes it so too):
                    # AutoPeftModel and `deltatune export` read it to build the model with its head.
-                   "auto_mapping": None if method.peft_prompt_learning or not description.get("base_model_class")
+                   "auto_mapping": None if codec.prompt_learning or not description.get("base_model_class")
                    else {"base_model_class": description["base_model_class"], "parent_library": "transformers"},
                    "modules_to_save": config.get("modules_to_save") or None,
-                   **method.peft_config(description, tensors)}
-    return peft_config, method.tensors_to_peft(tensors)
+                   **codec.peft_config(method.config, description, tensors)}
+    return peft_config, codec.tensors_to_peft(tensors)
 
 
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",

@@ -30,7 +30,7 @@ from torch import nn
 from ..core.errors import ConfigError, MergeError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, joined, per_row
-from ..core.method import Method, MethodConfig, Tuning, add_deltas, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, model_type
@@ -121,6 +121,24 @@ class IA3Delta(Delta):
         return base.weight.numel() + (base.bias.numel() if bias is not None else 0)
 
 
+class IA3Peft(PeftCodec):
+    """IA3 adapters in peft's format."""
+
+    peft_type = "IA3"
+    ignored = ("fan_in_fan_out", "init_ia3_weights")
+
+    def config_from_peft(self, peft: dict[str, Any]) -> dict[str, Any]:
+        return {"method": "ia3", "target_modules": targets_from_peft(peft["target_modules"]),
+                "feedforward_modules": targets_from_peft(peft.get("feedforward_modules"))}
+
+    def peft_config(self, config: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        targets = modules_with(tensors, "ia3_l")
+        # A feed-forward vector scales the layer's input: stored as (1, d_in), as peft stores it.
+        feedforward = [m for m in targets if tensors[f"{m}.ia3_l"].shape[0] == 1]
+        return {"target_modules": targets, "feedforward_modules": feedforward, "init_ia3_weights": True,
+                "fan_in_fan_out": description.get("fan_in_fan_out", False)}
+
+
 @register
 class IA3(Method):
     name = "ia3"
@@ -162,17 +180,4 @@ class IA3(Method):
         add_deltas(model, list(plan), adapter_name, state,
                    lambda base, name: IA3Delta(base, plan[name], init))
 
-    peft_type = "IA3"
-    peft_ignored = ("fan_in_fan_out", "init_ia3_weights")
-
-    @classmethod
-    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
-        return {"method": "ia3", "target_modules": targets_from_peft(peft["target_modules"]),
-                "feedforward_modules": targets_from_peft(peft.get("feedforward_modules"))}
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        targets = modules_with(tensors, "ia3_l")
-        # A feed-forward vector scales the layer's input: stored as (1, d_in), as peft stores it.
-        feedforward = [m for m in targets if tensors[f"{m}.ia3_l"].shape[0] == 1]
-        return {"target_modules": targets, "feedforward_modules": feedforward, "init_ia3_weights": True,
-                "fan_in_fan_out": description.get("fan_in_fan_out", False)}
+    peft = IA3Peft()

@@ -50,7 +50,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, ConfigError, warn_user
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
-from ..core.method import Method, MethodConfig, Tuning, add_deltas, deltas_of, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -302,6 +302,45 @@ def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
     return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init, config.use_dora)
 
 
+class LoraPeft(PeftCodec):
+    """LoRA adapters (DoRA and rsLoRA included) in peft's format."""
+
+    peft_type = "LORA"
+    ignored = ("fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config", "eva_config",
+                    "corda_config", "qalora_group_size", "ensure_weight_tying", "arrow_config", "kasa_config",
+                    "lora_ga_config", "monteclora_config", "velora_config")
+
+    def config_from_peft(self, peft: dict[str, Any]) -> dict[str, Any]:
+        refuse_unsupported(peft, PEFT_UNSUPPORTED)
+        if str(peft.get("init_lora_weights")).lower().startswith("pissa"):
+            raise AdapterFileError(
+                f"this peft adapter was saved with init_lora_weights={peft['init_lora_weights']!r}: its "
+                "B A pairs with the residual base weights peft wrote into the model, not with the original.",
+                "save it from peft with save_pretrained(..., path_initial_model_for_weight_conversion=...), "
+                "which writes the plain rank-2r LoRA deltatune (and any LoRA reader) loads.")
+        return {"method": "lora", "r": peft["r"], "lora_alpha": peft["lora_alpha"],
+                "lora_dropout": peft.get("lora_dropout", 0.0), "target_modules": targets_from_peft(peft["target_modules"]),
+                "bias": peft.get("bias", "none"), "use_rslora": peft.get("use_rslora", False),
+                "use_dora": bool(peft.get("use_dora", False)),
+                "init": "gaussian" if peft.get("init_lora_weights") == "gaussian" else "kaiming"}
+
+    def peft_config(self, config: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+                "target_modules": modules_with(tensors, "lora_A.", "lora_embedding_A"), "bias": config.bias,
+                "use_rslora": config.use_rslora, "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+                "use_dora": config.use_dora,
+                "fan_in_fan_out": description.get("fan_in_fan_out", False)}
+
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # peft keeps an adapted layer's own (trained) bias under its base_layer.
+        adapted = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
+        return {TUNER_PREFIX + (f"{k[:-5]}.base_layer.bias" if k.endswith(".bias") and k[:-5] in adapted else k): v
+                for k, v in tensors.items()}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(TUNER_PREFIX).replace(".base_layer.", "."): v for k, v in tensors.items()}
+
+
 @register
 class Lora(Method):
     name = "lora"
@@ -376,43 +415,7 @@ class Lora(Method):
                 roles[id(delta.lora_B.weight)] = "B"
         return {n: roles[id(p)] for n, p in model.named_parameters() if id(p) in roles}
 
-    peft_type = "LORA"
-    peft_ignored = ("fan_in_fan_out", "megatron_config", "megatron_core", "loftq_config", "eva_config",
-                    "corda_config", "qalora_group_size", "ensure_weight_tying", "arrow_config", "kasa_config",
-                    "lora_ga_config", "monteclora_config", "velora_config")
-
-    @classmethod
-    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
-        refuse_unsupported(peft, PEFT_UNSUPPORTED)
-        if str(peft.get("init_lora_weights")).lower().startswith("pissa"):
-            raise AdapterFileError(
-                f"this peft adapter was saved with init_lora_weights={peft['init_lora_weights']!r}: its "
-                "B A pairs with the residual base weights peft wrote into the model, not with the original.",
-                "save it from peft with save_pretrained(..., path_initial_model_for_weight_conversion=...), "
-                "which writes the plain rank-2r LoRA deltatune (and any LoRA reader) loads.")
-        return {"method": "lora", "r": peft["r"], "lora_alpha": peft["lora_alpha"],
-                "lora_dropout": peft.get("lora_dropout", 0.0), "target_modules": targets_from_peft(peft["target_modules"]),
-                "bias": peft.get("bias", "none"), "use_rslora": peft.get("use_rslora", False),
-                "use_dora": bool(peft.get("use_dora", False)),
-                "init": "gaussian" if peft.get("init_lora_weights") == "gaussian" else "kaiming"}
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        config = self.config
-        return {"r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                "target_modules": modules_with(tensors, "lora_A.", "lora_embedding_A"), "bias": config.bias,
-                "use_rslora": config.use_rslora, "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-                "use_dora": config.use_dora,
-                "fan_in_fan_out": description.get("fan_in_fan_out", False)}
-
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        # peft keeps an adapted layer's own (trained) bias under its base_layer.
-        adapted = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
-        return {TUNER_PREFIX + (f"{k[:-5]}.base_layer.bias" if k.endswith(".bias") and k[:-5] in adapted else k): v
-                for k, v in tensors.items()}
-
-    @classmethod
-    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {k.removeprefix(TUNER_PREFIX).replace(".base_layer.", "."): v for k, v in tensors.items()}
+    peft = LoraPeft()
 
 
 def check_pissa_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:

@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, Tuning, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..core.targets import resolve_targets
 from ..hf import virtual_tokens
@@ -131,6 +131,55 @@ class Site:
     width: int
 
 
+class PrefixTuningPeft(PeftCodec):
+    """Prefix tuning in peft's format (its prefixes flattened as peft stores them)."""
+
+    peft_type = "PREFIX_TUNING"
+    prompt_learning = True
+    ignored = ("num_attention_heads", "num_layers", "token_dim", "prefix_projection", "encoder_hidden_size")
+
+    def config_from_peft(self, peft: dict[str, Any]) -> dict[str, Any]:
+        if (peft.get("num_transformer_submodules") or 1) != 1:
+            raise AdapterFileError("this peft prefix adapter is for an encoder-decoder model: peft prefixes the "
+                                   "decoder's self-attention only, deltatune the encoder's and the decoder's, so "
+                                   "the outputs would differ.", "use peft for this adapter.")
+        # The file holds the prefixes themselves (peft saves its projection's output).
+        return {"method": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"], "reparameterize": False}
+
+    def peft_config(self, config: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        kind = description.get("base_model_type")
+        if kind in ANATOMIES and not ANATOMIES[kind].decoder_only:
+            raise AdapterFileError(
+                f"a prefix adapter for a '{kind}' model has no peft format with the same outputs: peft cannot run "
+                "prefix tuning on encoders with transformers 5 (they take no past_key_values), and with older "
+                "transformers it shifts the input's positions by num_virtual_tokens, which deltatune's encoder "
+                "prefixes do not.", "keep the deltatune format, or share LoRA, IA3 or prompt tuning with peft users.")
+        layers, _, n, width = tensors[PREFIXES_KEY].shape
+        # num_attention_heads: peft takes it from the base model's config when it loads.
+        return {"num_virtual_tokens": n, "token_dim": width, "num_layers": layers, "num_attention_heads": None,
+                "num_transformer_submodules": 1, "encoder_hidden_size": width,
+                "prefix_projection": False}  # the file holds plain prefixes (folded)
+
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefixes = tensors[PREFIXES_KEY]  # (layers, 2, n, d_kv)
+        flat = prefixes.permute(2, 0, 1, 3).reshape(prefixes.shape[2], -1)  # (n, layers * 2 * d_kv)
+        rest = {PROMPT_PREFIX + k: v for k, v in tensors.items() if k != PREFIXES_KEY}
+        return {"prompt_embeddings": flat.contiguous(), **rest}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {PREFIXES_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX):
+                _unflatten(v, peft) if k == "prompt_embeddings" else v for k, v in tensors.items()}
+
+    def check_base(self, model: nn.Module) -> None:
+        anatomy = ANATOMIES.get(model_type(model))
+        if anatomy is not None and not anatomy.decoder_only:
+            raise AdapterFileError(
+                f"this peft prefix adapter would not give peft's outputs on a '{model_type(model)}' model: peft "
+                "runs prefixes as a key/value cache, which shifts the input's positions by num_virtual_tokens "
+                "(and needs transformers < 5 on encoders); deltatune's encoder prefixes keep them.",
+                "load it into the decoder-only model (GPT-2, LLaMA-style) it was trained for.")
+
+
 @register
 class PrefixTuning(Method):
     name = "prefix"
@@ -179,53 +228,8 @@ class PrefixTuning(Method):
 
     # peft stores every layer's prefixes as one tensor, (n, layers * 2 * d_kv): for each
     # position, every layer's key then value. Ours: (layers, 2, n, d_kv).
-    peft_type = "PREFIX_TUNING"
-    peft_prompt_learning = True
-    peft_ignored = ("num_attention_heads", "num_layers", "token_dim", "prefix_projection", "encoder_hidden_size")
 
-    @classmethod
-    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
-        if (peft.get("num_transformer_submodules") or 1) != 1:
-            raise AdapterFileError("this peft prefix adapter is for an encoder-decoder model: peft prefixes the "
-                                   "decoder's self-attention only, deltatune the encoder's and the decoder's, so "
-                                   "the outputs would differ.", "use peft for this adapter.")
-        # The file holds the prefixes themselves (peft saves its projection's output).
-        return {"method": "prefix", "num_virtual_tokens": peft["num_virtual_tokens"], "reparameterize": False}
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        kind = description.get("base_model_type")
-        if kind in ANATOMIES and not ANATOMIES[kind].decoder_only:
-            raise AdapterFileError(
-                f"a prefix adapter for a '{kind}' model has no peft format with the same outputs: peft cannot run "
-                "prefix tuning on encoders with transformers 5 (they take no past_key_values), and with older "
-                "transformers it shifts the input's positions by num_virtual_tokens, which deltatune's encoder "
-                "prefixes do not.", "keep the deltatune format, or share LoRA, IA3 or prompt tuning with peft users.")
-        layers, _, n, width = tensors[PREFIXES_KEY].shape
-        # num_attention_heads: peft takes it from the base model's config when it loads.
-        return {"num_virtual_tokens": n, "token_dim": width, "num_layers": layers, "num_attention_heads": None,
-                "num_transformer_submodules": 1, "encoder_hidden_size": width,
-                "prefix_projection": False}  # the file holds plain prefixes (folded)
-
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        prefixes = tensors[PREFIXES_KEY]  # (layers, 2, n, d_kv)
-        flat = prefixes.permute(2, 0, 1, 3).reshape(prefixes.shape[2], -1)  # (n, layers * 2 * d_kv)
-        rest = {PROMPT_PREFIX + k: v for k, v in tensors.items() if k != PREFIXES_KEY}
-        return {"prompt_embeddings": flat.contiguous(), **rest}
-
-    @classmethod
-    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {PREFIXES_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX):
-                _unflatten(v, peft) if k == "prompt_embeddings" else v for k, v in tensors.items()}
-
-    @classmethod
-    def check_peft_base(cls, model: nn.Module) -> None:
-        anatomy = ANATOMIES.get(model_type(model))
-        if anatomy is not None and not anatomy.decoder_only:
-            raise AdapterFileError(
-                f"this peft prefix adapter would not give peft's outputs on a '{model_type(model)}' model: peft "
-                "runs prefixes as a key/value cache, which shifts the input's positions by num_virtual_tokens "
-                "(and needs transformers < 5 on encoders); deltatune's encoder prefixes keep them.",
-                "load it into the decoder-only model (GPT-2, LLaMA-style) it was trained for.")
+    peft = PrefixTuningPeft()
 
 
 PREFIXES_KEY = f"{virtual_tokens.HOLDER}.prefixes"  # the prefixes' key in adapter files

@@ -55,7 +55,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer
-from ..core.method import Method, MethodConfig, Tuning, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, register
 from ..core.peft_keys import PROMPT_PREFIX
 from ..hf import virtual_tokens
 from ..hf.anatomy import ANATOMIES, model_type
@@ -100,6 +100,31 @@ class PromptDelta(Delta):
         self.prompt = nn.Parameter(prompt.detach().float().clone())
 
 
+class PromptTuningPeft(PeftCodec):
+    """Prompt tuning in peft's format."""
+
+    peft_type = "PROMPT_TUNING"
+    prompt_learning = True
+    ignored = ("num_attention_heads", "num_layers", "token_dim", "tokenizer_name_or_path", "tokenizer_kwargs",
+                    "prompt_tuning_init", "prompt_tuning_init_text")
+
+    def config_from_peft(self, peft: dict[str, Any]) -> dict[str, Any]:
+        if (peft.get("num_transformer_submodules") or 1) != 1:
+            raise AdapterFileError("this peft prompt has prompts for an encoder and a decoder; deltatune "
+                                   "prompts the encoder only.", "use peft for encoder-decoder prompts.")
+        return {"method": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"]}
+
+    def peft_config(self, config: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": tensors[PROMPT_KEY].shape[1],
+                "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings" if k == PROMPT_KEY else PROMPT_PREFIX + k: v for k, v in tensors.items()}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return {PROMPT_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX): v for k, v in tensors.items()}
+
+
 @register
 class PromptTuning(Method):
     name = "prompt"
@@ -139,28 +164,7 @@ class PromptTuning(Method):
                               f"vocabulary of {vocab}.", "use ids from this model's tokenizer.")
         return list(ids)
 
-    peft_type = "PROMPT_TUNING"
-    peft_prompt_learning = True
-    peft_ignored = ("num_attention_heads", "num_layers", "token_dim", "tokenizer_name_or_path", "tokenizer_kwargs",
-                    "prompt_tuning_init", "prompt_tuning_init_text")
-
-    @classmethod
-    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
-        if (peft.get("num_transformer_submodules") or 1) != 1:
-            raise AdapterFileError("this peft prompt has prompts for an encoder and a decoder; deltatune "
-                                   "prompts the encoder only.", "use peft for encoder-decoder prompts.")
-        return {"method": "prompt", "num_virtual_tokens": peft["num_virtual_tokens"]}
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        return {"num_virtual_tokens": self.config.num_virtual_tokens, "token_dim": tensors[PROMPT_KEY].shape[1],
-                "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
-
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings" if k == PROMPT_KEY else PROMPT_PREFIX + k: v for k, v in tensors.items()}
-
-    @classmethod
-    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {PROMPT_KEY if k == "prompt_embeddings" else k.removeprefix(PROMPT_PREFIX): v for k, v in tensors.items()}
+    peft = PromptTuningPeft()
 
 
 PROMPT_KEY = f"{virtual_tokens.HOLDER}.prompt"  # the prompt's key in adapter files

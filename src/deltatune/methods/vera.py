@@ -39,7 +39,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
-from ..core.method import Method, MethodConfig, Tuning, add_deltas, deltas_of, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -139,6 +139,34 @@ def projections_of(model: nn.Module, adapter_name: str) -> VeraProjections:
     return next(d.projections for _, _, d in deltas_of(model, adapter_name) if isinstance(d, VeraDelta))
 
 
+class VeraPeft(PeftCodec):
+    """VeRA adapters in peft's format (the shared projections under peft's own keys)."""
+
+    peft_type = "VERA"
+    ignored = ("fan_in_fan_out", "init_weights")
+
+    def config_from_peft(self, peft: dict[str, Any]) -> dict[str, Any]:
+        refuse_unsupported(peft, {"bias": "none", "layers_to_transform": None, "layers_pattern": None})
+        return {"method": "vera", "r": peft["r"], "target_modules": targets_from_peft(peft["target_modules"]),
+                "projection_prng_key": peft.get("projection_prng_key", 0),
+                "save_projection": peft.get("save_projection", True),
+                "vera_dropout": peft.get("vera_dropout", 0.0), "d_initial": peft.get("d_initial", 0.1)}
+
+    def peft_config(self, config: Any, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return {"r": config.r, "target_modules": modules_with(tensors, "vera_lambda_d"),
+                "projection_prng_key": config.projection_prng_key, "save_projection": config.save_projection,
+                "vera_dropout": config.vera_dropout, "d_initial": config.d_initial,
+                "fan_in_fan_out": description.get("fan_in_fan_out", False), "bias": "none",
+                "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
+
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {(PEFT_TUNER if k in PROJECTION_KEYS else TUNER_PREFIX) + k: v for k, v in tensors.items()}
+
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
+        projections = {PEFT_TUNER + k: k for k in PROJECTION_KEYS}
+        return {projections.get(k) or k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
+
+
 @register
 class Vera(Method):
     name = "vera"
@@ -172,29 +200,4 @@ class Vera(Method):
         projections = projections_of(model, adapter_name)
         return {key: getattr(projections, key) for key in PROJECTION_KEYS}
 
-    peft_type = "VERA"
-    peft_ignored = ("fan_in_fan_out", "init_weights")
-
-    @classmethod
-    def config_from_peft(cls, peft: dict[str, Any]) -> dict[str, Any]:
-        refuse_unsupported(peft, {"bias": "none", "layers_to_transform": None, "layers_pattern": None})
-        return {"method": "vera", "r": peft["r"], "target_modules": targets_from_peft(peft["target_modules"]),
-                "projection_prng_key": peft.get("projection_prng_key", 0),
-                "save_projection": peft.get("save_projection", True),
-                "vera_dropout": peft.get("vera_dropout", 0.0), "d_initial": peft.get("d_initial", 0.1)}
-
-    def peft_config(self, description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-        config = self.config
-        return {"r": config.r, "target_modules": modules_with(tensors, "vera_lambda_d"),
-                "projection_prng_key": config.projection_prng_key, "save_projection": config.save_projection,
-                "vera_dropout": config.vera_dropout, "d_initial": config.d_initial,
-                "fan_in_fan_out": description.get("fan_in_fan_out", False), "bias": "none",
-                "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
-
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {(PEFT_TUNER if k in PROJECTION_KEYS else TUNER_PREFIX) + k: v for k, v in tensors.items()}
-
-    @classmethod
-    def tensors_from_peft(cls, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:
-        projections = {PEFT_TUNER + k: k for k in PROJECTION_KEYS}
-        return {projections.get(k) or k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
+    peft = VeraPeft()
