@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 import deltatune as dt
 from deltatune.compare.config import CompareConfig, load_compare_config
 from deltatune.core.fields import Range
+from deltatune.data.config import DataConfig
 from deltatune.search.space import Param, load_tune_config
 from deltatune.tasks.base import TASKS, task_class
-from deltatune.train.config import DataConfig, ModelConfig, RunConfig, TrainingConfig, load_config
+from deltatune.train.config import ModelConfig, RunConfig, TrainingConfig, load_config
 
 # Values that make other keys of the same config meaningful (a case's knobs, not branches).
 CONTEXT = {("prompt", "init_token_ids"): {"init": "text", "init_text": "hi"}}

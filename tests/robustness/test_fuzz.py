@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import deltatune as dt
+from deltatune.data.config import DataConfig
 from deltatune.tasks.base import TASKS, task_class
-from deltatune.train.config import DataConfig, ModelConfig, RunConfig, TrainingConfig
+from deltatune.train.config import ModelConfig, RunConfig, TrainingConfig
 from tiny import assert_same, build, perturb, snapshot
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "training": TrainingConfig}

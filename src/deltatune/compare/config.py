@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import ConfigError
-from ..core.fields import check_fields, check_value, help_field
+from ..core.fields import SEEDS, check_fields, check_value, help_field
 from ..core.method import config_from_dict, method_class, method_for, registered
 from ..core.yaml12 import read_yaml
-from ..train.config import SEEDS, RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
+from ..train.config import RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128

@@ -17,6 +17,9 @@ from typing import Any, Literal
 
 from .errors import ConfigError
 
+#: the range of every seed field: what numpy accepts as a seed (32 bits)
+SEEDS = "[0, 4294967295]"
+
 
 @dataclass(frozen=True)
 class Range:

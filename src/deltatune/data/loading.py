@@ -8,6 +8,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from ..core.errors import ConfigError
 from .bundled import read_bundled
+from .config import DataConfig
 from .formats import CONLL_SUFFIXES, is_squad, read_conll, read_squad
 
 FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -43,7 +44,7 @@ def read_file(path: str) -> Dataset:
                           "check that the file is well-formed and matches its extension.") from error
 
 
-def load_splits(data) -> DatasetDict:
+def load_splits(data: DataConfig) -> DatasetDict:
     """train / validation / test splits from the data config, carved with ``data.seed`` where missing."""
     train = read_file(data.train_file) if data.train_file else Dataset.from_list(read_bundled(data.source))
     splits = {"train": train.shuffle(seed=data.seed)}

@@ -18,13 +18,11 @@ import yaml
 
 from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
-from ..core.fields import check_fields, help_field
+from ..core.fields import SEEDS, check_fields, help_field
 from ..core.method import MethodConfig, config_from_dict, method_class, registered
 from ..core.yaml12 import loads, read_yaml
-from ..data.bundled import BUNDLED
+from ..data.config import DataConfig
 from ..tasks.base import TaskConfig, task_class
-
-SEEDS = "[0, 4294967295]"  # what numpy accepts as a seed (32 bits)
 
 
 @dataclass
@@ -34,31 +32,6 @@ class ModelConfig:
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
-
-
-@dataclass
-class DataConfig:
-    source: str | None = help_field("rotten-tomatoes", f"A bundled data set ({', '.join(BUNDLED)}); "
-                                    "ignored when train_file is set.")
-    train_file: str | None = help_field(None, "Local CSV, TSV, JSON, JSONL or Parquet file.")
-    validation_file: str | None = help_field(None, "Held-out file; carved from train when absent.")
-    test_file: str | None = help_field(None, "Test file; carved from train when absent.")
-    text_column: str = help_field("text", "Column with the text (classification; other tasks name "
-                                  "their columns under task:).")
-    text_pair_column: str | None = help_field(None, "Second text column for sentence pairs.")
-    label_column: str = help_field("label", "Column with the label (a name or an integer).")
-    labels: list[str] | None = help_field(None, "The label (or tag) set, in order; default: the labels "
-                                          "seen in train, sorted.")
-    validation_size: float = help_field(0.1, "Fraction of train carved as validation when no file is given.",
-                                        range="(0, 1)")
-    test_size: float = help_field(0.1, "Fraction of train carved as test when no file is given.", range="(0, 1)")
-    max_train_samples: int | None = help_field(None, "Keep at most this many training rows.",
-                                               range="[1, inf)", typical=1000)
-    max_eval_samples: int | None = help_field(None, "Keep at most this many validation and test rows.",
-                                              range="[1, inf)", typical=500)
-    max_test_samples: int | None = help_field(None, "Keep at most this many test rows; default: max_eval_samples.",
-                                              range="[1, inf)", typical=500)
-    seed: int = help_field(42, "Seed for shuffling and carving splits.", range=SEEDS)
 
 
 @dataclass
