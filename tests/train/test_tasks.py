@@ -85,3 +85,18 @@ def test_a_metric_the_task_does_not_report_is_refused_before_anything_runs():
         load_config(None, ["training.metric_for_best_model=acuracy"])
     with pytest.raises(ConfigError, match="choose one of: perplexity, loss"):
         load_config(None, ["task.type=causal_lm", "training.metric_for_best_model=accuracy"])
+
+
+def test_a_task_built_again_for_cached_data_takes_over_what_prepare_derived(tiny_model_dir, sentiment_csv):
+    from transformers import AutoTokenizer
+
+    from deltatune.train.setup import tokenised
+
+    config = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_file={sentiment_csv}",
+                                "data.max_train_samples=40"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    first, second = task_for(config), task_for(config)
+    assert tokenised(config, first, tokenizer, str(tiny_model_dir)) is tokenised(config, second, tokenizer,
+                                                                                 str(tiny_model_dir))
+    assert first.derived == ("labels",) and second.labels == first.labels == ["negative", "positive"]
+    assert set(vars(first)) - {"config", "options"} <= set(first.derived)  # nothing prepare set is left out

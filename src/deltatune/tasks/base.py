@@ -63,6 +63,8 @@ class Task(Protocol):
     primary_metric: str
     #: every metric ``evaluate`` returns, ``loss`` included: what ``metric_for_best_model`` may name.
     metric_names: tuple[str, ...]
+    #: the attributes ``prepare`` sets from the data (e.g. ``labels``), kept with a cached data set
+    derived: tuple[str, ...]
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         """Check columns and labels, tokenise; keep model inputs, labels and ``length``."""
@@ -102,6 +104,9 @@ class TaskBase:
     config_class: type[TaskConfig] = TaskConfig
     #: the batch keys the model takes; the collator drops every other column.
     model_keys: tuple[str, ...] = ("input_ids", "attention_mask", "token_type_ids", "labels")
+    #: what ``prepare`` learns from the data and keeps on the task (the label set, the tokenizer
+    #: evaluation decodes with): a task built again for the same data takes these over.
+    derived: tuple[str, ...] = ()
 
     def __init__(self, config: Any):
         self.config = config

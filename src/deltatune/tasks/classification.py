@@ -22,6 +22,7 @@ class SequenceClassification(TaskBase):
     name = "classification"
     primary_metric = "accuracy"
     metric_names = ("accuracy", "f1", "loss")
+    derived = ("labels",)
 
     def __init__(self, config: Any):
         super().__init__(config)

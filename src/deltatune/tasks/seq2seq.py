@@ -55,6 +55,7 @@ class SequenceToSequence(TaskBase):
     name = "seq2seq"
     primary_metric = "rouge1"
     metric_names = (*ROUGE, "loss")
+    derived = ("tokenizer",)
     config_class = Seq2SeqTaskConfig
     model_keys = ("input_ids", "attention_mask", "labels")
 

@@ -75,6 +75,7 @@ class TokenClassification(TaskBase):
     name = "tokens"
     primary_metric = "f1"
     metric_names = ("precision", "recall", "f1", "accuracy", "loss")
+    derived = ("labels",)
     config_class = TokensTaskConfig
 
     def __init__(self, config: Any):

@@ -176,12 +176,13 @@ def tokenised(config: RunConfig, task: Task, tokenizer: Any, path: str) -> Datas
         data = task.prepare(load_splits(config.data), tokenizer, config)
         data = DatasetDict({name: split if name == "train" else split.select(np.argsort(split["length"], kind="stable"))
                             for name, split in data.items()})
-        derived = {k: v for k, v in vars(task).items() if k not in ("config", "options")}
+        derived = {name: getattr(task, name) for name in task.derived}
         while len(_TOKENISED) >= 4:
             _TOKENISED.pop(next(iter(_TOKENISED)))
         _TOKENISED[key] = data, derived
     data, derived = _TOKENISED[key]
-    vars(task).update(derived)  # as if prepare had run on this task object too
+    for name, value in derived.items():  # as if prepare had run on this task object too
+        setattr(task, name, value)
     return data
 
 
