@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from ..assets import dist_file
-from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload
 from ..data.bundled import BUNDLED, read_bundled
 from ..train.config import RunConfig
@@ -110,7 +109,7 @@ def latency_ratios(base: nn.Module, adapted: nn.Module, batches: list[dict], rep
     so that a noisy neighbour slows all of them alike."""
     models = {"base": base, "adapted": adapted}
     state = adapter_state(adapted)
-    if state and all(method_for(state.configs[n]).mergeable for n in state.active):
+    if state and all(state.methods[n].mergeable for n in state.active):
         models["merged"] = merge_and_unload(copy.deepcopy(adapted))
     for model in models.values():
         seconds_per_pass(model, batches[:1])  # warm-up

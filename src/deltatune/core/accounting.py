@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .method import deltas_of, method_for
+from .method import deltas_of
 from .verbs import adapter_state, adapter_state_dict, require_state, trainable_parameters
 
 
@@ -77,7 +77,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     name = adapter_name or (state.active[0] if state.active else next(iter(state.configs)))
     require_state(model)
     stored = adapter_state_dict(model, name)
-    method = method_for(state.configs[name])
+    method = state.methods[name]
     not_stored = method.not_stored(model, name)
     changed = sum(delta.changed_numel(layer.base_layer) for _, layer, delta in deltas_of(model, name))
     changed += sum(p.numel() for p in method.extra_trainable(model, name).values())

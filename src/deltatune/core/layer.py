@@ -51,10 +51,16 @@ class Rows:
 class AdapterState:
     """What one model's adapters are and which of them run. Shared by all its wrappers and hooks."""
 
-    configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> MethodConfig
+    #: adapter name -> its Method (built once, when the adapter is added), holding its config
+    methods: dict[str, Any] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     disabled: bool = False
     rows: Rows | None = None  # set inside deltatune.mixed_batch: each row runs its own adapter
+
+    @property
+    def configs(self) -> dict[str, Any]:
+        """Adapter name -> its MethodConfig, as applied (read-only: a new dict each time)."""
+        return {name: method.config for name, method in self.methods.items()}
 
 
 class Delta(nn.Module):

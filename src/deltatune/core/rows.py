@@ -23,7 +23,6 @@ from torch import nn
 
 from .errors import ConfigError, MergeError
 from .layer import BASE, AdapterState, Rows
-from .method import method_for
 from .state import refuse_if_merged, require_state
 
 KEYWORD = "adapter_names"
@@ -67,17 +66,16 @@ def _check_names(model: nn.Module, state: AdapterState, names: list[str]) -> Non
         raise ConfigError(f"{KEYWORD} names '{unknown[0]}', which this model does not have.",
                           f"its adapters: {', '.join(state.configs)}; '{BASE}' runs a row on the base model.")
     refuse_if_merged(model, "run per-row adapters")
-    in_place = [n for n, c in state.configs.items() if method_for(c).in_place]
+    in_place = [n for n, m in state.methods.items() if m.in_place]
     if BASE in names and in_place:
         raise MergeError(f"adapter '{in_place[0]}' changed the base weights in place: there is no base model "
                          f"left for the '{BASE}' rows.", "load a fresh base model for them.")
     if len(set(names)) > 1:
         for name in sorted(set(names) - {BASE}):
-            _check_mixes(name, state.configs[name])
+            _check_mixes(name, state.methods[name])
 
 
-def _check_mixes(name: str, config: Any) -> None:
-    method = method_for(config)
+def _check_mixes(name: str, method: Any) -> None:
     reason = method.row_refusal()
     if reason:
         raise ConfigError(f"adapter '{name}' ({method.name}) cannot share a batch with other adapters: {reason}.",

@@ -42,7 +42,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
         _check_wrapped(model, list(plan or []), saved, config.method)
         method.inject(model, adapter_name, state, plan)
         add_deltas(model, saved, adapter_name, state, lambda base, _: ModuleCopy(base))
-        state.configs[adapter_name] = method.config  # as applied: values derived from the model filled in
+        state.methods[adapter_name] = method  # its config as applied: values derived from the model filled in
         setattr(model, STATE_ATTR, state)
         accept_adapter_names(model)
         set_adapter(model, adapter_name)
@@ -63,7 +63,7 @@ def all_or_nothing(model: nn.Module, adapter_name: str, method: Method) -> Itera
         _remove(model, adapter_name, method)
         state = adapter_state(model)
         if state is not None:
-            state.configs.pop(adapter_name, None)
+            state.methods.pop(adapter_name, None)
             state.active = active
         if before is None:  # nothing had an adapter: no state, no adapter_names hooks
             model.__dict__.pop(STATE_ATTR, None)
@@ -95,12 +95,12 @@ def _check_wrapped(model: nn.Module, wrapped: list[str], saved: list[str], metho
 
 def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
     """The parameters that training this adapter updates, by their name in the model."""
-    config = require_adapter(model, adapter_name).configs[adapter_name]
+    method = require_adapter(model, adapter_name).methods[adapter_name]
     params = {}
     for name, layer, delta in deltas_of(model, adapter_name):
         prefix = f"{name}.deltas.{adapter_name}."
         params.update({prefix + k: p for k, p in delta.named_parameters()})
-    params.update(method_for(config).extra_trainable(model, adapter_name))
+    params.update(method.extra_trainable(model, adapter_name))
     return params
 
 
@@ -134,7 +134,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     state = require_state(model)
     refuse_if_merged(model, "disable adapters")
     for name in state.active:
-        if method_for(state.configs[name]).in_place:
+        if state.methods[name].in_place:
             raise MergeError(f"adapter '{name}' changed the base weights in place; there is no "
                              "base model left to switch back to.", "load a fresh base model instead.")
     previous, state.disabled = state.disabled, True
@@ -154,7 +154,7 @@ def merge(model: nn.Module) -> None:
     state = require_state(model)
     refuse_if_merged(model, "merge again")
     for name in state.active:
-        method = method_for(state.configs[name])
+        method = state.methods[name]
         if not method.mergeable:
             raise MergeError(f"adapter '{name}' ({method.name}) cannot be merged: {method.merge_refusal}.",
                              "serve it unmerged, or train a mergeable method ("
@@ -210,7 +210,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging; merged weights stay as they are."""
     state = require_state(model)
     for name in list(state.configs):
-        method_for(state.configs[name]).remove(model, name)
+        state.methods[name].remove(model, name)
     for name, layer in list(iter_layers(model)):
         _replace(model, name, layer.base_layer)
     delattr(model, STATE_ATTR)
@@ -224,8 +224,8 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     """Remove one adapter; wrappers left with no delta are replaced by their base module."""
     state = require_adapter(model, adapter_name)
     refuse_if_merged(model, "delete an adapter")
-    _remove(model, adapter_name, method_for(state.configs[adapter_name]))
-    del state.configs[adapter_name]
+    _remove(model, adapter_name, state.methods[adapter_name])
+    del state.methods[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
     if not state.configs:  # a plain model again, trainable as from_pretrained gives it
         delattr(model, STATE_ATTR)
@@ -243,9 +243,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
 
     e.g. ``bert.encoder.layer.0.attention.self.query.lora_A.weight`` or ``classifier.weight``.
     """
-    config = require_adapter(model, adapter_name).configs[adapter_name]
+    method = require_adapter(model, adapter_name).methods[adapter_name]
     tensors = {}
     for name, _, delta in deltas_of(model, adapter_name):
         tensors.update({f"{name}.{k}": v for k, v in delta.stored_state().items()})
-    tensors.update(method_for(config).extra_state(model, adapter_name))
+    tensors.update(method.extra_state(model, adapter_name))
     return tensors

@@ -39,13 +39,14 @@ def base_fingerprint(model: nn.Module, adapter_name: str) -> str:
 
 
 def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
-    config = require_adapter(model, adapter_name).configs[adapter_name]
+    method = require_adapter(model, adapter_name).methods[adapter_name]
+    config = method.config
     base_config = getattr(model, "config", None)
     return {
         "format": FORMAT,
         "deltatune_version": __version__,
         "method": config.method,
-        "config": method_for(config).saved_config().to_dict(),
+        "config": method.saved_config().to_dict(),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_class": type(model).__name__,

@@ -15,7 +15,6 @@ import transformers
 from torch import nn
 
 from ..core.errors import AdapterFileError, TargetError
-from ..core.method import method_for
 from ..core.verbs import adapter_state, merge_and_unload, unload
 from ..core.yaml12 import dumps
 from ..version import __version__
@@ -104,7 +103,7 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
                                f"{type(model).__name__}: {error.__cause__.message}",
                                "convert it again from the deltatune adapter with this version of deltatune, "
                                "or add the task_type peft uses for it to adapter_config.json.") from error
-    method = method_for(adapter_state(model).configs["default"])
+    method = adapter_state(model).methods["default"]
     plain = unload(model) if method.in_place else merge_and_unload(model)
     output = Path(output)
     plain.save_pretrained(output)

@@ -452,6 +452,6 @@ class LoRALinear(DeltaLayer):
                  lora_dropout: float = 0.0, bias: bool = True):
         config = LoraConfig(r=rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         super().__init__(nn.Linear(in_features, out_features, bias=bias),
-                         AdapterState(configs={"default": config}, active=["default"]))
+                         AdapterState(methods={"default": Lora(config)}, active=["default"]))
         self.base_layer.requires_grad_(False)
         self.add_delta("default", make_lora_delta(self.base_layer, config))

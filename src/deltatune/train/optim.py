@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.method import method_for, registered
+from ..core.method import registered
 from ..core.verbs import require_state
 
 
@@ -84,8 +84,8 @@ def factor_roles(model: nn.Module) -> dict[str, str]:
     """
     state = require_state(model)
     roles: dict[str, str] = {}
-    for adapter, config in state.configs.items():
-        roles.update(method_for(config).factor_roles(model, adapter))
+    for adapter, method in state.methods.items():
+        roles.update(method.factor_roles(model, adapter))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not roles.keys() & trainable:
         methods = ", ".join(sorted({c.method for c in state.configs.values()}))

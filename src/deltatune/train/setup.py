@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, get_scheduler
 
 from .. import assets
 from ..core.errors import ConfigError
-from ..core.method import TrainingHooks, method_for
+from ..core.method import TrainingHooks
 from ..core.state import require_state
 from ..core.verbs import active_adapters, apply
 from ..data.loading import load_splits
@@ -145,8 +145,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
 
 def training_hooks(model: torch.nn.Module) -> dict[str, TrainingHooks]:
     """Each active adapter's training hooks, where its method has any."""
-    configs = require_state(model).configs
-    hooks = {name: method_for(configs[name]).training_hooks(model, name) for name in active_adapters(model)}
+    methods = require_state(model).methods
+    hooks = {name: methods[name].training_hooks(model, name) for name in active_adapters(model)}
     return {name: h for name, h in hooks.items() if h is not None}
 
 
