@@ -138,9 +138,11 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     eval_steps = training.eval_steps
     if eval_steps and eval_steps < 1:  # a fraction of the run, as in transformers
         eval_steps = max(1, math.ceil(eval_steps * total))
-    return Run(config, Path(training.output_dir), accelerator, task, tokenizer, model, data, sampler,
-               train_loader, dict(zip(eval_loaders, loaders)), optimizer, scheduler,
-               steps_per_epoch, total, eval_steps, data_seconds, frozen, hooks)
+    return Run(config=config, folder=Path(training.output_dir), accelerator=accelerator, task=task,
+               tokenizer=tokenizer, model=model, data=data, sampler=sampler, train_loader=train_loader,
+               eval_loaders=dict(zip(eval_loaders, loaders)), optimizer=optimizer, scheduler=scheduler,
+               steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
+               data_seconds=data_seconds, frozen=frozen, hooks=hooks)
 
 
 def training_hooks(model: torch.nn.Module) -> dict[str, TrainingHooks]:
