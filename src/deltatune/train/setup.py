@@ -80,7 +80,7 @@ def build_model(config: RunConfig, task: Task, path: str) -> torch.nn.Module:
     model = task.load_model(path)
     method = config.method
     heads = [h for h in task.head_modules(model) if h not in method.modules_to_save]
-    method = type(method).from_dict({**method.to_dict(), "modules_to_save": method.modules_to_save + heads})
+    method = dataclasses.replace(method, modules_to_save=method.modules_to_save + heads)  # a copy: the config stays
     return apply(model, method)
 
 
