@@ -122,22 +122,22 @@ def perturb(model, scale: float = 0.1, seed: int = 2) -> None:
                 param.add_(scale * torch.randn(param.shape, generator=g))
 
 
-def logged_losses(run_folder) -> list[float]:
-    """The training losses a run logged to its ``metrics.jsonl``, in order."""
+def logged_lines(run_folder) -> list[dict]:
+    """Every line a run logged to its ``metrics.jsonl`` (training steps and evaluations), in order."""
     import json
     from pathlib import Path
 
-    lines = [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
-    return [line["loss"] for line in lines if "loss" in line]
+    return [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def logged_losses(run_folder) -> list[float]:
+    """The training losses a run logged to its ``metrics.jsonl``, in order."""
+    return [line["loss"] for line in logged_lines(run_folder) if "loss" in line]
 
 
 def evaluated_metric_names(run_folder) -> set[str]:
     """The validation metrics a run logged (``eval_`` taken off): what its task's evaluate returned."""
-    import json
-    from pathlib import Path
-
-    lines = [json.loads(line) for line in (Path(run_folder) / "metrics.jsonl").read_text().splitlines()]
-    return {key[5:] for line in lines for key in line if key.startswith("eval_")}
+    return {key[5:] for line in logged_lines(run_folder) for key in line if key.startswith("eval_")}
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

@@ -5,7 +5,6 @@ own calls) exercises each part."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import pytest
@@ -18,7 +17,7 @@ from deltatune.core.method import TrainingHooks, register
 from deltatune.methods.lora import Lora, LoraConfig
 from deltatune.train.config import load_config
 from deltatune.train.loop import train
-from tiny import assert_close_ulps, interrupt_at_step
+from tiny import assert_close_ulps, interrupt_at_step, logged_losses
 
 
 @dataclass
@@ -79,11 +78,6 @@ def config(folder, csv, *extra):
         "method.target_modules=[query]", *extra])
 
 
-def losses(folder):
-    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if '"loss"' in line and "eval_loss" not in line]
-
-
 def test_after_step_runs_once_per_step_with_the_gradients_still_there(tmp_path, sentiment_csv, shrinking):
     train(config(tmp_path / "a", sentiment_csv))
     [hooks] = shrinking
@@ -94,7 +88,7 @@ def test_after_step_runs_once_per_step_with_the_gradients_still_there(tmp_path, 
 def test_the_extra_loss_adds_to_the_logged_loss_and_a_constant_changes_no_weight(tmp_path, sentiment_csv, shrinking):
     train(config(tmp_path / "plain", sentiment_csv))
     train(config(tmp_path / "offset", sentiment_csv, "method.offset=5.0"))
-    for plain, offset in zip(losses(tmp_path / "plain"), losses(tmp_path / "offset"), strict=True):
+    for plain, offset in zip(logged_losses(tmp_path / "plain"), logged_losses(tmp_path / "offset"), strict=True):
         assert offset - plain == pytest.approx(5.0, abs=8 * torch.finfo(torch.float32).eps * (5.0 + plain))
     a = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
     b = load_file(tmp_path / "offset" / "adapter" / "adapter_model.safetensors")

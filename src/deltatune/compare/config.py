@@ -74,7 +74,9 @@ class CompareConfig:
         if "learning_rate" in method:
             return [float(method["learning_rate"])]
         tuning = method_class(method["method"]).tuning
-        return list(tuning.learning_rates or [tuning.default_learning_rate]) if self.search else [tuning.default_learning_rate]
+        if not self.search or not tuning.learning_rates:
+            return [tuning.default_learning_rate]
+        return list(tuning.learning_rates)
 
     def run_config(self, method: dict[str, Any], seed: int, size: int | None, model: str | None,
                    folder: Path, learning_rate: float) -> RunConfig:

@@ -71,10 +71,10 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     state = adapter_state(model)
-    if state is None or not state.configs:
+    if state is None or not state.methods:
         nbytes = sum(p.numel() * p.element_size() for p in params.values())
         return ParameterReport(total, trainable, total, 0, total, nbytes)
-    name = adapter_name or (state.active[0] if state.active else next(iter(state.configs)))
+    name = adapter_name or (state.active[0] if state.active else next(iter(state.methods)))
     require_state(model)
     stored = adapter_state_dict(model, name)
     method = state.methods[name]

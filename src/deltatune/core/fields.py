@@ -99,7 +99,6 @@ def check_value(f: dataclasses.Field, tp: Any, value: Any, key: str) -> None:
                       f"e.g. {f.name}: {typical}." if typical is not None else f"leave {f.name} unset (null).")
 
 
-
 def type_ok(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):

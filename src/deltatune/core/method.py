@@ -118,7 +118,8 @@ class PeftCodec:
         """Our file's tensors under peft's keys."""
         return {TUNER_PREFIX + k: v for k, v in tensors.items()}
 
-    def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    def tensors_from_peft(self, tensors: dict[str, torch.Tensor],
+                          peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         """peft's tensors under our keys."""
         return {k.removeprefix(TUNER_PREFIX): v for k, v in tensors.items()}
 

@@ -61,10 +61,10 @@ def _check_names(model: nn.Module, state: AdapterState, names: list[str]) -> Non
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"{KEYWORD} = {names!r}: it needs one adapter name per row.",
                           f"pass a list of names, '{BASE}' for rows that run the base model alone.")
-    unknown = sorted({n for n in names if n != BASE and n not in state.configs})
+    unknown = sorted({n for n in names if n != BASE and n not in state.methods})
     if unknown:
         raise ConfigError(f"{KEYWORD} names '{unknown[0]}', which this model does not have.",
-                          f"its adapters: {', '.join(state.configs)}; '{BASE}' runs a row on the base model.")
+                          f"its adapters: {', '.join(state.methods)}; '{BASE}' runs a row on the base model.")
     refuse_if_merged(model, "run per-row adapters")
     in_place = [n for n, m in state.methods.items() if m.in_place]
     if BASE in names and in_place:

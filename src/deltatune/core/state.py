@@ -21,7 +21,7 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
     if state is not None:
         return state
     layers = [layer for _, layer in iter_layers(model)]
-    own = [layer._adapter_state for layer in layers if layer._adapter_state.configs]
+    own = [layer._adapter_state for layer in layers if layer._adapter_state.methods]
     if not own:
         return None
     for layer in layers:
@@ -32,16 +32,16 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
 
 def require_state(model: nn.Module) -> AdapterState:
     state = adapter_state(model)
-    if state is None or not state.configs:
+    if state is None or not state.methods:
         raise ConfigError("this model has no deltatune adapter.", "call deltatune.apply(model, config) first.")
     return state
 
 
 def require_adapter(model: nn.Module, adapter_name: str) -> AdapterState:
     state = require_state(model)
-    if adapter_name not in state.configs:
+    if adapter_name not in state.methods:
         raise ConfigError(f"no adapter named '{adapter_name}'.",
-                          f"the model has: {', '.join(state.configs)}.")
+                          f"the model has: {', '.join(state.methods)}.")
     return state
 
 

@@ -31,7 +31,7 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
             unchanged when this is raised.
     """
     state = adapter_state(model) or AdapterState()
-    if adapter_name in state.configs:
+    if adapter_name in state.methods:
         raise ConfigError(f"the model already has an adapter named '{adapter_name}'.",
                           "pass another adapter_name, or delete_adapter() the old one.")
     refuse_if_merged(model, "add an adapter")
@@ -209,7 +209,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging; merged weights stay as they are."""
     state = require_state(model)
-    for name in list(state.configs):
+    for name in list(state.methods):
         state.methods[name].remove(model, name)
     for name, layer in list(iter_layers(model)):
         _replace(model, name, layer.base_layer)
@@ -227,7 +227,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     _remove(model, adapter_name, state.methods[adapter_name])
     del state.methods[adapter_name]
     state.active = [n for n in state.active if n != adapter_name]
-    if not state.configs:  # a plain model again, trainable as from_pretrained gives it
+    if not state.methods:  # a plain model again, trainable as from_pretrained gives it
         delattr(model, STATE_ATTR)
         drop_adapter_names(model)
         model.requires_grad_(True)

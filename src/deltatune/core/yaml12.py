@@ -1,10 +1,10 @@
 """The one YAML reader and writer: PyYAML with YAML 1.2's core schema for plain scalars.
 
-PyYAML resolves plain scalars by YAML 1.1, where ``5e-2`` is a string (a float needs a dot) and
-``no``, ``yes``, ``on``, ``off`` are booleans (and ``2026-12-07`` a date). Configs, ``--set`` values and run folders are read
-here by YAML 1.2: ``5e-2`` is a float, ``no`` a string, only ``true``/``false`` are booleans. The
-writer quotes any string that either schema would read as something else, so the files it writes
-read back the same in any YAML reader.
+PyYAML resolves plain scalars by YAML 1.1, where ``5e-2`` is a string (a float needs a dot),
+``no``, ``yes``, ``on``, ``off`` are booleans and ``2026-12-07`` is a date. Configs, ``--set``
+values and run folders are read here by YAML 1.2: ``5e-2`` is a float, ``no`` a string, only
+``true``/``false`` are booleans, dates stay text. The writer quotes any string that either
+schema would read as something else, so the files it writes read back the same in any reader.
 """
 
 from __future__ import annotations

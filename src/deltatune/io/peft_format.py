@@ -1,8 +1,9 @@
 """Hugging Face ``peft`` adapter directories, both ways, for every method that has a peft twin.
 
 This module knows peft's file layout, not any method: each method's file translates its own
-config fields and tensors in its codec (``Method.peft``, a ``PeftCodec``). What one format cannot express is refused with a
-message, never dropped; config fields a newer peft added are ignored with a warning.
+config fields and tensors in its codec (``Method.peft``, a ``PeftCodec``). What one format
+cannot express is refused with a message, never dropped; config fields a newer peft added are
+ignored with a warning.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import yaml
 
 from ..core.errors import AdapterFileError, ConfigError
 from ..core.yaml12 import loads
+from .adapter_files import CONFIG_NAME, WEIGHTS_NAME
 
 RUN_CONFIG = "run.yaml"
 RUN_REPORT = "report.json"
@@ -60,7 +61,7 @@ def find_run(path: str | Path) -> Path:
     """
     run = locate(path).run
     if run is None:
-        bare = any((Path(path) / name).is_file() for name in ("adapter_config.json", "adapter_model.safetensors"))
+        bare = any((Path(path) / name).is_file() for name in (CONFIG_NAME, WEIGHTS_NAME))
         hint = " (a bare adapter has no task or labels: load it in Python with deltatune.load_adapter)" if bare else ""
         raise ConfigError(f"'{path}' is not a deltatune run folder (no {RUN_CONFIG}).",
                           f"pass a folder written by 'deltatune train' or its adapter folder{hint}.")

@@ -88,7 +88,7 @@ def factor_roles(model: nn.Module) -> dict[str, str]:
         roles.update(method.factor_roles(model, adapter))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not roles.keys() & trainable:
-        methods = ", ".join(sorted({c.method for c in state.configs.values()}))
+        methods = ", ".join(sorted({m.name for m in state.methods.values()}))
         factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.factored)
         raise ConfigError(f"LoRA+ trains B matrices faster, but the model's adapters ({methods}) train none.",
                           f"apply a method whose update is a product B A ({factored}), or build the "
