@@ -109,6 +109,13 @@ class Delta(nn.Module):
         """The tensors an adapter file holds for this delta, by key relative to the wrapped module."""
         return dict(self.named_parameters())
 
+    def factor_roles(self) -> dict[str, str]:
+        """The factors of a product B A that an optimizer treats apart, by parameter name relative
+        to this delta: ``"B"``, the output-side matrix that LoRA+ trains ``loraplus_lr_ratio``
+        times faster than A, or ``"embedding"``, a factor of an embedding's update, which LoRA+
+        trains at a rate of its own. Parameters not named keep the base learning rate."""
+        return {}
+
     def load_stored_state(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             own = self.stored_state()

@@ -12,7 +12,7 @@ import dataclasses
 import difflib
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -68,6 +68,9 @@ class Tuning:
     #: the log-spaced rates ``compare`` searches by successive halving on validation data;
     #: empty: ``compare`` trains at ``default_learning_rate`` alone
     learning_rates: tuple[float, ...] = ()
+    #: True when the update is a product B A whose factors the deltas name (``Delta.factor_roles``):
+    #: LoRA+ (``training.loraplus_lr_ratio``) then trains B faster than A
+    factored: bool = False
 
 
 class TrainingHooks:
@@ -149,10 +152,6 @@ class Method:
     #: why this method's adapters cannot share a batch with other adapters (``mixed_batch``);
     #: empty: each row can run its own adapter.
     per_row_refusal: ClassVar[str] = ""
-    #: True when the update is a product B A of two trained matrices, which ``factor_roles``
-    #: names: LoRA+ (``training.loraplus_lr_ratio``) then trains B faster than A.
-    factored: ClassVar[bool] = False
-
     def __init__(self, config: MethodConfig):
         self.config = config
 
@@ -208,14 +207,6 @@ class Method:
 
     def not_stored(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
         """Trainable parameters that the adapter file does not hold (training-only parts)."""
-        return {}
-
-    def factor_roles(self, model: nn.Module, adapter_name: str) -> dict[str, Literal["B", "embedding"]]:
-        """The factors of this adapter's products B A that an optimizer treats apart, by name in
-        the model (for ``factored`` methods): ``"B"``, the output-side matrix that LoRA+ trains
-        ``loraplus_lr_ratio`` times faster than A, and ``"embedding"``, both factors of an
-        embedding's update, which LoRA+ trains at a rate of their own. Parameters not named
-        here (A among them) keep the base learning rate."""
         return {}
 
     def regenerable(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

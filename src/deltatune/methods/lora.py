@@ -41,7 +41,7 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,7 @@ from torch import nn
 from ..core.errors import AdapterFileError, ConfigError, warn_user
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
-from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, deltas_of, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import anatomy_of
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -97,102 +97,103 @@ class LoraConfig(MethodConfig):
 
 
 class LoraDelta(Delta):
-    """``s B A dropout(x)`` added to the output of one linear, Conv1D or embedding layer (s =
-    alpha/r); with PiSSA ``s (B A - B0 A0) dropout(x)``; with DoRA rescaled per output feature.
+    """What every form of LoRA shares: an update ``s * product`` beside one frozen weight (s = alpha/r),
+    added to the output, merged by adding it to the weight and unmerged by subtracting it.
 
-    Below, a weight "oriented" is (d_out, d_in): Conv1D and embeddings store theirs the other way.
+    The forms, each a small class below: :class:`LinearLora` (linear and Conv1D layers),
+    :class:`EmbeddingLora`, :class:`PissaLora` (a linear LoRA beside its frozen start), and DoRA
+    (:class:`Dora`) on any of them. A weight "oriented" is (d_out, d_in): Conv1D and embeddings
+    store theirs the other way.
     """
 
-    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0,
-                 init: str = "kaiming", use_dora: bool = False):
+    #: True when the update is s B A x alone: fused into the base output's matmul, and computed
+    #: for every adapter of a per-row batch at once (``post_rows``)
+    plain: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module, scaling: float, dropout: float = 0.0):
         super().__init__()
         self.scaling = scaling
-        self.is_embedding = isinstance(base, nn.Embedding)
-        self.transposed = self.is_embedding or weight_is_transposed(base)
-        self.pissa = init.startswith("pissa")
-        self.use_dora = self.merges_on_original = use_dora
+        self.transposed = isinstance(base, nn.Embedding) or weight_is_transposed(base)
         self._base = (base,)  # DoRA reads W0 and the bias; a tuple, so the base is no submodule of ours
-        self._merged_norm: torch.Tensor | None = None  # DoRA's n while merged
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        if self.is_embedding:
-            # peft's layout: A (r x vocab) starts at zero, B random, so A x B = 0 at start too.
-            self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
-            self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
-            self._embedding_args = {"padding_idx": base.padding_idx, "max_norm": base.max_norm,
-                                    "norm_type": base.norm_type,
-                                    "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
-        else:
-            in_features, out_features = linear_shape(base)
-            self.lora_A = nn.Linear(in_features, r, bias=False)
-            self.lora_B = nn.Linear(r, out_features, bias=False)
-            self._init_linear(base, r, init)
-        if use_dora:  # m starts at ||W0 + s B A||_c, so m/n = 1: the outputs do not change
-            self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.oriented(base.weight)))
-
-    def _init_linear(self, base: nn.Module, r: int, init: str) -> None:
-        nn.init.zeros_(self.lora_B.weight)
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A.weight, std=1.0 / r)
-        elif not self.pissa:
-            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        else:
-            A, B = pissa_start(self.oriented(base.weight), r, self.scaling, init)
-            with torch.no_grad():
-                self.lora_A.weight.copy_(A)
-                self.lora_B.weight.copy_(B)
-            # The frozen start, subtracted in every forward: not parameters, and not in the model's
-            # state_dict (the adapter file holds them, joined to A and B).
-            self.register_buffer("lora_A0", A.to(self.lora_A.weight.dtype), persistent=False)
-            self.register_buffer("lora_B0", B.to(self.lora_B.weight.dtype), persistent=False)
 
     def oriented(self, weight: torch.Tensor) -> torch.Tensor:
         """A base-layout weight as (d_out, d_in) (a view: writing to it writes the base)."""
         return weight.T if self.transposed else weight
 
+    def product(self) -> torch.Tensor:
+        """B A, oriented (d_out, d_in)."""
+        raise NotImplementedError(f"{type(self).__name__}.product")
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s B A x for the adapter's input x (as ``adapter_input`` gives it)."""
+        raise NotImplementedError(f"{type(self).__name__}.update")
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's input as the factors take it: in their dtype, through the adapter's dropout."""
+        return self.dropout(x.to(self.dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
     def delta_weight(self) -> torch.Tensor:
-        """s (B A - B0 A0), oriented (d_out, d_in): the one place the update's formula is written;
-        merge adds it (DoRA then rescales), unmerge subtracts it."""
-        if self.is_embedding:
-            product = self.lora_embedding_B @ self.lora_embedding_A
-        elif self.pissa:
-            B_moved, A_moved = self.moved_from_start()
-            product = B_moved @ self.lora_A.weight + self.lora_B0 @ A_moved
-        else:
-            product = self.lora_B.weight @ self.lora_A.weight
-        return product * self.scaling
-
-    def moved_from_start(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's B - B0 and A - A0. B A - B0 A0 = (B - B0) A + B0 (A - A0): the same product,
-        but exactly zero at the start, where two equal products subtracted would leave the last
-        bits of whichever kernel computed them (a matmul's rounding may differ between calls)."""
-        return self.lora_B.weight - self.lora_B0, self.lora_A.weight - self.lora_A0
-
-    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
-        """DoRA's n = ||W0 + s B A||_c, (d_out,), detached: no gradient flows through it (section 4.3)."""
-        return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
+        """s B A, oriented (d_out, d_in): what merge adds to the weight and unmerge subtracts."""
+        return self.product() * self.scaling
 
     def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        x = args[0]
-        if not (self.is_embedding or self.pissa or self.use_dora) and (
-                out.dtype == self.lora_B.weight.dtype or torch.is_autocast_enabled(out.device.type)):
-            # s applied to the r-wide hidden, not the d_out-wide update, and the addition fused
-            # into B's matmul: two passes over (tokens x d_out) fewer than B(A(x)) * s + out.
-            hidden = self.lora_A(self.dropout(x.to(out.dtype))) * self.scaling  # (..., r)
-            summed = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight.T)
-            return summed.view(out.shape)
-        if self.is_embedding:
-            update = F.embedding(x, self.lora_embedding_A.T, **self._embedding_args) @ self.lora_embedding_B.T
+        return out + self.update(self.adapter_input(args[0])).to(out.dtype)
+
+    def merge(self, base: nn.Module) -> None:
+        weight = self.oriented(base.weight.data)  # a view: writes go to the base
+        weight.copy_(weight + self.delta_weight().detach())  # in fp32, written once: a bf16 base rounds once
+
+    def unmerge(self, base: nn.Module) -> None:
+        weight = self.oriented(base.weight.data)
+        weight.copy_(weight - self.delta_weight().detach())
+
+    def changed_numel(self, base: nn.Module) -> int:
+        return base.weight.numel()
+
+    def factor_roles(self) -> dict[str, str]:
+        # LoRA+ as peft groups it: B of linear and Conv1D layers.
+        return {"lora_B.weight": "B"}
+
+
+class LinearLora(LoraDelta):
+    """``s B A dropout(x)`` beside a linear or Conv1D layer: A (r, d_in), B (d_out, r)."""
+
+    plain = True
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "kaiming"):
+        super().__init__(base, scaling, dropout)
+        in_features, out_features = linear_shape(base)
+        self.lora_A = nn.Linear(in_features, r, bias=False)
+        self.lora_B = nn.Linear(r, out_features, bias=False)
+        nn.init.zeros_(self.lora_B.weight)
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1.0 / r)
         else:
-            x = self.dropout(x.to(self.lora_A.weight.dtype))
-            if self.pissa:
-                B_moved, A_moved = self.moved_from_start()
-                update = F.linear(self.lora_A(x), B_moved) + F.linear(F.linear(x, A_moved), self.lora_B0)
-            else:
-                update = self.lora_B(self.lora_A(x))
-        update = update * self.scaling
-        if self.use_dora:
-            return out + self._dora_change(x, out, update).to(out.dtype)
-        return out + update.to(out.dtype)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+
+    def product(self) -> torch.Tensor:
+        return self.lora_B.weight @ self.lora_A.weight
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x)) * self.scaling
+
+    def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if not self.plain or not (out.dtype == self.dtype or torch.is_autocast_enabled(out.device.type)):
+            return super().post(args, out)
+        # s applied to the r-wide hidden, not the d_out-wide update, and the addition fused into
+        # B's matmul: two passes over (tokens x d_out) fewer than B(A(x)) * s + out.
+        hidden = self.lora_A(self.dropout(args[0].to(out.dtype))) * self.scaling  # (..., r)
+        summed = torch.addmm(out.reshape(-1, out.shape[-1]), hidden.reshape(-1, hidden.shape[-1]), self.lora_B.weight.T)
+        return summed.view(out.shape)
 
     @classmethod
     def post_rows(cls, deltas: list[Delta], rows: list[torch.Tensor], args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -200,9 +201,10 @@ class LoraDelta(Delta):
 
         The adapters' A are stacked into one (sum of ranks) x d_in matrix and their s B into one
         d_out x (sum of ranks); each row keeps only its own adapter's rank columns in between
-        (rows of adapters without LoRA here keep none).
+        (rows of adapters without LoRA here keep none). Other forms, and dropout in training,
+        take the default way.
         """
-        if any(not d.plain_in_rows for d in deltas):
+        if not cls.plain or any(d.dropout_active for d in deltas):
             return super().post_rows(deltas, rows, args, out)
         a = torch.cat([d.lora_A.weight for d in deltas])  # (sum r, d_in)
         b = torch.cat([d.lora_B.weight * d.scaling for d in deltas], dim=1)  # (d_out, sum r)
@@ -218,57 +220,72 @@ class LoraDelta(Delta):
         update = F.linear(hidden, b)
         return out + update.to(out.dtype)
 
-    @property
-    def plain_in_rows(self) -> bool:
-        """True when this delta is s B A x alone, which ``post_rows`` computes for all adapters at
-        once (DoRA, PiSSA, embeddings and dropout in training take the default way)."""
-        return not (self.is_embedding or self.pissa or self.use_dora
-                    or (self.training and isinstance(self.dropout, nn.Dropout)))
 
-    def _dora_change(self, x: torch.Tensor, out: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """(m/n - 1) W0 x + (m/n) update: what DoRA adds to the base output ``out`` (peft's order)."""
-        base = self._base[0]
-        weight = self.oriented(base.weight)
-        factor = self.lora_magnitude_vector / self.weight_norm(weight)  # (d_out,)
-        if self.training and not self.is_embedding and isinstance(self.dropout, nn.Dropout):
-            base_out = F.linear(x, weight.to(x.dtype))  # W0 sees the same dropped-out x as B A
-        else:
-            bias = getattr(base, "bias", None)
-            base_out = out if bias is None else out - bias
-        return (factor - 1) * base_out + factor * update
+class EmbeddingLora(LoraDelta):
+    """``s (A^T[ids]) B^T`` beside an embedding, in peft's layout: A (r, vocab) starts at zero and
+    B (d, r) random, so the update is zero at the start too. No dropout: the inputs are ids."""
 
-    def merge(self, base: nn.Module) -> None:
-        weight = self.oriented(base.weight.data)  # (d_out, d_in), a view: writes go to the base
-        if self.use_dora:  # n of the unmerged weight, kept: the merged weight no longer gives it
-            self._merged_norm = self.weight_norm(weight)
-        # W0 + s B A (DoRA: times m/n) in fp32, written back once: a bf16 base is rounded once
-        merged = weight + self.delta_weight().detach()
-        weight.copy_(merged * self._dora_factor() if self.use_dora else merged)
+    def __init__(self, base: nn.Embedding, r: int, scaling: float):
+        super().__init__(base, scaling)
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base.embedding_dim, r))
+        self._embedding_args = {"padding_idx": base.padding_idx, "max_norm": base.max_norm,
+                                "norm_type": base.norm_type,
+                                "scale_grad_by_freq": base.scale_grad_by_freq, "sparse": base.sparse}
 
-    def unmerge(self, base: nn.Module) -> None:
-        weight = self.oriented(base.weight.data)
-        original = weight / self._dora_factor() if self.use_dora else weight  # W0 = W' n/m - s B A
-        weight.copy_(original - self.delta_weight().detach())
-        self._merged_norm = None
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
-    def _dora_factor(self) -> torch.Tensor:
-        """m/n as of the merge, a column (d_out, 1) that scales the rows of an oriented weight."""
-        return (self.lora_magnitude_vector.detach() / self._merged_norm)[:, None]
+    def product(self) -> torch.Tensor:
+        return self.lora_embedding_B @ self.lora_embedding_A
 
-    def changed_numel(self, base: nn.Module) -> int:
-        return base.weight.numel()
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        looked_up = F.embedding(x, self.lora_embedding_A.T, **self._embedding_args)  # (..., r)
+        return looked_up @ self.lora_embedding_B.T * self.scaling
+
+    def factor_roles(self) -> dict[str, str]:
+        # both factors apart, at a rate of their own (here A starts at zero and B random: roles swapped)
+        return {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
+
+
+class PissaLora(LinearLora):
+    """A linear LoRA that starts from W0's top singular triplets and stays beside that frozen
+    start: ``s (B A - B0 A0) dropout(x)``."""
+
+    plain = False
+
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float = 0.0, init: str = "pissa"):
+        super().__init__(base, r, scaling, dropout)
+        A, B = pissa_start(self.oriented(base.weight), r, scaling, init)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A)
+            self.lora_B.weight.copy_(B)
+        # The frozen start: not parameters, and not in the model's state_dict (the adapter file
+        # holds them, joined to A and B).
+        self.register_buffer("lora_A0", A.to(self.dtype), persistent=False)
+        self.register_buffer("lora_B0", B.to(self.dtype), persistent=False)
+
+    def moved_from_start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """B - B0 and A - A0. B A - B0 A0 = (B - B0) A + B0 (A - A0): the same product, but exactly
+        zero at the start, where two equal products subtracted would leave the last bits of
+        whichever kernel computed them (a matmul's rounding may differ between calls)."""
+        return self.lora_B.weight - self.lora_B0, self.lora_A.weight - self.lora_A0
+
+    def product(self) -> torch.Tensor:
+        B_moved, A_moved = self.moved_from_start()
+        return B_moved @ self.lora_A.weight + self.lora_B0 @ A_moved
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        B_moved, A_moved = self.moved_from_start()
+        return (F.linear(self.lora_A(x), B_moved) + F.linear(F.linear(x, A_moved), self.lora_B0)) * self.scaling
 
     def stored_state(self) -> dict[str, torch.Tensor]:
-        tensors = dict(self.named_parameters())
-        if self.pissa:  # the plain rank-2r LoRA this equals: [B, -B0] [A; A0] = B A - B0 A0
-            tensors["lora_A.weight"] = torch.cat([self.lora_A.weight, self.lora_A0])
-            tensors["lora_B.weight"] = torch.cat([self.lora_B.weight, -self.lora_B0], dim=1)
-        return tensors
+        # the plain rank-2r LoRA this equals: [B, -B0] [A; A0] = B A - B0 A0 (and DoRA's m, if mixed in)
+        return {**dict(self.named_parameters()),
+                "lora_A.weight": torch.cat([self.lora_A.weight, self.lora_A0]),
+                "lora_B.weight": torch.cat([self.lora_B.weight, -self.lora_B0], dim=1)}
 
     def load_stored_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        if not self.pissa:
-            super().load_stored_state(tensors)
-            return
         A, A0 = tensors["lora_A.weight"].chunk(2)  # split what stored_state joined
         B, minus_B0 = tensors["lora_B.weight"].chunk(2, dim=1)
         own = dict(self.named_parameters())
@@ -277,6 +294,66 @@ class LoraDelta(Delta):
                 own[key].copy_(value)
             self.lora_A0.copy_(A0)
             self.lora_B0.copy_(-minus_B0)
+
+
+class Dora(LoraDelta):
+    """DoRA on any form above (mixed in first): a trained magnitude m per output feature rescales
+    W0 plus the form's update, ``h = W0 x + b + (m/n - 1) W0 x' + (m/n) s B A x'``."""
+
+    plain = False
+    merges_on_original = True
+
+    def __init__(self, base: nn.Module, *args: Any, **kwargs: Any):
+        super().__init__(base, *args, **kwargs)
+        self._merged_norm: torch.Tensor | None = None  # n while merged: the merged weight no longer gives it
+        # m starts at ||W0 + s B A||_c, so m/n = 1: the outputs do not change
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.oriented(base.weight)))
+
+    def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """n = ||W0 + s B A||_c, (d_out,), detached: no gradient flows through it (section 4.3)."""
+        return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
+
+    def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        """out + (m/n - 1) W0 x' + (m/n) s B A x' (peft's order)."""
+        x = self.adapter_input(args[0])
+        base = self._base[0]
+        weight = self.oriented(base.weight)
+        factor = self.lora_magnitude_vector / self.weight_norm(weight)  # (d_out,)
+        if self.dropout_active:
+            base_out = F.linear(x, weight.to(x.dtype))  # W0 sees the same dropped-out x as B A
+        else:
+            bias = getattr(base, "bias", None)
+            base_out = out if bias is None else out - bias
+        return out + ((factor - 1) * base_out + factor * self.update(x)).to(out.dtype)
+
+    def merge(self, base: nn.Module) -> None:
+        weight = self.oriented(base.weight.data)
+        self._merged_norm = self.weight_norm(weight)
+        weight.copy_((weight + self.delta_weight().detach()) * self._factor())  # W' = m/n (W0 + s B A)
+
+    def unmerge(self, base: nn.Module) -> None:
+        weight = self.oriented(base.weight.data)
+        weight.copy_(weight / self._factor() - self.delta_weight().detach())  # W0 = W' n/m - s B A
+        self._merged_norm = None
+
+    def _factor(self) -> torch.Tensor:
+        """m/n as of the merge, a column (d_out, 1) that scales the rows of an oriented weight."""
+        return (self.lora_magnitude_vector.detach() / self._merged_norm)[:, None]
+
+
+class DoraLinear(Dora, LinearLora):
+    """DoRA on a linear or Conv1D layer."""
+
+
+class DoraEmbedding(Dora, EmbeddingLora):
+    """DoRA on an embedding."""
+
+
+class DoraPissa(Dora, PissaLora):
+    """DoRA on a PiSSA start."""
+
+
+DORA = {LinearLora: DoraLinear, EmbeddingLora: DoraEmbedding, PissaLora: DoraPissa}
 
 
 def pissa_start(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,7 +376,13 @@ def pissa_start(weight: torch.Tensor, r: int, scaling: float, init: str) -> tupl
 
 
 def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
-    return LoraDelta(base, config.r, config.scaling, config.lora_dropout, config.init, config.use_dora)
+    """The form of LoRA for this layer and config."""
+    if isinstance(base, nn.Embedding):
+        form, args = EmbeddingLora, (config.r, config.scaling)
+    else:
+        form = PissaLora if config.pissa else LinearLora
+        args = (config.r, config.scaling, config.lora_dropout, config.init)
+    return (DORA[form] if config.use_dora else form)(base, *args)
 
 
 class LoraPeft(PeftCodec):
@@ -347,9 +430,8 @@ class Lora(Method):
     config_class = LoraConfig
     family = "re-parameterisation"
     mergeable = True
-    factored = True
-    # r=8 matrices on a small encoder take large steps
-    tuning = Tuning(learning_rates=(1e-3, 3e-3, 1e-2))
+    # r=8 matrices on a small encoder take large steps; LoRA+ trains B faster than A
+    tuning = Tuning(learning_rates=(1e-3, 3e-3, 1e-2), factored=True)
     count_formula = "r * (d_in + d_out) per adapted layer (+ d_out with use_dora)"
 
     def plan(self, model: nn.Module) -> list[str]:
@@ -403,17 +485,6 @@ class Lora(Method):
             return config
         alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
         return dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init="kaiming")
-
-    def factor_roles(self, model: nn.Module, adapter_name: str) -> dict[str, Literal["B", "embedding"]]:
-        # LoRA+ as peft groups it: B of linear and Conv1D layers; both factors of an embedding's
-        # update apart, at a rate of their own (there A starts at zero and B random, roles swapped).
-        roles: dict[int, str] = {}
-        for _, _, delta in deltas_of(model, adapter_name):
-            if isinstance(delta, LoraDelta) and delta.is_embedding:
-                roles.update({id(delta.lora_embedding_A): "embedding", id(delta.lora_embedding_B): "embedding"})
-            elif isinstance(delta, LoraDelta):
-                roles[id(delta.lora_B.weight)] = "B"
-        return {n: roles[id(p)] for n, p in model.named_parameters() if id(p) in roles}
 
     peft = LoraPeft()
 

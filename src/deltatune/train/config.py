@@ -154,11 +154,11 @@ def check_loraplus(method: str, ratio: float | None, key: str) -> None:
     method without them, before any model is built.
 
     Raises:
-        ConfigError: ``method`` is not ``factored``.
+        ConfigError: ``method``'s update is no product B A (``Tuning.factored``).
     """
-    if ratio is None or method_class(method).factored:
+    if ratio is None or method_class(method).tuning.factored:
         return
-    factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.factored)
+    factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.tuning.factored)
     raise ConfigError(f"{key} = {ratio!r} trains B matrices faster, but method '{method}' has none.",
                       f"use a method whose update is a product B A ({factored}), or leave {key} unset (null).")
 

@@ -17,7 +17,7 @@ which reaches LoRA's quality in fewer steps. The groups are those of peft's
     B                the B matrices, other 1-D parameters              lr * ratio     weight_decay
     B, no decay      biases and norm weights                          lr * ratio     0
 
-Which matrices are B is each method's to say (``Method.factor_roles``); the rest is by shape.
+Which matrices are B is each delta's to say (``Delta.factor_roles``); the rest is by shape.
 Norm weights are found by module type, so an RMSNorm's weight does not decay either (peft's rule
 knows only ``nn.LayerNorm``).
 """
@@ -27,7 +27,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..core.errors import ConfigError
-from ..core.method import registered
+from ..core.method import iter_layers, registered
 from ..core.verbs import require_state
 
 
@@ -48,7 +48,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float, weight_deca
     >>> optimizer = torch.optim.AdamW(dt.loraplus_param_groups(model, lr=2e-4, ratio=16))
 
     Args:
-        model: a model with a deltatune adapter whose method is ``factored`` (LoRA).
+        model: a model with a deltatune adapter whose method is ``tuning.factored`` (LoRA).
         lr: A's learning rate (and the optimizer's).
         ratio: B's learning rate over A's (``training.loraplus_lr_ratio``); at least 1.
         weight_decay: for every group but biases and norms.
@@ -83,13 +83,12 @@ def factor_roles(model: nn.Module) -> dict[str, str]:
         ConfigError: the model has no adapter, or none whose method has B matrices.
     """
     state = require_state(model)
-    roles: dict[str, str] = {}
-    for adapter, method in state.methods.items():
-        roles.update(method.factor_roles(model, adapter))
+    roles = {f"{name}.deltas.{adapter}.{key}": role for name, layer in iter_layers(model)
+             for adapter, delta in layer.deltas.items() for key, role in delta.factor_roles().items()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if not roles.keys() & trainable:
         methods = ", ".join(sorted({m.name for m in state.methods.values()}))
-        factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.factored)
+        factored = ", ".join(n for n, cls in sorted(registered().items()) if cls.tuning.factored)
         raise ConfigError(f"LoRA+ trains B matrices faster, but the model's adapters ({methods}) train none.",
                           f"apply a method whose update is a product B A ({factored}), or build the "
                           "optimizer's groups without LoRA+.")
