@@ -207,12 +207,14 @@ def initial_prompt(weight: torch.Tensor, init: str, n: int, token_ids: list[int]
 
 
 class RowPrompts:
-    """The prompts of a per-row batch: row r's own n_r prompt vectors (n_r = 0 for rows of other
-    adapters and the base), laid out with its tokens in n + seq columns, n the longest prompt.
+    """The prompts of a batch: row r's own n_r prompt vectors laid out with its tokens in n + seq
+    columns, n the longest prompt. An ordinary batch is the case where every row has the same
+    prompt (the active prompts one after the other); in a per-row batch (``deltatune.mixed_batch``)
+    each row has its own adapter's, or none (n_r = 0 for rows of other adapters and the base).
 
-    A decoder-only model reads the last column (a classifier pools it, ``generate`` continues
-    from it), so there each row's prompt sits just before its tokens, the padding in front, and
-    the tokens' positions move up by n_r (``front=True``)::
+    Where rows differ, a decoder-only model reads the last column (a classifier pools it,
+    ``generate`` continues from it), so there each row's prompt sits just before its tokens, the
+    padding in front, and the tokens' positions move up by n_r (``front=True``)::
 
         [pad (n - n_r) ; P_r ; x]
 
@@ -220,30 +222,42 @@ class RowPrompts:
 
         [P_r ; x ; pad (n - n_r)]
 
-    Padding columns are masked out: every row sees what it sees alone.
+    Padding columns are masked out: every row sees what it sees alone. Where all rows agree
+    (``uniform``) both layouts are ``[P ; x]``, and a mask or positions the caller left out stay out.
     """
 
-    def __init__(self, groups: dict[str, tuple[PromptDelta, torch.Tensor]], batch: int, device: torch.device,
-                 front: bool):
-        self.groups, self.front = groups, front
+    def __init__(self, prompts: list[tuple[torch.Tensor, torch.Tensor]], batch: int, device: torch.device,
+                 front: bool, uniform: bool):
+        self.prompts, self.front, self.uniform = prompts, front, uniform
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # (batch,): n_r
-        for delta, index in groups.values():
-            self.lengths[index] = len(delta.prompt)
-        self.n = int(self.lengths.max())
+        for prompt, index in prompts:
+            self.lengths[index] = len(prompt)
+        self.n = max(len(prompt) for prompt, _ in prompts)
         self.starts = torch.full_like(self.lengths, self.n) if front else self.lengths  # (batch,): x's first column
         self.rows = torch.arange(batch, device=device)[:, None]  # (batch, 1)
 
     @classmethod
     def of(cls, model: nn.Module, batch: int, device: torch.device, encoder: bool = False) -> RowPrompts | None:
-        """The batch's layout, or None outside a per-row batch or when none of its rows has a prompt.
+        """The batch's layout, or None when none of its rows has a prompt.
         ``encoder``: for an encoder-decoder model's encoder."""
         groups = virtual_tokens.in_rows(model, PromptDelta, batch, device)
+        if groups is None:  # an ordinary batch: the active prompts, concatenated, on every row
+            active = [d.prompt for d in virtual_tokens.active(model, PromptDelta)]
+            if not active:
+                return None
+            every_row = torch.arange(batch, device=device)
+            return cls([(torch.cat(active), every_row)], batch, device, front=False, uniform=True)
         if not groups:
             return None
-        return cls(groups, batch, device, front=not encoder and _decoder_only(model))
+        prompts = [(delta.prompt, index) for delta, index in groups.values()]
+        uniform = len(prompts) == 1 and len(prompts[0][1]) == batch
+        front = not uniform and not encoder and _decoder_only(model)
+        return cls(prompts, batch, device, front, uniform)
 
-    def columns(self, seq: int) -> torch.Tensor:
-        """(batch, seq): the column of each row's tokens."""
+    def columns(self, seq: int) -> torch.Tensor | int:
+        """(batch, seq): the column of each row's tokens (an int, the first, where all rows agree)."""
+        if self.uniform:
+            return self.n
         return self.starts[:, None] + torch.arange(seq, device=self.starts.device)
 
     def prompt_columns(self, seq: int) -> torch.Tensor:
@@ -255,19 +269,28 @@ class RowPrompts:
     def laid_out(self, tokens: torch.Tensor, fill: float) -> torch.Tensor:
         """(batch, seq, ...) -> (batch, n + seq, ...): each row's values in its token columns, ``fill`` elsewhere."""
         out = tokens.new_full((len(tokens), self.n + tokens.shape[1], *tokens.shape[2:]), fill)
-        out[self.rows, self.columns(tokens.shape[1])] = tokens
+        columns = self.columns(tokens.shape[1])
+        if isinstance(columns, int):
+            out[:, columns:] = tokens
+        else:
+            out[self.rows, columns] = tokens
         return out
 
     def embeds(self, embeds: torch.Tensor) -> torch.Tensor:
         """(batch, seq, d) -> (batch, n + seq, d), every row's prompt in place."""
         out = self.laid_out(embeds, 0)
-        for delta, index in self.groups.values():
-            first = self.n - len(delta.prompt) if self.front else 0
-            out[index, first:first + len(delta.prompt)] = delta.prompt.to(out.dtype)
+        for prompt, index in self.prompts:
+            first = self.n - len(prompt) if self.front else 0
+            out[index, first:first + len(prompt)] = prompt.to(out.dtype)
         return out
 
-    def mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """(batch, seq) -> (batch, n + seq): the prompt visible, the padding not."""
+    def mask(self, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        """(batch, seq) -> (batch, n + seq): the prompt visible, the padding not (no mask where
+        all rows agree and none was given: everything is visible)."""
+        if mask is None:
+            if self.uniform:
+                return None
+            mask = torch.ones(batch, seq, dtype=torch.long, device=self.starts.device)
         return self.laid_out(mask, 0).masked_fill(self.prompt_columns(mask.shape[1]), 1)
 
     def positions(self, positions: torch.Tensor, with_prompt: bool) -> torch.Tensor:
@@ -280,8 +303,13 @@ class RowPrompts:
         inside = column - (self.starts - self.lengths)[:, None]  # (batch, n + seq): place within the prompt
         return torch.where(self.prompt_columns(moved.shape[1]), inside, self.laid_out(moved, 0))
 
-    def front_mask(self, mask: torch.Tensor) -> torch.Tensor:
-        """A later ``generate`` step's (batch, past + seq) mask with the cached prompt columns in front."""
+    def front_mask(self, mask: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+        """A later ``generate`` step's (batch, past + seq) mask with the cached prompt columns in
+        front (``seq``: past + seq, the length of a mask left out)."""
+        if mask is None:
+            if self.uniform:
+                return None
+            mask = torch.ones(batch, seq, dtype=torch.long, device=self.starts.device)
         front = self.prompt_columns(0).to(mask.dtype)  # (batch, n)
         return torch.cat([front, mask], dim=1)
 
@@ -308,53 +336,31 @@ class PromptHooks:
             self.handles = [model.register_forward_pre_hook(self.before_model, with_kwargs=True),
                             model.register_forward_hook(self.after_model, with_kwargs=True)]
 
-    def prompt(self) -> torch.Tensor | None:
-        """The active prompts one after the other, (n, d), or None."""
-        prompts = [d.prompt for d in virtual_tokens.active(self.model, PromptDelta)]
-        return torch.cat(prompts) if prompts else None
-
     def before_model(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         kw = virtual_tokens.arguments(model, args, kwargs)
         tokens = virtual_tokens.tokens(kw)
         rows = RowPrompts.of(model, len(tokens), tokens.device)
-        if rows is not None:
-            return (), self._rows_before_model(kw, rows)
-        prompt = self.prompt()
-        if prompt is None:
+        if rows is None:
             return None
-        n = prompt.shape[0]
-        if virtual_tokens.cached_length(kw) > 0:  # generating: the cache holds the prompt
-            _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=False))
-        else:
-            embeds = self._embed(kw)  # (batch, seq, d)
-            kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None  # (batch, n + seq, d)
-            self.made = (kw["inputs_embeds"], n)
-            _update(kw, "labels", lambda t: virtual_tokens.padded(t, n, -100, like=embeds.shape[:2]))
-            _update(kw, "token_type_ids", lambda t: virtual_tokens.padded(t, n, 0))
-            _update(kw, "position_ids", lambda p: _shifted(p, n, with_prompt=True))
-        _update(kw, "attention_mask", lambda m: virtual_tokens.padded(m, n, 1))
-        return (), kw
-
-    def _rows_before_model(self, kw: dict, rows: RowPrompts) -> dict:
         cached = virtual_tokens.cached_length(kw)
-        if rows.front:  # a decoder-only model: every row's positions given explicitly
+        if rows.front:  # rows that differ on a decoder-only model: every row's positions given explicitly
             if kw.get("position_ids") is None:
                 kw["position_ids"] = virtual_tokens.positions(kw) - (rows.n if cached else 0)  # (1, seq)
             kw["position_ids"] = rows.positions(kw["position_ids"], with_prompt=not cached)
+        else:
+            _update(kw, "position_ids", lambda p: rows.positions(p, with_prompt=not cached))
         if cached:  # generating: the cache holds the prompts
-            kw["attention_mask"] = rows.front_mask(_mask_or_ones(kw, past=cached - rows.n))
-            return kw
-        mask = _mask_or_ones(kw)
+            past = cached - rows.n
+            kw["attention_mask"] = rows.front_mask(kw.get("attention_mask"), len(tokens), past + tokens.shape[1])
+            return (), kw
         embeds = self._embed(kw)  # (batch, seq, d)
+        kw["attention_mask"] = rows.mask(kw.get("attention_mask"), *embeds.shape[:2])
         kw["inputs_embeds"], kw["input_ids"] = rows.embeds(embeds), None  # (batch, n + seq, d)
-        kw["attention_mask"] = rows.mask(mask)
         self.made = (kw["inputs_embeds"], rows.columns(embeds.shape[1]))
         if kw.get("labels") is not None and kw["labels"].shape == embeds.shape[:2]:
-            kw["labels"] = rows.laid_out(kw["labels"], -100)
+            kw["labels"] = rows.laid_out(kw["labels"], -100)  # token and language-model labels
         _update(kw, "token_type_ids", lambda t: rows.laid_out(t, 0))
-        if not rows.front:
-            _update(kw, "position_ids", lambda p: rows.positions(p, with_prompt=True))
-        return kw
+        return (), kw
 
     def after_model(self, model: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         made, self.made = self.made, None
@@ -373,16 +379,12 @@ class PromptHooks:
         kw = virtual_tokens.arguments(encoder, args, kwargs)
         embeds = self._embed(kw)  # (batch, seq, d)
         rows = RowPrompts.of(self.model, len(embeds), embeds.device, encoder=True)
-        if rows is not None:
-            mask = _mask_or_ones(kw)
-            kw["inputs_embeds"], kw["input_ids"] = rows.embeds(embeds), None  # (batch, n + seq, d)
-            kw["attention_mask"] = mask if mask.shape[1] > embeds.shape[1] else rows.mask(mask)  # the root's, or laid out
-            return (), kw
-        prompt = self.prompt()
-        if prompt is None:
+        if rows is None:
             return None
-        kw["inputs_embeds"], kw["input_ids"] = _prepend(prompt, embeds), None  # (batch, n + seq, d)
-        kw["attention_mask"] = _padded_to(kw.get("attention_mask"), kw["inputs_embeds"].shape[1])
+        mask = kw.get("attention_mask")
+        if mask is None or mask.shape[1] == embeds.shape[1]:  # else the root hook has widened it
+            kw["attention_mask"] = rows.mask(mask, *embeds.shape[:2])
+        kw["inputs_embeds"], kw["input_ids"] = rows.embeds(embeds), None  # (batch, n + seq, d)
         return (), kw
 
     def widen_encoder_mask(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -392,16 +394,11 @@ class PromptHooks:
         tokens = virtual_tokens.tokens(kw)
         batch = len(encoded[0]) if encoded is not None else len(tokens)
         rows = RowPrompts.of(model, batch, encoded[0].device if encoded is not None else tokens.device, encoder=True)
-        if rows is not None:
-            seq = encoded[0].shape[1] - rows.n if encoded is not None else tokens.shape[1]
-            if mask is None or mask.shape[1] == seq:
-                kw["attention_mask"] = rows.mask(mask if mask is not None else encoded[0].new_ones(batch, seq, dtype=torch.long))
-            return (), kw
-        prompt = self.prompt()
-        if prompt is None or mask is None:
+        if rows is None:
             return None
-        length = encoded[0].shape[1] if encoded is not None else mask.shape[1] + prompt.shape[0]
-        kw["attention_mask"] = _padded_to(mask, length)
+        seq = encoded[0].shape[1] - rows.n if encoded is not None else tokens.shape[1]
+        if mask is None or mask.shape[1] == seq:
+            kw["attention_mask"] = rows.mask(mask, batch, seq)
         return (), kw
 
     def _embed(self, kw: dict) -> torch.Tensor:
@@ -424,34 +421,7 @@ def _decoder_only(model: nn.Module) -> bool:
     return ANATOMIES[kind].decoder_only
 
 
-def _mask_or_ones(kw: dict, past: int = 0) -> torch.Tensor:
-    """The attention mask passed, or (no mask: every token visible) ones, (batch, past + seq)."""
-    if kw.get("attention_mask") is not None:
-        return kw["attention_mask"]
-    tokens = virtual_tokens.tokens(kw)
-    return torch.ones(len(tokens), past + tokens.shape[1], dtype=torch.long, device=tokens.device)
-
-
-def _prepend(prompt: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
-    """(n, d) and (batch, seq, d) -> (batch, n + seq, d)."""
-    return torch.cat([prompt.to(embeds.dtype).expand(len(embeds), -1, -1), embeds], dim=1)
-
-
 def _update(kw: dict, key: str, change: Any) -> None:
     """Rewrite an argument the caller passed; leave absent ones absent."""
     if kw.get(key) is not None:
         kw[key] = change(kw[key])
-
-
-def _padded_to(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    if mask is None or mask.shape[1] >= length:
-        return mask
-    return virtual_tokens.padded(mask, length - mask.shape[1], 1)
-
-
-def _shifted(positions: torch.Tensor, n: int, with_prompt: bool) -> torch.Tensor:
-    """The user's positions move up by n; the prompt, when it is in this call, takes 0..n-1."""
-    if not with_prompt:
-        return positions + n
-    front = torch.arange(n, device=positions.device).expand(*positions.shape[:-1], n)  # (..., n)
-    return torch.cat([front, positions + n], dim=-1)  # (..., n + seq)
