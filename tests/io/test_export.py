@@ -167,7 +167,7 @@ def test_a_damaged_run_config_is_named_with_the_fix(run, tmp_path):
 def test_labels_that_do_not_fit_the_head_are_refused(run, tmp_path):
     def three_labels(path):
         config = yaml.safe_load(path.read_text())
-        config["data"]["labels"] = ["negative", "neutral", "positive"]
+        config["resolved"]["labels"] = ["negative", "neutral", "positive"]
         path.write_text(yaml.safe_dump(config))
     folder = run_copy(run, tmp_path, three_labels)
     with pytest.raises(dt.AdapterFileError, match=r"(?s)run\.yaml names 3 labels, but the adapter's head has 2 "

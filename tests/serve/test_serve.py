@@ -121,7 +121,7 @@ def test_mixed_requests_share_batches_and_each_answer_equals_its_run_alone(regis
 def test_an_adapter_that_trains_base_biases_gets_a_base_of_its_own(runs):
     """LoRA with bias='all' writes its biases into the base it is loaded into: in the shared copy,
     every other adapter would see them."""
-    folder, config, task = read_run(runs["lora"])
+    folder, config, task, _ = read_run(runs["lora"])
     biased = dataclasses.replace(config, method=dataclasses.replace(config.method, bias="all"))
     assert instance_key("lora", config, task, "fp32") == instance_key("other", config, task, "fp32")  # plain LoRA runs share
     assert instance_key("biased", biased, task, "fp32") != instance_key("lora", config, task, "fp32")
@@ -133,7 +133,7 @@ def test_a_run_is_served_in_its_own_precision_unless_told_otherwise(runs):
     the run's own predictions in bf16 do."""
     own = Registry(runs["lora"])
     own.load("lora", runs["lora"])
-    assert own.adapters["lora"].instance.key[-1] == read_run(runs["lora"])[1].training.precision
+    assert own.adapters["lora"].instance.key[-1] == read_run(runs["lora"])[3].precision
     registry = Registry(runs["lora"], precision="bf16")
     registry.load("lean", runs["lora"])
     lean = registry.adapters["lean"].instance
@@ -189,7 +189,7 @@ def edited_copy(run: Path, folder: Path, section: str, key: str, value) -> Path:
 def test_adapters_load_and_unload_while_serving(registry, runs, expected, tmp_path):
     elsewhere = edited_copy(runs["ia3"], tmp_path / "other-base", "model", "name_or_path", "minilm-l6")
     # a run whose files do not fit: a 3-label head that its run.yaml says has 2 labels
-    misfit = edited_copy(runs["three"], tmp_path / "misfit", "data", "labels", ["negative", "positive"])
+    misfit = edited_copy(runs["three"], tmp_path / "misfit", "resolved", "labels", ["negative", "positive"])
     with client(registry) as http:
         loaded = http.post("/v1/adapters", json={"name": "ia3-again", "path": str(runs["ia3"])})
         assert loaded.status_code == 201 and loaded.json()["method"] == "ia3"

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from deltatune import DeltatuneError
 from deltatune.train.config import load_config
 from deltatune.train.loop import TrainingError, train
+from deltatune.train.precision import resolve
 from tiny import assert_close_ulps, interrupt_at_step, logged_losses
 
 
@@ -47,9 +48,28 @@ def test_a_run_leaves_its_config_as_given_and_records_what_it_derived(tmp_path, 
     train(config)
     assert config.to_dict() == given and config.data.labels is None
     recorded = yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())
-    assert recorded["data"]["labels"] == ["negative", "positive"]
-    assert recorded["training"]["metric_for_best_model"] == "accuracy"
+    assert {k: v for k, v in recorded.items() if k != "resolved"} == given  # the config, as given
+    assert recorded["resolved"] == {"labels": ["negative", "positive"], "metric_for_best_model": "accuracy",
+                                    "precision": resolve("auto")}
     train(config, resume=True)  # the recorded run and the given config are the same run
+
+
+def test_a_run_yaml_written_before_the_resolved_section_still_reads(tmp_path, sentiment_csv):
+    """Runs written before run.yaml kept a ``resolved:`` section filled labels, metric and
+    precision into the config itself; they load as they did."""
+    import yaml
+
+    from deltatune.train.inference import read_run
+
+    train(tiny_config(tmp_path, sentiment_csv, "training.max_steps=1", "data.labels=[negative, positive]"))
+    path = tmp_path / "run" / "run.yaml"
+    recorded = yaml.safe_load(path.read_text())
+    resolved = recorded.pop("resolved")
+    recorded["training"].update(precision="fp32", metric_for_best_model="f1")
+    path.write_text(yaml.safe_dump(recorded))
+    _, _, task, old = read_run(tmp_path / "run")
+    assert (old.precision, old.metric_for_best_model, old.labels) == ("fp32", "f1", resolved["labels"])
+    assert task.labels == ["negative", "positive"]
 
 
 def test_the_task_head_always_trains_and_is_saved(tmp_path, sentiment_csv):

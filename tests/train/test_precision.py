@@ -115,7 +115,7 @@ def test_a_bf16_run_holds_the_base_in_bf16_trains_fp32_and_says_so(tmp_path, tin
     result = train(config)
     assert result.precision == "bf16"
     folder = tmp_path / "run"
-    assert yaml.safe_load((folder / "run.yaml").read_text())["training"]["precision"] == "bf16"
+    assert yaml.safe_load((folder / "run.yaml").read_text())["resolved"]["precision"] == "bf16"
     assert {t.dtype for t in load_file(folder / "adapter" / "adapter_model.safetensors").values()} == {torch.float32}
     optimizer_state = load_file(next((folder / "checkpoints").iterdir()) / "optimizer.safetensors")
     assert {t.dtype for t in optimizer_state.values() if t.dim()} == {torch.float32}  # AdamW's moments

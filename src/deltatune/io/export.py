@@ -20,7 +20,7 @@ from ..core.yaml12 import dumps
 from ..version import __version__
 from .adapter_files import load_read_adapter, read_adapter
 from .atomic import atomic_write_text, follow_umask
-from .run_folder import RUN_CONFIG, RunRecord, locate, read_record
+from .run_folder import RUN_CONFIG, RunRecord, locate, read_record, run_yaml
 
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -154,7 +154,7 @@ def model_card(description: dict[str, Any], model: nn.Module, run: RunRecord | N
                   f'pipe = pipeline("{tag}", model="PATH/TO/THIS/FOLDER")', "```"]
     if run:
         lines += ["", "## The run's configuration", "", f"From `{run.folder / RUN_CONFIG}`:", "", "```yaml",
-                  dumps(run.config).rstrip(), "```"]
+                  dumps(run_yaml(run.config, run.resolved) if run.resolved else run.config).rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -2,7 +2,8 @@
 
 ``deltatune train`` writes::
 
-    RUN/run.yaml        the run's config, with what it derived (labels, metric, precision)
+    RUN/run.yaml        the run's config as given, and under ``resolved:`` what the run decided
+                        that the config left open (precision, metric, labels)
     RUN/report.json     metrics, parameter counts, timings
     RUN/adapter/        the best adapter (adapter_config.json, adapter_model.safetensors)
     RUN/checkpoints/    resumable checkpoints
@@ -68,6 +69,54 @@ def find_run(path: str | Path) -> Path:
     return run
 
 
+RESOLVED = "resolved"  # run.yaml's section of what the run decided
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What a run decided that its config left open, recorded in run.yaml beside the config (which
+    stays as given), so that a loaded run computes as it trained."""
+
+    #: what it computed in: training.precision with ``auto`` decided for the machine
+    precision: str
+    #: what chose its best adapter: training.metric_for_best_model, or the task's primary metric
+    metric_for_best_model: str
+    #: the label set its data gave the head, in head order (data.labels, or read from the data)
+    labels: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "metric_for_best_model": self.metric_for_best_model,
+                "labels": self.labels}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Resolved:
+        labels = data.get("labels")
+        return cls(str(data["precision"]), str(data["metric_for_best_model"]),
+                   [str(label) for label in labels] if labels else None)
+
+
+def run_yaml(config: dict[str, Any], resolved: Resolved) -> dict[str, Any]:
+    """run.yaml's content: the config's sections and the resolved one."""
+    return {**config, RESOLVED: resolved.to_dict()}
+
+
+def split_run_yaml(data: dict[str, Any]) -> tuple[dict[str, Any], Resolved | None]:
+    """(the config's sections, what the run resolved) of a run.yaml; None for the resolved part of
+    a run written before it was recorded apart (its config holds the values).
+
+    Raises:
+        AdapterFileError: the resolved section lacks a value.
+    """
+    config = {k: v for k, v in data.items() if k != RESOLVED}
+    if RESOLVED not in data:
+        return config, None
+    try:
+        return config, Resolved.from_dict(data[RESOLVED] or {})
+    except (KeyError, TypeError) as error:
+        raise AdapterFileError(f"run.yaml's '{RESOLVED}' section lacks {error}.",
+                               "restore run.yaml from the run, or train the run again.") from error
+
+
 @dataclass
 class RunRecord:
     """What a run folder recorded, as plain data: its ``run.yaml`` and ``report.json``."""
@@ -76,8 +125,12 @@ class RunRecord:
     config: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
 
+    resolved: Resolved | None = None
+
     @property
     def labels(self) -> list[str]:
+        if self.resolved is not None:
+            return self.resolved.labels or []
         return [str(label) for label in (self.config.get("data") or {}).get("labels") or []]
 
 
@@ -88,7 +141,8 @@ def read_record(run: Path) -> RunRecord:
         AdapterFileError: either file exists but cannot be read.
     """
     report = run / RUN_REPORT
-    return RunRecord(run, _read(run / RUN_CONFIG, loads), _read(report, json.loads) if report.is_file() else {})
+    config, resolved = split_run_yaml(_read(run / RUN_CONFIG, loads))
+    return RunRecord(run, config, _read(report, json.loads) if report.is_file() else {}, resolved)
 
 
 def _read(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:

@@ -113,9 +113,9 @@ class Registry:
             if name in self.adapters:
                 raise AdapterConflict(f"an adapter named '{name}' is already loaded ({self.adapters[name].folder}).",
                                       f"choose another name, or DELETE /v1/adapters/{name} first.")
-            folder, config, task = read_run(path)
+            folder, config, task, resolved = read_run(path)
             self._check_base(folder, config)
-            instance = self._instance_for(name, config, task)
+            instance = self._instance_for(name, config, task, run_precision(resolved, self.precision))
             with self.lock:
                 load_adapter(instance.model, folder / RUN_ADAPTER, adapter_name=name)
                 instance.model.eval()
@@ -144,9 +144,9 @@ class Registry:
                                   f"'{self.base}'.", f"serve it from a server started on its base: "
                                                     f"deltatune serve {folder} --adapter NAME={folder}")
 
-    def _instance_for(self, name: str, config: RunConfig, task: Any) -> Instance:
+    def _instance_for(self, name: str, config: RunConfig, task: Any, precision: str) -> Instance:
         """The instance the run's adapter goes into: one that exists, or a new copy of the base."""
-        key = instance_key(name, config, task, run_precision(config, self.precision))
+        key = instance_key(name, config, task, precision)
         if key in self.instances:
             return self.instances[key]
         model = compute_in(task.load_model(self.base), key[-1]).eval()

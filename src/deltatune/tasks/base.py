@@ -65,6 +65,9 @@ class Task(Protocol):
     metric_names: tuple[str, ...]
     #: the attributes ``prepare`` sets from the data (e.g. ``labels``), kept with a cached data set
     derived: tuple[str, ...]
+    #: the label set, in head order (classification, tokens): data.labels, or what ``prepare``
+    #: read from the data; empty for tasks without one
+    labels: list[str]
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         """Check columns and labels, tokenise; keep model inputs, labels and ``length``."""
@@ -111,6 +114,7 @@ class TaskBase:
     def __init__(self, config: Any):
         self.config = config
         self.options = config.task
+        self.labels: list[str] = [str(label) for label in config.data.labels or []]
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return [name for name, _ in model.named_children() if name in HEAD_NAMES]

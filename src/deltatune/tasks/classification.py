@@ -24,10 +24,6 @@ class SequenceClassification(TaskBase):
     metric_names = ("accuracy", "f1", "loss")
     derived = ("labels",)
 
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self.labels: list[str] = [str(label) for label in config.data.labels or []]
-
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         data = config.data
         pair = {"data.text_pair_column": data.text_pair_column} if data.text_pair_column else {}

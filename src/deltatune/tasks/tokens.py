@@ -78,10 +78,6 @@ class TokenClassification(TaskBase):
     derived = ("labels",)
     config_class = TokensTaskConfig
 
-    def __init__(self, config: Any):
-        super().__init__(config)
-        self.labels: list[str] = [str(label) for label in config.data.labels or []]
-
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("token classification needs a fast tokenizer (word_ids()).",

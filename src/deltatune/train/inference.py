@@ -15,33 +15,39 @@ from ..core.errors import ConfigError
 from ..core.yaml12 import read_yaml
 from ..data.loading import load_splits, read_file
 from ..io.adapter_files import load_adapter
-from ..io.run_folder import RUN_ADAPTER, RUN_CONFIG, find_run
+from ..io.run_folder import RUN_ADAPTER, RUN_CONFIG, Resolved, find_run, split_run_yaml
 from ..tasks import task_for
-from .config import RunConfig
+from .config import RunConfig, best_model_metric
 from .loop import evaluate
 from .precision import compute_in, resolve
 from .setup import resolve_model_path
 
 
-def read_run(path: str | Path) -> tuple[Path, RunConfig, Any]:
-    """(run folder, config, task) of a finished run, without loading any model."""
+def read_run(path: str | Path) -> tuple[Path, RunConfig, Any, Resolved]:
+    """(run folder, config, task, what the run resolved) of a finished run, without loading any
+    model; the task knows the run's labels."""
     folder = find_run(path)
-    config = RunConfig.from_dict(read_yaml(folder / RUN_CONFIG))
-    return folder, config, task_for(config)
+    data, resolved = split_run_yaml(read_yaml(folder / RUN_CONFIG))
+    config = RunConfig.from_dict(data)
+    # a run written before run.yaml had a resolved section filled these into its config
+    resolved = resolved or Resolved(config.training.precision, best_model_metric(config), config.data.labels)
+    task = task_for(config)
+    task.labels = list(resolved.labels or task.labels)
+    return folder, config, task, resolved
 
 
-def run_precision(config: RunConfig, precision: str | None = None) -> str:
+def run_precision(resolved: Resolved, precision: str | None = None) -> str:
     """The precision to use a run in: ``precision`` when given, else the one the run trained in
-    (its run.yaml records it; ``auto`` is decided for this machine)."""
-    return resolve(precision or config.training.precision)
+    (an old run.yaml may say ``auto``: decided for this machine)."""
+    return resolve(precision or resolved.precision)
 
 
 def load_run(path: str | Path, precision: str | None = None) -> tuple[RunConfig, Any, Any, torch.nn.Module]:
     """(config, task, tokenizer, model with the run's best adapter loaded), in eval mode, computing
     in ``precision`` (default: the run's own)."""
-    folder, config, task = read_run(path)
+    folder, config, task, resolved = read_run(path)
     model_path = resolve_model_path(config.model.name_or_path)
-    model = compute_in(task.load_model(model_path), run_precision(config, precision))
+    model = compute_in(task.load_model(model_path), run_precision(resolved, precision))
     load_adapter(model, folder / RUN_ADAPTER)
     return config, task, AutoTokenizer.from_pretrained(model_path), model.eval()
 

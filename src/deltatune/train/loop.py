@@ -21,7 +21,7 @@ from ..core.errors import DeltatuneError
 from ..core.yaml12 import dumps
 from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
 from ..io.atomic import atomic_write_text
-from ..io.run_folder import CHECKPOINTS, RUN_ADAPTER, RUN_CONFIG, RUN_REPORT
+from ..io.run_folder import CHECKPOINTS, RUN_ADAPTER, RUN_CONFIG, RUN_REPORT, run_yaml
 from ..tasks.base import lower_is_better
 from .checkpoint import list_checkpoints, load_checkpoint, load_hook_states, save_checkpoint
 from .config import RunConfig, config_hash
@@ -284,7 +284,7 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
     progress.last_eval_step = progress.step
     # training seconds so far (every leg), for curves of quality against time
     log.write({"step": progress.step, "train_seconds": round(sum(progress.step_times), 3), **metrics})
-    key = f"eval_{run.config.training.metric_for_best_model}"
+    key = f"eval_{run.resolved.metric_for_best_model}"
     value = -metrics[key] if lower_is_better(key) else metrics[key]
     with _timed(progress, "save"):
         if progress.best_metric is None or value > progress.best_metric:
@@ -327,7 +327,7 @@ def _restore(run: Run, folder: Path) -> Progress:
 
 def _write_run_config(run: Run, folder: Path) -> None:
     if run.accelerator.is_main_process:
-        atomic_write_text(folder / RUN_CONFIG, dumps(run.config.to_dict()))
+        atomic_write_text(folder / RUN_CONFIG, dumps(run_yaml(run.config.to_dict(), run.resolved)))
 
 
 def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
@@ -350,7 +350,7 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         train_seconds=round(loop_seconds, 3),
         step_seconds=round(statistics.median(progress.step_times), 4) if progress.step_times else 0.0,
         peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1),
-        precision=run.config.training.precision, steps=progress.step,
+        precision=run.resolved.precision, steps=progress.step,
         best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
         interrupted=stopped == "interrupted", paused=stopped == "paused",
         seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),
@@ -358,5 +358,5 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
     if run.accelerator.is_main_process:
         atomic_write_text(folder / RUN_REPORT, json.dumps(result.to_dict(), indent=2) + "\n")
         if not result.paused:
-            plot_curves(folder, run.config.training.metric_for_best_model)
+            plot_curves(folder, run.resolved.metric_for_best_model)
     return result

@@ -25,6 +25,7 @@ from ..core.method import TrainingHooks
 from ..core.state import require_state
 from ..core.verbs import active_adapters, apply
 from ..data.loading import load_splits
+from ..io.run_folder import Resolved
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
 from .config import RunConfig, TrainingConfig, best_model_metric
@@ -37,6 +38,8 @@ from .precision import ACCELERATE, autocast_forward, hold_frozen, resolve
 @dataclass
 class Run:
     config: RunConfig
+    #: what the run decided that its config left open (precision, metric, labels)
+    resolved: Resolved
     folder: Path
     accelerator: Accelerator
     task: Task
@@ -97,11 +100,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     started = time.perf_counter()
     data = tokenised(config, task, tokenizer, path)
     data_seconds = time.perf_counter() - started
-    # The run's own config, with what the data, task and hardware decided filled in (run.yaml
-    # records them, so a loaded run computes as it trained); the caller's config is left as given.
-    training = dataclasses.replace(training, metric_for_best_model=best_model_metric(config), precision=precision)
-    labels = list(getattr(task, "labels", []) or []) or None
-    config = dataclasses.replace(config, data=dataclasses.replace(config.data, labels=labels), training=training)
+    # What the data, task and hardware decided, apart from the config (run.yaml records both)
+    resolved = Resolved(precision, best_model_metric(config), list(task.labels) or None)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
     hooks = training_hooks(model)
@@ -138,7 +138,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     eval_steps = training.eval_steps
     if eval_steps and eval_steps < 1:  # a fraction of the run, as in transformers
         eval_steps = max(1, math.ceil(eval_steps * total))
-    return Run(config=config, folder=Path(training.output_dir), accelerator=accelerator, task=task,
+    return Run(config=config, resolved=resolved, folder=Path(training.output_dir), accelerator=accelerator, task=task,
                tokenizer=tokenizer, model=model, data=data, sampler=sampler, train_loader=train_loader,
                eval_loaders=dict(zip(eval_loaders, loaders)), optimizer=optimizer, scheduler=scheduler,
                steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
