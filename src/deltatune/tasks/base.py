@@ -18,9 +18,11 @@ import torch
 from datasets import DatasetDict
 from torch import nn
 
+from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.targets import HEAD_NAMES
+from ..data.config import DataConfig
 from .batching import chunks, gather_logits, pad_collator
 
 # task.type -> (module in deltatune.tasks, class)
@@ -36,11 +38,30 @@ LOWER_IS_BETTER = ("loss", "perplexity")
 
 
 @dataclass
+class ModelConfig:
+    """The ``model:`` section: which pre-trained model the task loads, and how long its inputs are."""
+
+    name_or_path: str = help_field(DEFAULT_MODEL, f"A bundled model name ({', '.join(MODELS)}) or a local "
+                                   "directory that from_pretrained can load.")
+    max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
+    config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
+                                        "config, e.g. {hidden_dropout_prob: 0.0}.")
+
+
+@dataclass
 class TaskConfig:
     """The ``task:`` section. Tasks with options of their own subclass it (one level)."""
 
     type: str = help_field("classification", "The task: classification, tokens (NER), qa (extractive "
                                              "question answering), causal_lm or seq2seq.")
+
+
+class RunSections(Protocol):
+    """The sections of a run config that a task reads (``RunConfig`` has them)."""
+
+    model: ModelConfig
+    task: TaskConfig
+    data: DataConfig
 
 
 @dataclass
@@ -69,7 +90,7 @@ class Task(Protocol):
     #: read from the data; empty for tasks without one
     labels: list[str]
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         """Check columns and labels, tokenise; keep model inputs, labels and ``length``."""
 
     def load_model(self, path: str) -> nn.Module:
@@ -111,7 +132,7 @@ class TaskBase:
     #: evaluation decodes with): a task built again for the same data takes these over.
     derived: tuple[str, ...] = ()
 
-    def __init__(self, config: Any):
+    def __init__(self, config: RunSections):
         self.config = config
         self.options = config.task
         self.labels: list[str] = [str(label) for label in config.data.labels or []]
@@ -160,6 +181,6 @@ def task_class(task_type: str) -> type:
     return getattr(importlib.import_module(f"{__package__}.{module}"), name)
 
 
-def task_for(config: Any) -> Task:
+def task_for(config: RunSections) -> Task:
     """The task object of a run config (``config.task.type``)."""
     return task_class(config.task.type)(config)

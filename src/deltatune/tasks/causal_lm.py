@@ -26,7 +26,7 @@ from transformers import AutoModelForCausalLM
 
 from ..core.fields import help_field
 from ..data.loading import require_columns
-from .base import Encoded, TaskBase, TaskConfig
+from .base import Encoded, RunSections, TaskBase, TaskConfig
 from .batching import pad_id, stack
 
 
@@ -78,7 +78,7 @@ class CausalLanguageModeling(TaskBase):
     config_class = CausalLmTaskConfig
     model_keys = ("input_ids", "attention_mask", "labels")
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         o = self.options
         require_columns(splits, {"task.prompt_column": o.prompt_column,
                                  "task.completion_column": o.completion_column})

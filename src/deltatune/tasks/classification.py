@@ -14,7 +14,7 @@ from transformers import AutoModelForSequenceClassification, DataCollatorWithPad
 from ..core.errors import ConfigError
 from ..core.targets import HEAD_NAMES
 from ..data.loading import require_columns
-from .base import Encoded, TaskBase
+from .base import Encoded, RunSections, TaskBase
 from .batching import feature_rows, pad_collator
 
 
@@ -24,7 +24,7 @@ class SequenceClassification(TaskBase):
     metric_names = ("accuracy", "f1", "loss")
     derived = ("labels",)
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         data = config.data
         pair = {"data.text_pair_column": data.text_pair_column} if data.text_pair_column else {}
         require_columns(splits, {"data.text_column": data.text_column, "data.label_column": data.label_column, **pair})

@@ -29,7 +29,7 @@ from transformers import AutoModelForQuestionAnswering
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..data.loading import require_columns
-from .base import Encoded, TaskBase, TaskConfig
+from .base import Encoded, RunSections, TaskBase, TaskConfig
 from .batching import feature_rows, pad_collator
 from .spans import Offset, best_span, squad_scores, token_span
 
@@ -66,7 +66,7 @@ class QuestionAnswering(TaskBase):
     config_class = QaTaskConfig
     model_keys = ("input_ids", "attention_mask", "token_type_ids", "start_positions", "end_positions")
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         o = self.options
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("qa needs a fast tokenizer (offset mappings).", "use a folder with a tokenizer.json.")

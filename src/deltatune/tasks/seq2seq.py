@@ -19,7 +19,7 @@ from transformers import AutoModelForSeq2SeqLM
 
 from ..core.fields import help_field
 from ..data.loading import require_columns
-from .base import Encoded, TaskBase, TaskConfig
+from .base import Encoded, RunSections, TaskBase, TaskConfig
 from .batching import feature_rows, pad_collator
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
@@ -59,7 +59,7 @@ class SequenceToSequence(TaskBase):
     config_class = Seq2SeqTaskConfig
     model_keys = ("input_ids", "attention_mask", "labels")
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         o = self.options
         require_columns(splits, {"task.source_column": o.source_column, "task.target_column": o.target_column})
         self.tokenizer = tokenizer  # evaluation decodes with the tokenizer that made the data

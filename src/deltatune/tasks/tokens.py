@@ -26,7 +26,7 @@ from transformers import AutoModelForTokenClassification
 from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..data.loading import require_columns
-from .base import Encoded, TaskBase, TaskConfig
+from .base import Encoded, RunSections, TaskBase, TaskConfig
 from .batching import feature_rows, pad_collator
 
 PREFIXES = ("B-", "I-", "E-", "S-", "L-", "U-")
@@ -78,7 +78,7 @@ class TokenClassification(TaskBase):
     derived = ("labels",)
     config_class = TokensTaskConfig
 
-    def prepare(self, splits: DatasetDict, tokenizer: Any, config: Any) -> DatasetDict:
+    def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         if not getattr(tokenizer, "is_fast", False):
             raise ConfigError("token classification needs a fast tokenizer (word_ids()).",
                               "use a model folder with a tokenizer.json.")

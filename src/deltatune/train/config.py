@@ -16,22 +16,12 @@ from typing import Any, Literal
 
 import yaml
 
-from ..assets import DEFAULT_MODEL, MODELS
 from ..core.errors import ConfigError
 from ..core.fields import SEEDS, check_fields, help_field
 from ..core.method import MethodConfig, config_from_dict, method_class, registered
 from ..core.yaml12 import loads, read_yaml
 from ..data.config import DataConfig
-from ..tasks.base import TaskConfig, task_class
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str = help_field(DEFAULT_MODEL, f"A bundled model name ({', '.join(MODELS)}) or a local "
-                                   "directory that from_pretrained can load.")
-    max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
-    config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
-                                        "config, e.g. {hidden_dropout_prob: 0.0}.")
+from ..tasks.base import ModelConfig, TaskConfig, task_class
 
 
 @dataclass
