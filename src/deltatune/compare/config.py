@@ -27,7 +27,7 @@ from typing import Any
 
 from ..core.errors import ConfigError
 from ..core.fields import SEEDS, check_fields, check_value, help_field
-from ..core.method import config_from_dict, method_class, method_for, registered
+from ..core.method import config_from_dict, method_class, registered
 from ..core.yaml12 import read_yaml
 from ..train.config import RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
 
@@ -129,9 +129,9 @@ def _method_entry(entry: Any) -> dict[str, Any]:
 
 def entry_name(entry: dict[str, Any]) -> str:
     """A methods entry's name in cells, folders and the report: its method's name for its config
-    (``Method.variant``: ``dora`` for ``{method: lora, use_dora: true}``), ``+RATIO`` with LoRA+."""
+    (``MethodConfig.variant``: ``dora`` for ``{method: lora, use_dora: true}``), ``+RATIO`` with LoRA+."""
     ratio = entry.get("loraplus_lr_ratio")
-    name = method_for(config_from_dict({k: v for k, v in entry.items() if k not in TRAINING_KEYS})).variant()
+    name = config_from_dict({k: v for k, v in entry.items() if k not in TRAINING_KEYS}).variant
     return name if ratio is None else f"{name}+{ratio:g}"
 
 

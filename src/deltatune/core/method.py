@@ -47,6 +47,12 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **dataclasses.asdict(self)}
 
+    @property
+    def variant(self) -> str:
+        """The name ``compare`` gives this config's runs: the method's, or one that tells an option
+        that makes another method apart (LoRA with ``use_dora`` is ``dora``)."""
+        return self.method
+
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "method") -> "MethodConfig":
         """Build from plain data; unknown keys are errors that list the known ones."""
@@ -149,9 +155,6 @@ class Method:
     tuning: ClassVar[Tuning] = Tuning()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
-    #: why this method's adapters cannot share a batch with other adapters (``mixed_batch``);
-    #: empty: each row can run its own adapter.
-    per_row_refusal: ClassVar[str] = ""
     def __init__(self, config: MethodConfig):
         self.config = config
 
@@ -187,18 +190,14 @@ class Method:
         return {}
 
     def row_refusal(self) -> str:
-        """Why this adapter cannot share a batch, or a served model, with other adapters ("": it can).
-        A method whose adapters may train base parameters in place (``extra_trainable``) says so here."""
-        return self.per_row_refusal
+        """Why this adapter cannot share a batch (``mixed_batch``), or a served model, with other
+        adapters; "": each row can run its own adapter. A method whose adapters may train base
+        parameters in place (``extra_trainable``) says so here."""
+        return ""
 
     def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         """Stored tensors beyond the deltas' own, by file key."""
         return {}
-
-    def variant(self) -> str:
-        """The name ``compare`` gives this config's runs: the method's, or one that tells an option
-        that makes another method apart (LoRA with ``use_dora`` is ``dora``)."""
-        return self.name
 
     def saved_config(self) -> MethodConfig:
         """The config an adapter file records: the one applied, unless the deltas store themselves

@@ -8,7 +8,7 @@ or, as in peft, ``model(**batch, adapter_names=[...])`` and ``model.generate(...
 Each wrapper runs its base module once for the whole batch and the rows' deltas on top
 (``DeltaLayer._forward_rows``): so one frozen base serves many adapters at the cost of one batch.
 Methods whose adapters replace whole blocks or change weights that every row shares cannot
-share a batch with other adapters (``Method.per_row_refusal``), and say so; a batch whose rows
+share a batch with other adapters (``Method.row_refusal``), and say so; a batch whose rows
 all name the same adapter runs as that adapter alone, whatever its method.
 """
 

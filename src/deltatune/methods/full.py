@@ -35,7 +35,9 @@ class FullFineTuning(Method):
     tuning = Tuning(default_learning_rate=5e-5, learning_rates=(3e-5, 1e-4, 3e-4))
     count_formula = "all parameters of the model"
     merge_refusal = "full fine-tuning already changed the base weights; there is nothing to merge"
-    per_row_refusal = "it changed the base weights themselves, which every row shares"
+
+    def row_refusal(self) -> str:
+        return "it changed the base weights themselves, which every row shares"
 
     def plan(self, model: nn.Module) -> None:
         if getattr(model, "_deltatune_state", None) is not None or any(iter_layers(model)):

@@ -48,9 +48,11 @@ class LayerTuning(Method):
     config_class = LayerTuningConfig
     family = "selective"
     mergeable = True
-    per_row_refusal = "it replaces whole blocks, whose inputs (caches, masks) cannot be split by row"
     tuning = Tuning(default_learning_rate=1e-4, learning_rates=(1e-4, 3e-4, 1e-3))
     count_formula = "top_k x (parameters of one block) + final norm"
+
+    def row_refusal(self) -> str:
+        return "it replaces whole blocks, whose inputs (caches, masks) cannot be split by row"
 
     def plan(self, model: nn.Module) -> list[str]:
         roles = anatomy_of(model, "layer tuning")

@@ -92,6 +92,11 @@ class LoraConfig(MethodConfig):
         return self.init.startswith("pissa")
 
     @property
+    def variant(self) -> str:  # compare's row name: lora, rslora, dora, pissa, pissa-dora-rslora...
+        options = [name for name, on in (("pissa", self.pissa), ("dora", self.use_dora), ("rslora", self.use_rslora)) if on]
+        return "-".join(options) or self.method
+
+    @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
@@ -471,11 +476,6 @@ class Lora(Method):
     def extra_state(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
-
-    def variant(self) -> str:  # compare's row name: lora, rslora, dora, pissa, pissa-dora-rslora...
-        config = self.config
-        options = [name for name, on in (("pissa", config.pissa), ("dora", config.use_dora), ("rslora", config.use_rslora)) if on]
-        return "-".join(options) or self.name
 
     def saved_config(self) -> LoraConfig:
         """PiSSA saves as the plain rank-2r LoRA it equals (``LoraDelta.stored_state``); lora_alpha
