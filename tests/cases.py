@@ -85,6 +85,9 @@ CASES = [
     Case("ia3-all-linear-random", lambda f: dt.IA3Config(target_modules="all-linear", init_ia3_weights=False),
          identity_at_init=False, mergeable=True),
     Case("bitfit", lambda f: dt.BitFitConfig(modules_to_save=_heads(f)), families=BIAS_FAMILIES, mergeable=True),
+    Case("ln-tuning", lambda f: dt.LNTuningConfig(modules_to_save=_heads(f)), mergeable=True),
+    Case("ln-tuning-attention-output", lambda f: dt.LNTuningConfig(target_modules=["re:.*attention.*LayerNorm"]),
+         families=["bert", "roberta"], mergeable=True),
     Case("vera", lambda f: dt.VeraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
     # layers of several shapes slice one pair of projections; the file holds only the vectors
     Case("vera-no-projection-all-linear", lambda f: dt.VeraConfig(

@@ -315,7 +315,7 @@ def _methods(args: argparse.Namespace) -> int:
             print(f"{family}:")
         for method in sorted(rows, key=lambda m: m.name):
             merges = "merges" if method.mergeable else "does not merge"
-            print(f"  {method.name:<8} {method.config_class.__name__:<22} {merges:<15} params: {method.count_formula}")
+            print(f"  {method.name:<9} {method.config_class.__name__:<22} {merges:<15} params: {method.count_formula}")
     return 0
 
 

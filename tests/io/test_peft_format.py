@@ -29,6 +29,10 @@ CASES = {
         task_type="SEQ_CLS", num_virtual_tokens=5, token_dim=32, num_transformer_submodules=1,
         num_attention_heads=4, num_layers=2)),
     "prefix-gpt2": ("gpt2", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "ln-tuning-bert-head": ("bert", lambda: peft.LNTuningConfig(target_modules=["LayerNorm"],
+                                                                modules_to_save=["classifier"])),
+    "ln-tuning-gpt2": ("gpt2", lambda: peft.LNTuningConfig()),  # peft's default targets: ln_1, ln_2, ln_f
+    "ln-tuning-llama": ("llama", lambda: peft.LNTuningConfig()),
     # grouped-query attention (d_kv = 2 heads x 8), and a projection: the file holds its output
     "prefix-llama-projection": ("llama", lambda: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),

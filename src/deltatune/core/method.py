@@ -123,8 +123,8 @@ class PeftCodec:
         """peft's method-specific config fields for an adapter file saved with ``config``."""
         raise NotImplementedError(f"{type(self).__name__}.peft_config")
 
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Our file's tensors under peft's keys."""
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Our file's tensors under peft's keys, for the ``adapter_config.json`` written beside them."""
         return {TUNER_PREFIX + k: v for k, v in tensors.items()}
 
     def tensors_from_peft(self, tensors: dict[str, torch.Tensor],

@@ -29,6 +29,12 @@ def weight_is_transposed(module: nn.Module) -> bool:
     return isinstance(base, linear_types()[1:])
 
 
+def is_norm(module: nn.Module) -> bool:
+    """True for a normalisation layer with parameters of its own (LayerNorm, RMSNorm, T5's
+    LayerNorm, ...), found by type name: transformers defines a norm class per architecture."""
+    return "Norm" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
     if weight_is_transposed(module):

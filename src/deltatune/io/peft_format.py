@@ -104,7 +104,7 @@ def to_peft(description: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tu
                    else {"base_model_class": description["base_model_class"], "parent_library": "transformers"},
                    "modules_to_save": config.get("modules_to_save") or None,
                    **codec.peft_config(method.config, description, tensors)}
-    return peft_config, codec.tensors_to_peft(tensors)
+    return peft_config, codec.tensors_to_peft(tensors, peft_config)
 
 
 TASK_TYPES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",

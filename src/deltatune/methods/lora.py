@@ -419,7 +419,7 @@ class LoraPeft(PeftCodec):
                 "use_dora": config.use_dora,
                 "fan_in_fan_out": description.get("fan_in_fan_out", False)}
 
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         # peft keeps an adapted layer's own (trained) bias under its base_layer.
         adapted = {k.rsplit(".lora_A.", 1)[0] for k in tensors if ".lora_A." in k}
         return {TUNER_PREFIX + (f"{k[:-5]}.base_layer.bias" if k.endswith(".bias") and k[:-5] in adapted else k): v

@@ -160,7 +160,7 @@ class PrefixTuningPeft(PeftCodec):
                 "num_transformer_submodules": 1, "encoder_hidden_size": width,
                 "prefix_projection": False}  # the file holds plain prefixes (folded)
 
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         prefixes = tensors[PREFIXES_KEY]  # (layers, 2, n, d_kv)
         flat = prefixes.permute(2, 0, 1, 3).reshape(prefixes.shape[2], -1)  # (n, layers * 2 * d_kv)
         rest = {PROMPT_PREFIX + k: v for k, v in tensors.items() if k != PREFIXES_KEY}

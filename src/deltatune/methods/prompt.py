@@ -118,7 +118,7 @@ class PromptTuningPeft(PeftCodec):
         return {"num_virtual_tokens": config.num_virtual_tokens, "token_dim": tensors[PROMPT_KEY].shape[1],
                 "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
 
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {"prompt_embeddings" if k == PROMPT_KEY else PROMPT_PREFIX + k: v for k, v in tensors.items()}
 
     def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:

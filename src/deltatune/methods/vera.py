@@ -159,7 +159,7 @@ class VeraPeft(PeftCodec):
                 "fan_in_fan_out": description.get("fan_in_fan_out", False), "bias": "none",
                 "init_weights": True, "layers_to_transform": None, "layers_pattern": None}
 
-    def tensors_to_peft(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def tensors_to_peft(self, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> dict[str, torch.Tensor]:
         return {(PEFT_TUNER if k in PROJECTION_KEYS else TUNER_PREFIX) + k: v for k, v in tensors.items()}
 
     def tensors_from_peft(self, tensors: dict[str, torch.Tensor], peft: dict[str, Any]) -> dict[str, torch.Tensor]:

@@ -29,6 +29,7 @@ from torch import nn
 from ..core.errors import ConfigError
 from ..core.method import iter_layers, registered
 from ..core.verbs import require_state
+from ..hf.layers import is_norm
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -99,9 +100,9 @@ def no_decay_names(model: nn.Module) -> set[str]:
     """Biases and the weights of normalisation layers (LayerNorm, RMSNorm, ...), found by module."""
     names = set()
     for module_name, module in model.named_modules():
-        is_norm = "Norm" in type(module).__name__
+        norm = is_norm(module)
         for key, _ in module.named_parameters(recurse=False):
-            if key == "bias" or is_norm:
+            if key == "bias" or norm:
                 names.add(f"{module_name}.{key}" if module_name else key)
     return names
 
