@@ -88,6 +88,10 @@ CASES = [
     Case("ln-tuning", lambda f: dt.LNTuningConfig(modules_to_save=_heads(f)), mergeable=True),
     Case("ln-tuning-attention-output", lambda f: dt.LNTuningConfig(target_modules=["re:.*attention.*LayerNorm"]),
          families=["bert", "roberta"], mergeable=True),
+    Case("loha", lambda f: dt.LoHaConfig(r=2, modules_to_save=_heads(f)), mergeable=True),
+    Case("loha-all-linear-random", lambda f: dt.LoHaConfig(r=2, alpha=4, target_modules="all-linear", init_weights=False,
+                                                           rank_dropout=0.1, module_dropout=0.1),
+         families=["bert", "gpt2", "llama"], identity_at_init=False, mergeable=True),
     Case("vera", lambda f: dt.VeraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
     # layers of several shapes slice one pair of projections; the file holds only the vectors
     Case("vera-no-projection-all-linear", lambda f: dt.VeraConfig(

@@ -33,6 +33,9 @@ CASES = {
                                                                 modules_to_save=["classifier"])),
     "ln-tuning-gpt2": ("gpt2", lambda: peft.LNTuningConfig()),  # peft's default targets: ln_1, ln_2, ln_f
     "ln-tuning-llama": ("llama", lambda: peft.LNTuningConfig()),
+    "loha-bert-head": ("bert", lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["query", "value", "dense"],
+                                                       modules_to_save=["classifier"])),
+    "loha-llama": ("llama", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
     # grouped-query attention (d_kv = 2 heads x 8), and a projection: the file holds its output
     "prefix-llama-projection": ("llama", lambda: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import sys
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..core.layer import DeltaLayer
+from ..core.layer import Delta, DeltaLayer
 
 
 def linear_types() -> tuple[type, ...]:
@@ -40,3 +42,43 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if weight_is_transposed(module):
         return module.weight.shape[0], module.weight.shape[1]
     return module.in_features, module.out_features
+
+
+class WeightDelta(Delta):
+    """A change ΔW (d_out, d_in) to one linear or Conv1D layer's weight, built from a method's
+    factors (``delta_weight``) and applied as ``out + x ΔW^T``: merged, ``W <- W + ΔW``.
+
+    For methods whose ΔW does not factor into products a batch can apply one at a time (LoHa's
+    Hadamard product, LoKr's Kronecker product): each forward builds ΔW once.
+    """
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.transposed = weight_is_transposed(base)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW, oriented (d_out, d_in)."""
+        raise NotImplementedError(f"{type(self).__name__}.delta_weight")
+
+    def forward_weight(self) -> torch.Tensor:
+        """The ΔW a forward pass applies (in training, a method may drop parts of it)."""
+        return self.delta_weight()
+
+    def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        change = self.forward_weight()
+        return out + F.linear(args[0].to(change.dtype), change).to(out.dtype)
+
+    def _oriented(self, base: nn.Module) -> torch.Tensor:
+        weight = base.weight.data
+        return weight.T if self.transposed else weight  # a view: writes go to the base
+
+    def merge(self, base: nn.Module) -> None:
+        weight = self._oriented(base)
+        weight.copy_(weight + self.delta_weight().detach())  # in fp32, written once: a bf16 base rounds once
+
+    def unmerge(self, base: nn.Module) -> None:
+        weight = self._oriented(base)
+        weight.copy_(weight - self.delta_weight().detach())
+
+    def changed_numel(self, base: nn.Module) -> int:
+        return base.weight.numel()
