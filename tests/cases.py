@@ -92,6 +92,16 @@ CASES = [
     Case("loha-all-linear-random", lambda f: dt.LoHaConfig(r=2, alpha=4, target_modules="all-linear", init_weights=False,
                                                            rank_dropout=0.1, module_dropout=0.1),
          families=["bert", "gpt2", "llama"], identity_at_init=False, mergeable=True),
+    Case("lokr", lambda f: dt.LoKrConfig(r=2, modules_to_save=_heads(f)), mergeable=True),
+    Case("lokr-both-all-linear-random", lambda f: dt.LoKrConfig(r=1, target_modules="all-linear", decompose_both=True,
+                                                                init_weights=False, rank_dropout=0.1, module_dropout=0.1),
+         families=["bert", "gpt2"], identity_at_init=False, mergeable=True),
+    # (random Kronecker factors on all of LLaMA's layers grow its hidden states far past its outputs:
+    # merged and unmerged differ there by more than a few ulps of the outputs)
+    Case("lokr-lycoris-factor-all-linear", lambda f: dt.LoKrConfig(r=2, target_modules="all-linear", init_weights="lycoris",
+                                                                   decompose_factor=4, rank_dropout=0.1,
+                                                                   rank_dropout_scale=True),
+         families=["llama", "t5"], mergeable=True),
     Case("vera", lambda f: dt.VeraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
     # layers of several shapes slice one pair of projections; the file holds only the vectors
     Case("vera-no-projection-all-linear", lambda f: dt.VeraConfig(

@@ -11,7 +11,7 @@ from .version import __version__ as __version__  # re-exported: dt.__version__
 
 # every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
 _METHOD_NAMES = ["AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",
-                 "LNTuningConfig", "LoHaConfig", "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
+                 "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
 
 # public name -> the module (under deltatune) that defines it
 _HOMES = {

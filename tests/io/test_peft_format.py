@@ -36,6 +36,14 @@ CASES = {
     "loha-bert-head": ("bert", lambda: peft.LoHaConfig(r=4, alpha=8, target_modules=["query", "value", "dense"],
                                                        modules_to_save=["classifier"])),
     "loha-llama": ("llama", lambda: peft.LoHaConfig(r=2, alpha=4, target_modules=["q_proj", "v_proj", "down_proj"])),
+    # r = 2 against factors of 4 x 8: W2 a low-rank product, W1 whole; decompose_both splits W1 too
+    "lokr-bert-head": ("bert", lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=["query", "value", "dense"],
+                                                       modules_to_save=["classifier"])),
+    "lokr-llama-both-lycoris": ("llama", lambda: peft.LoKrConfig(
+        r=1, alpha=2, target_modules=["q_proj", "v_proj", "down_proj"], decompose_both=True, init_weights="lycoris",
+        rank_dropout_scale=True)),
+    "lokr-bert-factor-4": ("bert", lambda: peft.LoKrConfig(r=16, target_modules=["query", "intermediate.dense"],
+                                                           decompose_factor=4)),
     # grouped-query attention (d_kv = 2 heads x 8), and a projection: the file holds its output
     "prefix-llama-projection": ("llama", lambda: peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=16)),

@@ -49,22 +49,33 @@ class WeightDelta(Delta):
     factors (``delta_weight``) and applied as ``out + x ΔW^T``: merged, ``W <- W + ΔW``.
 
     For methods whose ΔW does not factor into products a batch can apply one at a time (LoHa's
-    Hadamard product, LoKr's Kronecker product): each forward builds ΔW once.
+    Hadamard product, LoKr's Kronecker product): each forward builds ΔW once. In training, the
+    LyCORIS dropouts peft applies to them: ``rank_dropout`` drops each output row of ΔW with that
+    probability (``rescale``: the kept rows times 1 / the fraction kept), ``module_dropout`` skips
+    the whole change in a forward pass with that probability.
     """
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, base: nn.Module, rank_dropout: float = 0.0, module_dropout: float = 0.0,
+                 rescale: bool = True):
         super().__init__()
         self.transposed = weight_is_transposed(base)
+        self.rank_dropout, self.module_dropout, self.rescale = rank_dropout, module_dropout, rescale
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW, oriented (d_out, d_in)."""
         raise NotImplementedError(f"{type(self).__name__}.delta_weight")
 
     def forward_weight(self) -> torch.Tensor:
-        """The ΔW a forward pass applies (in training, a method may drop parts of it)."""
-        return self.delta_weight()
+        """The ΔW a forward pass applies: in training, with rows dropped (``rank_dropout``)."""
+        change = self.delta_weight()
+        if not (self.training and self.rank_dropout):
+            return change
+        keep = (torch.rand(change.shape[0], device=change.device) > self.rank_dropout).to(change.dtype)
+        return change * (keep / keep.mean() if self.rescale else keep)[:, None]
 
     def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        if self.training and self.module_dropout and torch.rand(1).item() <= self.module_dropout:
+            return out
         change = self.forward_weight()
         return out + F.linear(args[0].to(change.dtype), change).to(out.dtype)
 

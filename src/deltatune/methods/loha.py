@@ -65,10 +65,9 @@ class HadamardDelta(WeightDelta):
     """ΔW = s (W1a W1b) ⊙ (W2a W2b) beside one linear or Conv1D layer, named as peft names it."""
 
     def __init__(self, base: nn.Module, config: LoHaConfig):
-        super().__init__(base)
+        super().__init__(base, config.rank_dropout, config.module_dropout)
         in_features, out_features = linear_shape(base)
-        r = config.r
-        self.scaling, self.rank_dropout, self.module_dropout = config.scaling, config.rank_dropout, config.module_dropout
+        r, self.scaling = config.r, config.scaling
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, r))
         self.hada_w1_b = nn.Parameter(torch.empty(r, in_features))
         self.hada_w2_a = nn.Parameter(torch.empty(out_features, r))
@@ -80,19 +79,6 @@ class HadamardDelta(WeightDelta):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b) * self.scaling
-
-    def post(self, args: tuple, out: torch.Tensor) -> torch.Tensor:
-        if self.training and self.module_dropout and torch.rand(1).item() < self.module_dropout:
-            return out
-        return super().post(args, out)
-
-    def forward_weight(self) -> torch.Tensor:
-        """ΔW with rows dropped in training (``rank_dropout``), the kept ones scaled by 1/mean."""
-        change = self.delta_weight()
-        if not (self.training and self.rank_dropout):
-            return change
-        keep = (torch.rand(change.shape[0], device=change.device) > self.rank_dropout).to(change.dtype)
-        return change * (keep / keep.mean())[:, None]
 
 
 class LoHaPeft(PeftCodec):
