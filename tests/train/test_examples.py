@@ -44,6 +44,17 @@ def test_make_run_is_the_documented_comparison():
     assert [getattr(default, k) for k in same] == [getattr(example, k) for k in same]
 
 
+def test_the_all_methods_comparison_names_every_method():
+    """examples/compare-all.yaml is the default comparison with every registered method."""
+    from deltatune.compare.config import load_compare_config
+    from deltatune.core.method import registered
+
+    default, every = load_compare_config(None), load_compare_config(EXAMPLES / "compare-all.yaml")
+    assert sorted(m["method"] for m in every.methods) == sorted(registered())
+    assert (every.base, every.seeds, every.evaluations, every.search) == (
+        default.base, default.seeds, default.evaluations, default.search)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_example_trains_on_a_small_slice(path, tmp_path):
