@@ -815,7 +815,7 @@ def _everything(model: nn.Module) -> tuple:
 
 @pytest.mark.parametrize("first", [None, "lora"])
 @pytest.mark.parametrize("failing,config", [
-    (("deltatune.methods.lora", "LinearLora", "__init__", 3), dt.LoraConfig(r=2, target_modules=["query", "value"])),
+    (("deltatune.methods.lora", "PlainLora", "__init__", 3), dt.LoraConfig(r=2, target_modules=["query", "value"])),
     (("deltatune.core.verbs", None, "set_adapter", 0), dt.LoraConfig(r=2, target_modules=["key"])),
     (("deltatune.methods.prompt", "PromptHooks", "__init__", 0), dt.config_from_dict({"method": "prompt"})),
     (("deltatune.methods.prefix", None, "prefix_hooks", 0), dt.config_from_dict({"method": "prefix"})),

@@ -14,7 +14,7 @@ from torch import nn
 import deltatune as dt
 import tiny
 from deltatune.io.adapter_files import load_adapter_state_dict
-from deltatune.methods.lora import LinearLora
+from deltatune.methods.lora import PlainLora
 from tiny import assert_close_ulps, build, inputs, output, perturb
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")  # peft's notices
@@ -121,7 +121,7 @@ def test_saves_as_a_plain_rank_2r_lora_and_reloads_with_equal_outputs(use_rslora
     assert torch.equal(tensors[f"{key}.lora_A.weight"], torch.cat([A, A0]))      # A' = [A; A0]
     assert torch.equal(tensors[f"{key}.lora_B.weight"], torch.cat([B, -B0], 1))  # B' = [B, -B0]
     loaded = dt.load_adapter(build("bert"), tmp_path / "adapter")
-    assert type(loaded.bert.encoder.layer[0].attention.self.query.deltas["default"]) is LinearLora
+    assert type(loaded.bert.encoder.layer[0].attention.self.query.deltas["default"]) is PlainLora
     assert_close_ulps(output(loaded, batch), expected)
     report = dt.parameter_report(model)
     assert report.trainable == 2 * 2 * 4 * (32 + 32) and report.stored == 2 * report.trainable

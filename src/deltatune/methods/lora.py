@@ -105,7 +105,7 @@ class LoraDelta(Delta):
     """What every form of LoRA shares: an update ``s * product`` beside one frozen weight (s = alpha/r),
     added to the output, merged by adding it to the weight and unmerged by subtracting it.
 
-    The forms, each a small class below: :class:`LinearLora` (linear and Conv1D layers),
+    The forms, each a small class below: :class:`PlainLora` (linear and Conv1D layers),
     :class:`EmbeddingLora`, :class:`PissaLora` (a linear LoRA beside its frozen start), and DoRA
     (:class:`Dora`) on any of them. A weight "oriented" is (d_out, d_in): Conv1D and embeddings
     store theirs the other way.
@@ -169,8 +169,8 @@ class LoraDelta(Delta):
         return {"lora_B.weight": "B"}
 
 
-class LinearLora(LoraDelta):
-    """``s B A dropout(x)`` beside a linear or Conv1D layer: A (r, d_in), B (d_out, r)."""
+class PlainLora(LoraDelta):
+    """The plain form: ``s B A dropout(x)`` beside a linear or Conv1D layer: A (r, d_in), B (d_out, r)."""
 
     plain = True
 
@@ -253,7 +253,7 @@ class EmbeddingLora(LoraDelta):
         return {"lora_embedding_A": "embedding", "lora_embedding_B": "embedding"}
 
 
-class PissaLora(LinearLora):
+class PissaLora(PlainLora):
     """A linear LoRA that starts from W0's top singular triplets and stays beside that frozen
     start: ``s (B A - B0 A0) dropout(x)``."""
 
@@ -346,7 +346,7 @@ class Dora(LoraDelta):
         return (self.lora_magnitude_vector.detach() / self._merged_norm)[:, None]
 
 
-class DoraLinear(Dora, LinearLora):
+class DoraLinear(Dora, PlainLora):
     """DoRA on a linear or Conv1D layer."""
 
 
@@ -358,7 +358,7 @@ class DoraPissa(Dora, PissaLora):
     """DoRA on a PiSSA start."""
 
 
-DORA = {LinearLora: DoraLinear, EmbeddingLora: DoraEmbedding, PissaLora: DoraPissa}
+DORA = {PlainLora: DoraLinear, EmbeddingLora: DoraEmbedding, PissaLora: DoraPissa}
 
 
 def pissa_start(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -385,7 +385,7 @@ def make_lora_delta(base: nn.Module, config: LoraConfig) -> LoraDelta:
     if isinstance(base, nn.Embedding):
         form, args = EmbeddingLora, (config.r, config.scaling)
     else:
-        form = PissaLora if config.pissa else LinearLora
+        form = PissaLora if config.pissa else PlainLora
         args = (config.r, config.scaling, config.lora_dropout, config.init)
     return (DORA[form] if config.use_dora else form)(base, *args)
 
