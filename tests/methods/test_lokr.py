@@ -26,6 +26,14 @@ def test_dimensions_split_near_their_square_root_or_by_the_factor(dimension, fac
     assert factorization(dimension, factor) == expected
 
 
+def test_the_split_is_peft_s_for_every_size_and_factor():
+    """Files agree on the factors' shapes only if both split alike: compared with peft's own rule."""
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    pairs = [(d, k) for d in range(1, 1025) for k in (-1, 1, 2, 3, 4, 5, 8, 16)]
+    assert [factorization(d, k) for d, k in pairs] == [peft_factorization(d, k) for d, k in pairs]
+
+
 def test_the_change_is_the_scaled_kronecker_product_of_its_factors():
     torch.manual_seed(0)
     model = dt.apply(Net(), dt.LoKrConfig(r=8, alpha=4, target_modules=["proj"]))  # 8 = 2 x 4, 12 = 3 x 4

@@ -119,6 +119,13 @@ def anatomy_of(model: nn.Module, method: str = "this method") -> Anatomy:
     return ANATOMIES[kind]
 
 
+def query_and_value(model: nn.Module, method: str) -> list[str]:
+    """The attention's query and value projections: the default targets of LoRA-like methods
+    (peft's defaults for LoRA, VeRA, LoHa and LoKr)."""
+    roles = anatomy_of(model, f"{method}'s default target_modules")
+    return list(dict.fromkeys(roles.query + roles.value))
+
+
 def hidden_size(model: nn.Module) -> int:
     config = model.config
     return getattr(config, anatomy_of(model).hidden_size_attr)

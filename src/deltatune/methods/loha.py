@@ -30,7 +30,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, refuse_unsupported, targets_from_peft
-from ..hf.anatomy import anatomy_of
+from ..hf.anatomy import query_and_value
 from ..hf.layers import WeightDelta, linear_shape, linear_types
 
 __all__ = ["LoHaConfig"]
@@ -119,10 +119,7 @@ class LoHa(Method):
     count_formula = "2 r * (d_in + d_out) per adapted layer"
 
     def plan(self, model: nn.Module) -> list[str]:
-        entries = self.config.target_modules
-        if entries is None:
-            roles = anatomy_of(model, "LoHa's default target_modules")
-            entries = list(dict.fromkeys(roles.query + roles.value))
+        entries = self.config.target_modules or query_and_value(model, "LoHa")
         return self.targets(model, entries, linear_types(), linear_types=linear_types())
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:

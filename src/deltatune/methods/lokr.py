@@ -32,7 +32,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import refuse_unsupported, targets_from_peft
-from ..hf.anatomy import anatomy_of
+from ..hf.anatomy import query_and_value
 from ..hf.layers import WeightDelta, linear_shape, linear_types
 
 __all__ = ["LoKrConfig"]
@@ -78,8 +78,8 @@ class LoKrConfig(MethodConfig):
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """(m, n), m <= n, with m n = ``dimension``: ``factor`` and the rest where it divides, else the
-    pair with the smallest sum that keeps m at most ``factor`` (-1: no bound, so near the square
-    root). peft's and LyCORIS's rule, so that files agree on the factors' shapes."""
+    divisor pair nearest the square root whose smaller side stays at most ``factor`` (-1: no
+    bound). peft's and LyCORIS's rule, so that files agree on the factors' shapes."""
     if factor > 0 and dimension % factor == 0:
         return factor, dimension // factor
     bound = dimension if factor == -1 else factor
@@ -88,7 +88,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
         candidate = m + 1
         while dimension % candidate:
             candidate += 1
-        if candidate + dimension // candidate > m + n or candidate > bound:
+        if candidate > bound:
             break
         m, n = candidate, dimension // candidate
     return min(m, n), max(m, n)
@@ -175,10 +175,7 @@ class LoKr(Method):
     count_formula = "a c + b e per adapted layer (d_out = a b, d_in = c e), a factor r (sides) where low-rank"
 
     def plan(self, model: nn.Module) -> list[str]:
-        entries = self.config.target_modules
-        if entries is None:
-            roles = anatomy_of(model, "LoKr's default target_modules")
-            entries = list(dict.fromkeys(roles.query + roles.value))
+        entries = self.config.target_modules or query_and_value(model, "LoKr")
         return self.targets(model, entries, linear_types(), linear_types=linear_types())
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:

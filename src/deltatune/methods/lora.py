@@ -52,7 +52,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
-from ..hf.anatomy import anatomy_of
+from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
 __all__ = ["LoraConfig", "LoRALinear"]
@@ -135,12 +135,8 @@ class LoraDelta(Delta):
         raise NotImplementedError(f"{type(self).__name__}.update")
 
     def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's input as the factors take it: in their dtype, through the adapter's dropout."""
-        return self.dropout(x.to(self.dtype))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The layer's input as the factors take it."""
+        raise NotImplementedError(f"{type(self).__name__}.adapter_input")
 
     @property
     def dropout_active(self) -> bool:
@@ -184,6 +180,14 @@ class PlainLora(LoraDelta):
             nn.init.normal_(self.lora_A.weight, std=1.0 / r)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A.weight.dtype
+
+    def adapter_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input in the factors' dtype, through the adapter's dropout."""
+        return self.dropout(x.to(self.dtype))
 
     def product(self) -> torch.Tensor:
         return self.lora_B.weight @ self.lora_A.weight
@@ -440,10 +444,7 @@ class Lora(Method):
     count_formula = "r * (d_in + d_out) per adapted layer (+ d_out with use_dora)"
 
     def plan(self, model: nn.Module) -> list[str]:
-        entries = self.config.target_modules
-        if entries is None:
-            roles = anatomy_of(model, "LoRA's default target_modules")
-            entries = list(dict.fromkeys(roles.query + roles.value))
+        entries = self.config.target_modules or query_and_value(model, "LoRA")
         names = self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
         if self.config.pissa:
             check_pissa_targets(model, names, self.config)

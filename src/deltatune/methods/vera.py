@@ -41,7 +41,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
-from ..hf.anatomy import anatomy_of
+from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
 __all__ = ["VeraConfig"]
@@ -179,10 +179,7 @@ class Vera(Method):
     tuning = Tuning(default_learning_rate=1e-2, learning_rates=(3e-3, 1e-2, 3e-2, 1e-1))
 
     def plan(self, model: nn.Module) -> list[str]:
-        entries = self.config.target_modules
-        if entries is None:
-            roles = anatomy_of(model, "VeRA's default target_modules")
-            entries = list(dict.fromkeys(roles.query + roles.value))
+        entries = self.config.target_modules or query_and_value(model, "VeRA")
         return self.targets(model, entries, linear_types(), linear_types=linear_types())
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
