@@ -84,6 +84,11 @@ CASES = [
     Case("ia3", lambda f: dt.IA3Config(modules_to_save=_heads(f)), mergeable=True),
     Case("ia3-all-linear-random", lambda f: dt.IA3Config(target_modules="all-linear", init_ia3_weights=False),
          identity_at_init=False, mergeable=True),
+    Case("adalora", lambda f: dt.AdaLoraConfig(init_r=4, target_r=2, modules_to_save=_heads(f)), mergeable=True),
+    # (E, A, B ~ N(0, 1): a small alpha keeps the update near W0's size, as training would)
+    Case("adalora-all-linear-random", lambda f: dt.AdaLoraConfig(init_r=3, target_r=1, lora_alpha=0.1, target_modules="all-linear",
+                                                                 init_lora_weights=False, lora_dropout=0.1),
+         families=["bert", "gpt2", "llama"], identity_at_init=False, mergeable=True),
     Case("bitfit", lambda f: dt.BitFitConfig(modules_to_save=_heads(f)), families=BIAS_FAMILIES, mergeable=True),
     Case("ln-tuning", lambda f: dt.LNTuningConfig(modules_to_save=_heads(f)), mergeable=True),
     Case("ln-tuning-attention-output", lambda f: dt.LNTuningConfig(target_modules=["re:.*attention.*LayerNorm"]),
@@ -102,6 +107,11 @@ CASES = [
                                                                    decompose_factor=4, rank_dropout=0.1,
                                                                    rank_dropout_scale=True),
          families=["llama", "t5"], mergeable=True),
+    Case("oft", lambda f: dt.OFTConfig(oft_block_size=8, modules_to_save=_heads(f)), mergeable=True),
+    Case("oft-exact-shared-all-linear-random", lambda f: dt.OFTConfig(
+        r=4, oft_block_size=0, target_modules="all-linear", use_cayley_neumann=False, block_share=True,
+        init_weights=False, module_dropout=0.5), families=["bert", "gpt2", "llama"], identity_at_init=False,
+        mergeable=True),
     Case("vera", lambda f: dt.VeraConfig(r=4, modules_to_save=_heads(f)), mergeable=True),
     # layers of several shapes slice one pair of projections; the file holds only the vectors
     Case("vera-no-projection-all-linear", lambda f: dt.VeraConfig(

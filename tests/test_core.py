@@ -55,7 +55,7 @@ def test_config_from_dict_errors_name_the_key(values, expected):
 
 
 def test_an_unknown_method_is_answered_with_the_closest_name_if_any():
-    methods = "adapter, bitfit, full, ia3, layer, ln_tuning, loha, lokr, lora, prefix, prompt, vera"
+    methods = "adalora, adapter, bitfit, full, ia3, layer, ln_tuning, loha, lokr, lora, oft, prefix, prompt, vera"
     for name, fix in [("lorax", f"did you mean 'lora'? choose one of: {methods}."), ("zzzz", f"choose one of: {methods}.")]:
         with pytest.raises(dt.ConfigError) as info:
             dt.config_from_dict({"method": name})

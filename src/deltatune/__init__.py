@@ -10,8 +10,8 @@ import importlib
 from .version import __version__ as __version__  # re-exported: dt.__version__
 
 # every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
-_METHOD_NAMES = ["AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",
-                 "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoRALinear", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
+_METHOD_NAMES = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",
+                 "LNTuningConfig", "LoHaConfig", "LoKrConfig", "LoraConfig", "LoRALinear", "OFTConfig", "PrefixTuningConfig", "PromptTuningConfig", "VeraConfig"]
 
 # public name -> the module (under deltatune) that defines it
 _HOMES = {
@@ -24,6 +24,7 @@ _HOMES = {
                      "merge", "merge_and_unload", "set_adapter", "unload", "unmerge"], "core.verbs"),
     "mixed_batch": "core.rows",  # each row of a batch runs its own adapter
     "TrainerCallback": "train.trainer_callback",
+    "training_hooks": "train.setup",  # AdaLoRA's schedule (any method's hooks), for any training loop
     "loraplus_param_groups": "train.optim",  # LoRA+'s optimizer groups, for any training loop
     **dict.fromkeys(["load_adapter", "read_adapter", "save_adapter"], "io.adapter_files"),
     "tune": "search",  # Optuna and the training loop

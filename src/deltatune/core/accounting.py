@@ -6,6 +6,7 @@
 - ``not_stored``: trained but not in the file (e.g. prefix tuning's re-parameterisation MLP).
 - ``changed``: base parameters that differ from the original once merged (d x k per merged
   LoRA layer): the third count the PEFT literature asks for.
+- ``method_figures``: what the method adds about itself (the ranks AdaLoRA kept).
 - ``regenerable``: frozen tensors the adapter needs that its config rebuilds exactly (VeRA's
   random projections, from a seed); in ``stored`` too when the file also holds them. Not
   parameters, so not in ``total``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -32,6 +34,7 @@ class ParameterReport:
     stored_bytes: int
     per_module: dict[str, dict[str, int]] = field(default_factory=dict)
     regenerable: int = 0
+    method_figures: dict[str, Any] = field(default_factory=dict)
 
     @property
     def trainable_percent(self) -> float:
@@ -51,7 +54,9 @@ class ParameterReport:
                 f"trainable%: {self.trainable_percent:.4f}\n"
                 f"stored params: {self.stored:,} ({_size(self.stored_bytes)}) || "
                 f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}"
-                + (f" || regenerable from the config: {self.regenerable:,}" if self.regenerable else ""))
+                + (f" || regenerable from the config: {self.regenerable:,}" if self.regenerable else "")
+                + "".join(f"\n{name.replace('_', ' ')}: {value:,}" for name, value in self.method_figures.items()
+                          if isinstance(value, int)))
 
 
 def _size(n: int) -> str:
@@ -90,6 +95,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         stored_bytes=sum(t.numel() * t.element_size() for t in stored.values()),
         per_module=_per_module(trainable_parameters(model, name), stored),
         regenerable=sum(t.numel() for t in method.regenerable(model, name).values()),
+        method_figures=method.report_figures(model, name),
     )
 
 

@@ -85,6 +85,10 @@ class TrainingHooks:
     adapter; the loop calls it for the adapter that trains and never asks which method it is.
     The defaults do nothing."""
 
+    def start(self, total_steps: int) -> None:
+        """Called once before training with the run's number of optimizer steps; raise ConfigError
+        where the run does not fit the method (a schedule longer than the run)."""
+
     def extra_loss(self) -> torch.Tensor | None:
         """A term added to the task's loss at every forward pass (after the model ran), or None."""
         return None
@@ -199,13 +203,20 @@ class Method:
         """Stored tensors beyond the deltas' own, by file key."""
         return {}
 
-    def saved_config(self) -> MethodConfig:
+    def saved_config(self, model: nn.Module, adapter_name: str) -> MethodConfig:
         """The config an adapter file records: the one applied, unless the deltas store themselves
-        as a plainer adapter with the same outputs (PiSSA as a plain rank-2r LoRA)."""
+        as a plainer adapter with the same outputs (PiSSA as a plain rank-2r LoRA) or training
+        decided their shapes (the ranks AdaLoRA kept)."""
         return self.config
 
-    def not_stored(self, model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
-        """Trainable parameters that the adapter file does not hold (training-only parts)."""
+    def report_figures(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:
+        """Figures about this adapter beyond the parameter counts, for the parameter report (the
+        ranks AdaLoRA kept); plain JSON data."""
+        return {}
+
+    def not_stored(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Trainable parameters (or parts of them) that the adapter file does not hold (training-only
+        parts, AdaLoRA's cut triplets)."""
         return {}
 
     def regenerable(self, model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:

@@ -19,7 +19,15 @@ from torch import nn
 
 from ..core.errors import AdapterFileError, ConfigError, TargetError, warn_user
 from ..core.method import config_from_dict, deltas_of, method_for
-from ..core.verbs import adapter_state_dict, all_or_nothing, apply, require_adapter
+from ..core.verbs import (
+    active_adapters,
+    adapter_state_dict,
+    all_or_nothing,
+    apply,
+    delete_adapter,
+    require_adapter,
+    set_adapter,
+)
 from ..hf.layers import weight_is_transposed
 from ..version import __version__
 from . import peft_format
@@ -46,7 +54,7 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "format": FORMAT,
         "deltatune_version": __version__,
         "method": config.method,
-        "config": method.saved_config().to_dict(),
+        "config": method.saved_config(model, adapter_name).to_dict(),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_class": type(model).__name__,
@@ -206,6 +214,22 @@ def load_read_adapter(model: nn.Module, description: dict[str, Any], tensors: di
         load_adapter_state_dict(model, tensors, adapter_name)
         _check_fingerprint(model, adapter_name, description)
     return model
+
+
+def restore_adapter(model: nn.Module, path: str | Path, adapter_name: str = "default") -> None:
+    """Put a saved state of one of the model's own adapters back (the best one, after training went
+    on): its tensors are copied in place, or, where the file's config is not the one the live
+    adapter would save (AdaLoRA kept other ranks then), the adapter is rebuilt from the file."""
+    description, tensors = read_adapter(path)
+    method = require_adapter(model, adapter_name).methods[adapter_name]
+    live = json.loads(json.dumps(method.saved_config(model, adapter_name).to_dict()))
+    if description.get("config") == live:
+        load_adapter_state_dict(model, tensors, adapter_name)
+        return
+    active = active_adapters(model)
+    delete_adapter(model, adapter_name)
+    load_read_adapter(model, description, tensors, path, adapter_name)
+    set_adapter(model, active)
 
 
 def _check_fingerprint(model: nn.Module, adapter_name: str, description: dict[str, Any]) -> None:

@@ -478,7 +478,7 @@ class Lora(Method):
         # Biases are stored under the base module's own name, as peft stores them.
         return {n.replace(".base_layer.", "."): p for n, p in self.extra_trainable(model, adapter_name).items()}
 
-    def saved_config(self) -> LoraConfig:
+    def saved_config(self, model: nn.Module, adapter_name: str) -> LoraConfig:
         """PiSSA saves as the plain rank-2r LoRA it equals (``LoraDelta.stored_state``); lora_alpha
         doubles (times sqrt(2) with rsLoRA) so that the scaling s stays the same."""
         config = self.config

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..core.accounting import ParameterReport, parameter_report
 from ..core.errors import DeltatuneError
 from ..core.yaml12 import dumps
-from ..io.adapter_files import WEIGHTS_NAME, load_adapter_state_dict, save_adapter
+from ..io.adapter_files import WEIGHTS_NAME, restore_adapter, save_adapter
 from ..io.atomic import atomic_write_text
 from ..io.run_folder import CHECKPOINTS, RUN_ADAPTER, RUN_CONFIG, RUN_REPORT, run_yaml
 from ..tasks.base import lower_is_better
@@ -339,9 +339,7 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
     if not stopped:
         with _timed(progress, "evaluate"):
             if adapter_file.is_file():
-                from safetensors.torch import load_file
-
-                load_adapter_state_dict(model, load_file(adapter_file))
+                restore_adapter(model, folder / RUN_ADAPTER)
             metrics = {**progress.best_eval, **_evaluate_split(run, "test")}
     loop_seconds = sum(progress.seconds[p] for p in ("train", "evaluate", "save"))
     result = RunResult(

@@ -135,6 +135,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
     scheduler = get_scheduler(training.lr_scheduler, optimizer, num_warmup_steps=training.warmup_steps,
                               num_training_steps=total)
+    for adapter_hooks in hooks.values():
+        adapter_hooks.start(total)
     eval_steps = training.eval_steps
     if eval_steps and eval_steps < 1:  # a fraction of the run, as in transformers
         eval_steps = max(1, math.ceil(eval_steps * total))
