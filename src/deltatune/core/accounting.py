@@ -1,6 +1,7 @@
 """Honest parameter accounting: what trains, what the saved file holds, what changes.
 
-- ``total``: every parameter in the model as it now is (base, adapters, copies of heads).
+- ``total``: every parameter in the model as it now is (base, adapters, copies of heads), as values:
+  a quantised weight counts the values it holds, not its packed storage elements.
 - ``trainable``: parameters with ``requires_grad``.
 - ``stored``: what ``save_adapter`` writes (adapter tensors plus ``modules_to_save``).
 - ``not_stored``: trained but not in the file (e.g. prefix tuning's re-parameterisation MLP).
@@ -15,9 +16,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .method import deltas_of
@@ -73,7 +76,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     A model without adapters reports everything trainable and stored, as full fine-tuning would.
     """
     params = dict(model.named_parameters())
-    total = sum(p.numel() for p in params.values())
+    total = sum(values_held(p) for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     state = adapter_state(model)
     if state is None or not state.methods:
@@ -97,6 +100,17 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         regenerable=sum(t.numel() for t in method.regenerable(model, name).values()),
         method_figures=method.report_figures(model, name),
     )
+
+
+def values_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the values a parameter holds: its own, or for a quantised weight that packs them
+    (bitsandbytes' 4-bit: two per byte, repacked for its CPU kernels) the shape its quant_state records."""
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return tuple(shape) if shape is not None else tuple(param.shape)
+
+
+def values_held(param: torch.Tensor) -> int:
+    return math.prod(values_shape(param))
 
 
 def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, dict[str, int]]:

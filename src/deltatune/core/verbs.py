@@ -91,6 +91,14 @@ def _check_wrapped(model: nn.Module, wrapped: list[str], saved: list[str], metho
             raise ConfigError(f"'{name}' is a {method} target and overlaps '{clash}' in modules_to_save.",
                               "a module is either adapted or trained in full, not both.")
     check_not_nested(model, wrapped + saved)
+    for name in saved:
+        packed = next((k for k, m in model.get_submodule(name).named_modules() if quantized_module(m)), None)
+        if packed is not None:
+            raise ConfigError(f"'{name}' in modules_to_save is quantised ('{name}{'.' if packed else ''}{packed}' is "
+                              f"a {type(model.get_submodule(name).get_submodule(packed)).__name__}): a module "
+                              "trained in full needs its weights in full precision.",
+                              f"load the base with it left out of quantization, e.g. "
+                              f"BitsAndBytesConfig(..., llm_int8_skip_modules=['{name.rpartition('.')[2]}']).")
 
 
 def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -104,8 +112,33 @@ def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Pa
     return params
 
 
+def is_quantized(param: torch.Tensor) -> bool:
+    """A parameter a quantisation library stores (bitsandbytes' 4-bit or 8-bit, packed already or
+    on its way there): it cannot train, and nothing may be written into it."""
+    return not param.is_floating_point() or hasattr(param, "quant_state") or hasattr(param, "SCB")
+
+
+def quantized_module(module: nn.Module) -> bool:
+    """A layer of a quantisation library (bitsandbytes' Linear4bit, Linear8bitLt), or one holding its parameters."""
+    return type(module).__module__.startswith("bitsandbytes.") or any(
+        is_quantized(p) for p in module.parameters(recurse=False))
+
+
 def set_trainable(model: nn.Module, names: set[str]) -> None:
-    """Exactly the named parameters train; everything else is frozen."""
+    """Exactly the named parameters train; everything else is frozen.
+
+    Raises:
+        ConfigError: a named parameter is stored quantised (packed integers, e.g. bitsandbytes'
+            4-bit weights): nothing changes.
+    """
+    packed = [(n, p) for n, p in model.named_parameters() if n in names and is_quantized(p)]
+    if packed:
+        name, param = packed[0]
+        raise ConfigError(f"'{name}' is stored quantised ({type(param).__name__}, {param.dtype}; {len(packed)} such "
+                          "parameter(s) in all): "
+                          "its values cannot take gradients, so this adapter cannot train it.",
+                          "use a method that keeps the base frozen (the additive and re-parameterisation families in "
+                          "`deltatune methods`), or load the base model without quantization_config.")
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
 
@@ -160,6 +193,7 @@ def merge(model: nn.Module) -> None:
                              "serve it unmerged, or train a mergeable method ("
                              f"{', '.join(n for n, c in registered().items() if c.mergeable)}).")
     _refuse_if_tied(model, state.active)
+    _refuse_if_quantized(model, state.active)
     with torch.no_grad():
         try:
             for name in state.active:
@@ -171,6 +205,18 @@ def merge(model: nn.Module) -> None:
             for _, layer in iter_layers(model):
                 layer.unmerge()
             raise
+
+
+def _refuse_if_quantized(model: nn.Module, adapter_names: list[str]) -> None:
+    """A weight stored quantised (packed integers) cannot take a delta without being dequantised."""
+    for adapter_name in adapter_names:
+        for name, layer, _ in deltas_of(model, adapter_name):
+            weight = getattr(layer.base_layer, "weight", None)
+            if weight is not None and is_quantized(weight):
+                raise MergeError(f"'{name}' holds its weight quantised ({type(weight).__name__}): merging into it would "
+                                 "mean dequantising and quantising again, which deltatune does not do yet.",
+                                 "serve the adapter unmerged on the quantised base, or load the base without "
+                                 "quantization_config, load_adapter() and merge there.")
 
 
 def _refuse_if_tied(model: nn.Module, adapter_names: list[str]) -> None:

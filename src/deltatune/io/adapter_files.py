@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..core.accounting import values_shape
 from ..core.errors import AdapterFileError, ConfigError, TargetError, warn_user
 from ..core.method import config_from_dict, deltas_of, method_for
 from ..core.verbs import (
@@ -39,10 +40,11 @@ FORMAT = "deltatune"
 
 
 def base_fingerprint(model: nn.Module, adapter_name: str) -> str:
-    """A hash of the names and shapes of the base weights an adapter touches."""
+    """A hash of the names and shapes of the base weights an adapter touches (the shapes of their
+    values: the same for a base loaded quantised or not)."""
     shapes = []
     for name, layer, _ in deltas_of(model, adapter_name):
-        shapes += [(f"{name}.{k}", tuple(p.shape)) for k, p in layer.base_layer.named_parameters()]
+        shapes += [(f"{name}.{k}", values_shape(p)) for k, p in layer.base_layer.named_parameters()]
     return "sha256:" + hashlib.sha256(repr(sorted(shapes)).encode()).hexdigest()[:16]
 
 

@@ -1,0 +1,141 @@
+"""A base model loaded quantised by bitsandbytes (4-bit NF4 and 8-bit) through transformers: the
+adapters that leave it frozen train, save and load; what would train or merge into its packed
+weights is refused before anything changes; the report counts values, not packed bytes."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+import deltatune as dt
+from tiny import VOCAB, inputs, output, snapshot
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bitsandbytes looks for a hub kernel on import
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+QUANTIZATIONS = {
+    "nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+    "int8": BitsAndBytesConfig(load_in_8bit=True),
+}
+
+
+def llama():
+    """A small LLaMA whose layers are as wide as bitsandbytes' CPU kernels need (64 inputs: a block)."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    llama().save_pretrained(path)
+    return path
+
+
+def quantized(path, kind: str):
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=QUANTIZATIONS[kind]).eval()
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_the_report_counts_the_values_a_quantised_base_holds(llama_dir, kind):
+    model = quantized(llama_dir, kind)
+    packed = sum(p.numel() for p in model.parameters())
+    unquantised = sum(p.numel() for p in llama().parameters())
+    assert dt.parameter_report(model).total == unquantised
+    if kind == "nf4":
+        assert packed < unquantised  # two 4-bit values per stored byte
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                    dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                 feedforward_modules=["down_proj"])], ids=["lora", "ia3"])
+def test_frozen_base_methods_train_save_and_load_on_a_quantised_base(llama_dir, kind, config, tmp_path):
+    model, batch = dt.apply(quantized(llama_dir, kind), config), inputs("llama")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)  # the adapter in full precision
+    frozen = snapshot(model)
+    optimizer = torch.optim.SGD(trainable, lr=0.5)
+    model.train()
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    model.eval()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), frozen[n])]
+    assert changed and all(model.get_parameter(n).requires_grad for n in changed)  # only the adapter moved
+    expected = output(model, batch)
+    dt.save_adapter(model, tmp_path)
+    again = dt.load_adapter(quantized(llama_dir, kind), tmp_path)
+    torch.testing.assert_close(output(again, batch), expected, rtol=0, atol=0)
+    # the same base unquantised takes it too (the fingerprint hashes the shapes of the values)
+    full = dt.load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path)
+    ours, theirs = dt.adapter_state_dict(again), dt.adapter_state_dict(full)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("config", [dt.FullFineTuningConfig(), dt.LayerTuningConfig(top_k=1)], ids=["full", "layer"])
+def test_methods_that_train_the_packed_weights_are_refused_before_anything_changes(llama_dir, config):
+    model = quantized(llama_dir, "nf4")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(dt.ConfigError, match=r"(?s)is stored quantised \(Params4bit, torch.uint8.*cannot take gradients.*"
+                                             r"without quantization_config"):
+        dt.apply(model, config)
+    assert not hasattr(model, "_deltatune_state")
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert not any(p.requires_grad for p in model.parameters() if not p.is_floating_point())
+
+
+def test_merging_into_quantised_weights_is_refused_and_nothing_merges(llama_dir):
+    model, batch = dt.apply(quantized(llama_dir, "nf4"), dt.LoraConfig(r=2, target_modules=["q_proj"])), inputs("llama")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.1)
+    expected = output(model, batch)
+    with pytest.raises(dt.MergeError, match=r"(?s)holds its weight quantised \(Params4bit\).*serve the adapter unmerged"):
+        dt.merge(model)
+    torch.testing.assert_close(output(model, batch), expected, rtol=0, atol=0)
+    with pytest.raises(dt.MergeError, match="quantised"):
+        dt.merge_and_unload(model)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_a_qlora_adapter_loads_in_peft_on_its_own_quantised_base_and_back(llama_dir, kind, tmp_path):
+    import peft
+
+    model, batch = dt.apply(quantized(llama_dir, kind), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), inputs("llama")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    expected = output(model, batch)
+    dt.save_adapter(model, tmp_path / "peft", format="peft")
+    theirs = peft.PeftModel.from_pretrained(quantized(llama_dir, kind), tmp_path / "peft").eval()
+    assert (output(theirs, batch) - expected).abs().max() <= 1e-5
+    theirs.save_pretrained(tmp_path / "from-peft")
+    again = dt.load_adapter(quantized(llama_dir, kind), tmp_path / "from-peft")
+    assert (output(again, batch) - expected).abs().max() <= 1e-5
+
+
+def test_a_quantised_task_head_is_refused_for_modules_to_save_and_one_left_out_trains(llama_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    def classifier(**skip):
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **skip)
+        return AutoModelForSequenceClassification.from_pretrained(llama_dir, num_labels=2, quantization_config=quantization)
+
+    config = dt.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["score"])
+    model = classifier(llm_int8_skip_modules=["lm_head"])  # a list of one's own: the head is quantised too
+    assert type(model.score).__name__ == "Linear4bit"
+    with pytest.raises(dt.ConfigError, match=r"(?s)'score' in modules_to_save is quantised \('score' is a Linear4bit\).*"
+                                             r"llm_int8_skip_modules=\['score'\]"):
+        dt.apply(model, config)
+    assert not hasattr(model, "_deltatune_state")
+    model = dt.apply(classifier(llm_int8_skip_modules=["score"]), config)  # (transformers' default skips it too)
+    assert model.score.deltas["default"].copy.weight.requires_grad
