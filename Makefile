@@ -24,7 +24,8 @@ lint: $(VENV)/.installed-test
 # code, as on CPUs MKL does not tune for): a tolerance that holds on one instruction set only fails here.
 test-kernels: $(VENV)/.installed-test
 	ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE $(BIN)/python -m pytest -q tests/test_invariants.py \
-	  tests/methods tests/test_mixed_batch.py tests/io tests/test_core.py tests/train/test_precision.py
+	  tests/methods tests/test_mixed_batch.py tests/io tests/test_core.py tests/train/test_precision.py \
+	  tests/test_quantized.py
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python bench/lora_overhead.py
