@@ -55,7 +55,11 @@ def test_the_report_counts_the_values_a_quantised_base_holds(llama_dir, kind):
 @pytest.mark.parametrize("kind", QUANTIZATIONS)
 @pytest.mark.parametrize("config", [dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
                                     dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
-                                                 feedforward_modules=["down_proj"])], ids=["lora", "ia3"])
+                                                 feedforward_modules=["down_proj"]),
+                                    dt.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+                                    dt.AdapterConfig(bottleneck=8), dt.PromptTuningConfig(num_virtual_tokens=3),
+                                    dt.PrefixTuningConfig(num_virtual_tokens=3)],
+                         ids=["lora", "ia3", "vera", "adapter", "prompt", "prefix"])
 def test_frozen_base_methods_train_save_and_load_on_a_quantised_base(llama_dir, kind, config, tmp_path):
     model, batch = dt.apply(quantized(llama_dir, kind), config), inputs("llama")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -139,3 +143,13 @@ def test_a_quantised_task_head_is_refused_for_modules_to_save_and_one_left_out_t
     assert not hasattr(model, "_deltatune_state")
     model = dt.apply(classifier(llm_int8_skip_modules=["score"]), config)  # (transformers' default skips it too)
     assert model.score.deltas["default"].copy.weight.requires_grad
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+@pytest.mark.parametrize("config", [dt.LoraConfig(r=2, use_dora=True, target_modules=["q_proj"]),
+                                    dt.LoraConfig(r=2, init="pissa", target_modules=["q_proj"])], ids=["dora", "pissa"])
+def test_dora_and_pissa_which_read_w0_are_refused_on_quantised_layers(llama_dir, kind, config):
+    model = quantized(llama_dir, kind)
+    with pytest.raises(dt.ConfigError, match=r"(?s)reads the values of W0.*holds them quantised.*plain LoRA"):
+        dt.apply(model, config)
+    assert not hasattr(model, "_deltatune_state")

@@ -52,6 +52,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
+from ..core.verbs import is_quantized
 from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
@@ -448,6 +449,8 @@ class Lora(Method):
         names = self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
         if self.config.pissa:
             check_pissa_targets(model, names, self.config)
+        if self.config.pissa or self.config.use_dora:
+            check_not_quantized(model, names, self.config.variant)
         return names
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
@@ -488,6 +491,17 @@ class Lora(Method):
         return dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init="kaiming")
 
     peft = LoraPeft()
+
+
+def check_not_quantized(model: nn.Module, names: list[str], variant: str) -> None:
+    """DoRA and PiSSA read W0's values (its norms, its singular vectors): a quantised layer holds codes."""
+    for name in names:
+        module = model.get_submodule(name)
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if weight is not None and is_quantized(weight):
+            raise ConfigError(f"{variant} reads the values of W0, and '{name}' holds them quantised "
+                              f"({type(weight).__name__}), which deltatune does not dequantise yet.",
+                              "train a plain LoRA on the quantised base, or load the base without quantization_config.")
 
 
 def check_pissa_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
