@@ -214,3 +214,42 @@ def interrupt_at_step(monkeypatch, step_number: int):
 
     monkeypatch.setattr(loop, "_optimizer_step", step)
     return lambda: monkeypatch.setattr(loop, "_optimizer_step", real)
+
+
+def assert_fresh_is_base_and_trained_merges(config, weight_of, scale: float) -> None:
+    """On tiny LLaMA: a fresh adapter gives the base outputs exactly; perturbed by ``scale`` it changes
+    them, merged it gives the same outputs and unmerged the weight ``weight_of(model)`` comes back."""
+    import deltatune as dt
+
+    model, batch = build("llama"), inputs("llama")
+    base_out = output(model, batch)
+    dt.apply(model, config)
+    torch.testing.assert_close(output(model, batch), base_out, rtol=0, atol=0)
+    perturb(model, scale=scale)
+    expected = output(model, batch)
+    assert (expected - base_out).abs().max() > 1e-2
+    W0 = weight_of(model).detach().clone()
+    dt.merge(model)
+    assert_close_ulps(output(model, batch), expected)
+    dt.unmerge(model)
+    assert_close_ulps(weight_of(model).detach(), W0)
+
+
+def assert_conv1d_trains_here_but_not_in_peft(config, refusal: str, tmp_path, scale: float) -> None:
+    """On tiny GPT-2 (Conv1D layers, which the method's peft twin has no layer for): merged outputs
+    equal, the deltatune file round-trips exactly, and writing peft's format is refused."""
+    import pytest
+
+    import deltatune as dt
+
+    model, batch = dt.apply(build("gpt2"), config), inputs("gpt2")
+    perturb(model, scale=scale)
+    expected = output(model, batch)
+    dt.merge(model)
+    assert_close_ulps(output(model, batch), expected)
+    dt.unmerge(model)
+    dt.save_adapter(model, tmp_path / "ours")
+    again = dt.load_adapter(build("gpt2"), tmp_path / "ours")
+    torch.testing.assert_close(output(again, batch), expected, rtol=0, atol=0)
+    with pytest.raises(dt.AdapterFileError, match=refusal):
+        dt.save_adapter(model, tmp_path / "peft", format="peft")

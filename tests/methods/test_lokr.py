@@ -8,7 +8,13 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods.lokr import factorization
-from tiny import LAYERS, assert_close_ulps, build, inputs, output, perturb
+from tiny import (
+    LAYERS,
+    assert_conv1d_trains_here_but_not_in_peft,
+    assert_fresh_is_base_and_trained_merges,
+    build,
+    perturb,
+)
 
 
 class Net(nn.Module):
@@ -63,30 +69,13 @@ def test_small_ranks_write_the_factors_as_low_rank_products_and_count_them():
 
 @pytest.mark.parametrize("init", [True, "lycoris"])
 def test_a_fresh_adapter_changes_nothing_and_a_trained_one_merges_exactly(init):
-    model, batch = build("llama"), inputs("llama")
-    base_out = output(model, batch)
-    dt.apply(model, dt.LoKrConfig(r=2, target_modules="all-linear", init_weights=init))
-    torch.testing.assert_close(output(model, batch), base_out, rtol=0, atol=0)
-    perturb(model, scale=0.5)
-    expected = output(model, batch)
-    assert (expected - base_out).abs().max() > 1e-2
-    proj = model.model.layers[0].mlp.down_proj
-    W0 = proj.base_layer.weight.detach().clone()
-    dt.merge(model)
-    assert_close_ulps(output(model, batch), expected)
-    dt.unmerge(model)
-    assert_close_ulps(proj.base_layer.weight.detach(), W0)
+    assert_fresh_is_base_and_trained_merges(dt.LoKrConfig(r=2, target_modules="all-linear", init_weights=init),
+                                            lambda m: m.model.layers[0].mlp.down_proj.base_layer.weight, scale=0.5)
 
 
 def test_gpt2_conv1d_layers_train_here_and_are_kept_out_of_peft(tmp_path):
-    model, batch = dt.apply(build("gpt2"), dt.LoKrConfig(r=2, target_modules=["c_fc"])), inputs("gpt2")
-    perturb(model, scale=0.5)
-    expected = output(model, batch)
-    dt.save_adapter(model, tmp_path / "ours")
-    again = dt.load_adapter(build("gpt2"), tmp_path / "ours")
-    torch.testing.assert_close(output(again, batch), expected, rtol=0, atol=0)
-    with pytest.raises(dt.AdapterFileError, match="peft's LoKr has no Conv1D layer"):
-        dt.save_adapter(model, tmp_path / "peft", format="peft")
+    assert_conv1d_trains_here_but_not_in_peft(dt.LoKrConfig(r=2, target_modules=["c_fc"]),
+                                              "peft's LoKr has no Conv1D layer", tmp_path, scale=0.5)
 
 
 def test_rank_dropout_rescales_only_when_asked():

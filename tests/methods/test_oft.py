@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from tiny import HIDDEN, LAYERS, assert_close_ulps, build, inputs, output, perturb
+from tiny import (
+    HIDDEN,
+    LAYERS,
+    assert_conv1d_trains_here_but_not_in_peft,
+    assert_fresh_is_base_and_trained_merges,
+    build,
+    perturb,
+)
 
 
 class Net(nn.Module):
@@ -71,19 +78,8 @@ def test_counts_on_tiny_bert():
 
 
 def test_a_fresh_adapter_changes_nothing_and_a_trained_one_merges():
-    model, batch = build("llama"), inputs("llama")
-    base_out = output(model, batch)
-    dt.apply(model, dt.OFTConfig(oft_block_size=4, target_modules="all-linear"))
-    torch.testing.assert_close(output(model, batch), base_out, rtol=0, atol=0)
-    perturb(model, scale=0.2)
-    expected = output(model, batch)
-    assert (expected - base_out).abs().max() > 1e-2
-    proj = model.model.layers[0].mlp.down_proj
-    W0 = proj.base_layer.weight.detach().clone()
-    dt.merge(model)
-    assert_close_ulps(output(model, batch), expected)
-    dt.unmerge(model)
-    assert_close_ulps(proj.base_layer.weight.detach(), W0)
+    assert_fresh_is_base_and_trained_merges(dt.OFTConfig(oft_block_size=4, target_modules="all-linear"),
+                                            lambda m: m.model.layers[0].mlp.down_proj.base_layer.weight, scale=0.2)
 
 
 def test_module_dropout_replaces_that_fraction_of_the_blocks_by_the_identity():
@@ -103,17 +99,8 @@ def test_module_dropout_replaces_that_fraction_of_the_blocks_by_the_identity():
 
 
 def test_gpt2_conv1d_layers_train_here_and_are_kept_out_of_peft(tmp_path):
-    model, batch = dt.apply(build("gpt2"), dt.OFTConfig(oft_block_size=8, target_modules=["c_attn", "c_fc"])), inputs("gpt2")
-    perturb(model, scale=0.3)
-    expected = output(model, batch)
-    dt.merge(model)
-    assert_close_ulps(output(model, batch), expected)
-    dt.unmerge(model)
-    dt.save_adapter(model, tmp_path / "ours")
-    again = dt.load_adapter(build("gpt2"), tmp_path / "ours")
-    torch.testing.assert_close(output(again, batch), expected, rtol=0, atol=0)
-    with pytest.raises(dt.AdapterFileError, match="peft's OFT has no Conv1D layer"):
-        dt.save_adapter(model, tmp_path / "peft", format="peft")
+    assert_conv1d_trains_here_but_not_in_peft(dt.OFTConfig(oft_block_size=8, target_modules=["c_attn", "c_fc"]),
+                                              "peft's OFT has no Conv1D layer", tmp_path, scale=0.3)
 
 
 def test_block_sizes_that_do_not_divide_the_input_are_refused_with_a_divisor():

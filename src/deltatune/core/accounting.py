@@ -16,14 +16,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
 from .method import deltas_of
+from .quantized import values_held
 from .verbs import adapter_state, adapter_state_dict, require_state, trainable_parameters
 
 
@@ -100,17 +99,6 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         regenerable=sum(t.numel() for t in method.regenerable(model, name).values()),
         method_figures=method.report_figures(model, name),
     )
-
-
-def values_shape(param: torch.Tensor) -> tuple[int, ...]:
-    """The shape of the values a parameter holds: its own, or for a quantised weight that packs them
-    (bitsandbytes' 4-bit: two per byte, repacked for its CPU kernels) the shape its quant_state records."""
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return tuple(shape) if shape is not None else tuple(param.shape)
-
-
-def values_held(param: torch.Tensor) -> int:
-    return math.prod(values_shape(param))
 
 
 def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, dict[str, int]]:

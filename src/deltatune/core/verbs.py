@@ -11,6 +11,7 @@ from torch import nn
 from .errors import ConfigError, MergeError
 from .layer import AdapterState, ModuleCopy
 from .method import Method, MethodConfig, add_deltas, check_not_nested, deltas_of, iter_layers, method_for, registered
+from .quantized import is_quantized, quantized_module
 from .rows import accept_adapter_names, drop_adapter_names
 from .state import STATE_ATTR, adapter_state, merged_adapters, refuse_if_merged, require_adapter, require_state
 
@@ -110,18 +111,6 @@ def trainable_parameters(model: nn.Module, adapter_name: str) -> dict[str, nn.Pa
         params.update({prefix + k: p for k, p in delta.named_parameters()})
     params.update(method.extra_trainable(model, adapter_name))
     return params
-
-
-def is_quantized(param: torch.Tensor) -> bool:
-    """A parameter a quantisation library stores (bitsandbytes' 4-bit or 8-bit, packed already or
-    on its way there): it cannot train, and nothing may be written into it."""
-    return not param.is_floating_point() or hasattr(param, "quant_state") or hasattr(param, "SCB")
-
-
-def quantized_module(module: nn.Module) -> bool:
-    """A layer of a quantisation library (bitsandbytes' Linear4bit, Linear8bitLt), or one holding its parameters."""
-    return type(module).__module__.startswith("bitsandbytes.") or any(
-        is_quantized(p) for p in module.parameters(recurse=False))
 
 
 def set_trainable(model: nn.Module, names: set[str]) -> None:

@@ -37,6 +37,12 @@ def is_norm(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__ and any(True for _ in module.parameters(recurse=False))
 
 
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """A linear or Conv1D layer's weight as (d_out, d_in): a view, so writes go to the layer."""
+    weight = module.weight.data
+    return weight.T if weight_is_transposed(module) else weight
+
+
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of an ``nn.Linear`` or a transformers ``Conv1D``."""
     if weight_is_transposed(module):
@@ -55,10 +61,8 @@ class WeightDelta(Delta):
     the whole change in a forward pass with that probability.
     """
 
-    def __init__(self, base: nn.Module, rank_dropout: float = 0.0, module_dropout: float = 0.0,
-                 rescale: bool = True):
+    def __init__(self, rank_dropout: float = 0.0, module_dropout: float = 0.0, rescale: bool = True):
         super().__init__()
-        self.transposed = weight_is_transposed(base)
         self.rank_dropout, self.module_dropout, self.rescale = rank_dropout, module_dropout, rescale
 
     def delta_weight(self) -> torch.Tensor:
@@ -79,16 +83,12 @@ class WeightDelta(Delta):
         change = self.forward_weight()
         return out + F.linear(args[0].to(change.dtype), change).to(out.dtype)
 
-    def _oriented(self, base: nn.Module) -> torch.Tensor:
-        weight = base.weight.data
-        return weight.T if self.transposed else weight  # a view: writes go to the base
-
     def merge(self, base: nn.Module) -> None:
-        weight = self._oriented(base)
+        weight = oriented_weight(base)
         weight.copy_(weight + self.delta_weight().detach())  # in fp32, written once: a bf16 base rounds once
 
     def unmerge(self, base: nn.Module) -> None:
-        weight = self._oriented(base)
+        weight = oriented_weight(base)
         weight.copy_(weight - self.delta_weight().detach())
 
     def changed_numel(self, base: nn.Module) -> int:

@@ -17,9 +17,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..core.accounting import values_shape
 from ..core.errors import AdapterFileError, ConfigError, TargetError, warn_user
 from ..core.method import config_from_dict, deltas_of, method_for
+from ..core.quantized import values_shape
 from ..core.verbs import (
     active_adapters,
     adapter_state_dict,

@@ -108,7 +108,7 @@ class SvdDelta(WeightDelta):
     """s B diag(E) A beside one linear or Conv1D layer; ``kept`` marks the triplets that count."""
 
     def __init__(self, base: nn.Module, config: AdaLoraConfig, kept: list[bool] | None):
-        super().__init__(base)
+        super().__init__()
         in_features, out_features = linear_shape(base)
         r, self.scaling = config.init_r, config.scaling
         self.lora_A = nn.Parameter(torch.randn(r, in_features))
@@ -163,7 +163,6 @@ class RankAllocator(TrainingHooks):
 
     def __init__(self, config: AdaLoraConfig, deltas: dict[str, SvdDelta]):
         self.config, self.deltas = config, deltas
-        self.total = config.total_step
         #: smoothed importance Ī and uncertainty Ū, by "<module>.<factor>"
         self.importance: dict[str, torch.Tensor] = {}
         self.uncertainty: dict[str, torch.Tensor] = {}
@@ -177,12 +176,12 @@ class RankAllocator(TrainingHooks):
         return self.config.target_r * len(self.deltas)
 
     def start(self, total_steps: int) -> None:
-        self.total = self.config.total_step or total_steps
-        check_schedule(self.config, self.total)
+        check_schedule(self.config, self.config.total_step or total_steps)
 
-    def budget(self, step: int) -> tuple[int, bool]:
-        """(triplets to keep, whether to cut now) after optimizer step ``step``."""
-        config, final = self.config, self.total - self.config.tfinal
+    def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
+        """(triplets to keep, whether to cut now) after optimizer step ``step`` of a run of ``total_steps``."""
+        config = self.config
+        final = (config.total_step or total_steps) - config.tfinal
         if step <= config.tinit:
             return self.initial_budget, False
         if step > final:
@@ -202,10 +201,10 @@ class RankAllocator(TrainingHooks):
         return self.config.orth_reg_weight * torch.stack(terms).mean()
 
     def after_step(self, step: int, total_steps: int) -> None:
-        final = self.total - self.config.tfinal
+        final = (self.config.total_step or total_steps) - self.config.tfinal
         if step < final:
             self._estimate_importance()
-            budget, cut_now = self.budget(step)
+            budget, cut_now = self.budget(step, total_steps)
             if cut_now:
                 self._keep_best(budget)
         elif step == final:
@@ -222,10 +221,12 @@ class RankAllocator(TrainingHooks):
                 for factor in FACTORS:
                     p = getattr(delta, factor)
                     key = f"{name}.{factor}"
+                    if key not in self.importance:
+                        self.importance[key], self.uncertainty[key] = torch.zeros_like(p), torch.zeros_like(p)
                     now = (p * p.grad).abs() if p.grad is not None else torch.zeros_like(p)
-                    mean = beta1 * self.importance.get(key, torch.zeros_like(p)) + (1 - beta1) * now
-                    spread = beta2 * self.uncertainty.get(key, torch.zeros_like(p)) + (1 - beta2) * (now - mean).abs()
-                    self.importance[key], self.uncertainty[key] = mean, spread
+                    mean = beta1 * self.importance[key] + (1 - beta1) * now
+                    self.uncertainty[key] = beta2 * self.uncertainty[key] + (1 - beta2) * (now - mean).abs()
+                    self.importance[key] = mean
 
     def _score(self, name: str) -> torch.Tensor:
         """Each triplet's score: Ī Ū of E_i plus its mean over row i of A and column i of B."""
@@ -335,8 +336,8 @@ class AdaLora(Method):
         cut = {}
         for name, delta in svd_deltas(model, adapter_name).items():
             dropped = ~delta.kept
-            cut.update({f"{name}.lora_A": delta.lora_A[dropped], f"{name}.lora_B": delta.lora_B[:, dropped],
-                        f"{name}.lora_E": delta.lora_E[dropped]})
+            cut.update({f"{name}.lora_A": delta.lora_A.detach()[dropped],
+                        f"{name}.lora_B": delta.lora_B.detach()[:, dropped], f"{name}.lora_E": delta.lora_E.detach()[dropped]})
         return cut
 
     def report_figures(self, model: nn.Module, adapter_name: str) -> dict[str, Any]:

@@ -65,7 +65,7 @@ class HadamardDelta(WeightDelta):
     """ΔW = s (W1a W1b) ⊙ (W2a W2b) beside one linear or Conv1D layer, named as peft names it."""
 
     def __init__(self, base: nn.Module, config: LoHaConfig):
-        super().__init__(base, config.rank_dropout, config.module_dropout)
+        super().__init__(config.rank_dropout, config.module_dropout)
         in_features, out_features = linear_shape(base)
         r, self.scaling = config.r, config.scaling
         self.hada_w1_a = nn.Parameter(torch.empty(out_features, r))

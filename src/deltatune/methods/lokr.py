@@ -99,7 +99,7 @@ class KroneckerDelta(WeightDelta):
     (peft's names: ``lokr_w1`` or ``lokr_w1_a`` and ``lokr_w1_b``; the same for W2)."""
 
     def __init__(self, base: nn.Module, config: LoKrConfig):
-        super().__init__(base, config.rank_dropout, config.module_dropout, rescale=config.rank_dropout_scale)
+        super().__init__(config.rank_dropout, config.module_dropout, rescale=config.rank_dropout_scale)
         in_features, out_features = linear_shape(base)
         (a, b), (c, e), r = factorization(out_features, config.decompose_factor), \
             factorization(in_features, config.decompose_factor), config.r

@@ -52,7 +52,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
-from ..core.verbs import is_quantized
+from ..core.quantized import is_quantized
 from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 

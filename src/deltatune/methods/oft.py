@@ -34,7 +34,7 @@ from ..core.layer import AdapterState, Delta
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, refuse_unsupported, targets_from_peft
 from ..hf.anatomy import query_and_value
-from ..hf.layers import linear_shape, linear_types, weight_is_transposed
+from ..hf.layers import linear_shape, linear_types, oriented_weight
 
 __all__ = ["OFTConfig"]
 
@@ -89,7 +89,6 @@ class OrthogonalDelta(Delta):
         super().__init__()
         in_features, _ = linear_shape(base)
         self.n_blocks, self.block_size = config.blocks(in_features)
-        self.transposed = weight_is_transposed(base)
         self.config = config
         self.oft_R = nn.Module()  # peft's key: <module>.oft_R.weight
         k = self.block_size
@@ -150,17 +149,13 @@ class OrthogonalDelta(Delta):
         """The whole block-diagonal matrix, as the input is multiplied by it: x (as a row) -> x M."""
         return torch.block_diag(*self.rotations())
 
-    def _oriented(self, base: nn.Module) -> torch.Tensor:
-        weight = base.weight.data
-        return weight.T if self.transposed else weight  # (d_out, d_in), a view: writes go to the base
-
     def merge(self, base: nn.Module) -> None:
-        weight = self._oriented(base)
+        weight = oriented_weight(base)
         rotation = self.rotation().detach()
         weight.copy_(weight.to(rotation.dtype) @ rotation.T)  # h = W0 (x M)ᵀ = W0 Mᵀ x
 
     def unmerge(self, base: nn.Module) -> None:
-        weight = self._oriented(base)
+        weight = oriented_weight(base)
         rotation = self.rotation().detach()
         weight.copy_(torch.linalg.solve(rotation, weight.to(rotation.dtype).T).T)  # W Mᵀ = W' for W
 
