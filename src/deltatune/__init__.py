@@ -7,7 +7,10 @@ and ``deltatune --help`` start without torch; ``dt.LoraConfig``, ``dt.apply`` an
 
 import importlib
 
+from .env import quiet_loggers
 from .version import __version__ as __version__  # re-exported: dt.__version__
+
+quiet_loggers()  # bitsandbytes' import-time kernel download warning (it falls back; deltatune never downloads)
 
 # every method's config class, as methods/*.py list them in their __all__ (a test keeps the two in step)
 _METHOD_NAMES = ["AdaLoraConfig", "AdapterConfig", "BitFitConfig", "FullFineTuningConfig", "IA3Config", "LayerTuningConfig",

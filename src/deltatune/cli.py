@@ -135,6 +135,9 @@ def _adapter_commands(sub: Any) -> None:
     export.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
     export.add_argument("output", metavar="OUTPUT", help="the folder to write the merged model to")
     export.add_argument("--base", help="the base model folder (default: the one recorded in the adapter)")
+    export.add_argument("--dtype", choices=("float32", "bfloat16"), help="the dtype of the written weights (default: the "
+                        "base checkpoint's); the merge computes in float32 and rounds once. A base the adapter "
+                        "trained on quantised is loaded unquantised for the merge.")
     export.set_defaults(run=_export)
 
     methods = sub.add_parser("methods", help="list the registered methods by PEFT family")
@@ -191,13 +194,16 @@ def _train(args: argparse.Namespace) -> int:
         print(f"No config given: training the bundled default ({config.method.method} on "
               f"{config.model.name_or_path}, {config.data.source}).")
     print(describe(config.training.precision))
+    if config.model.quantization:
+        print(f"base: quantised by bitsandbytes, {config.model.quantization.describe()} (the task head unquantised)")
     result = train(config, resume=args.resume)
     report = result.parameters
     print(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
           f"in {result.train_seconds:.1f} s ({result.step_seconds:.3f} s/step), peak memory "
           f"{result.peak_memory_mb:.0f} MB")
     print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
-          f"stored params: {report.stored:,} ({result.adapter_bytes:,} bytes on disk)")
+          f"stored params: {report.stored:,} ({result.adapter_bytes:,} bytes on disk)"
+          + (f" || quantised base: {report.quantized:,} values in {report.quantized_bytes:,} bytes" if report.quantized else ""))
     for key, value in result.metrics.items():
         print(f"  {key:<16} {value:.4f}")
     print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
@@ -278,7 +284,7 @@ def _export(args: argparse.Namespace) -> int:
     from .io.export import export_merged
 
     adapter = locate_adapter(args.adapter).adapter
-    print(f"wrote a plain transformers model to {export_merged(adapter, args.output, args.base)}")
+    print(f"wrote a plain transformers model to {export_merged(adapter, args.output, args.base, args.dtype)}")
     return 0
 
 

@@ -9,6 +9,7 @@ imported: the call imports nothing (``deltatune --help`` stays fast), and worker
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -20,12 +21,24 @@ SETTINGS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # transformers' bars follow the hub's
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
 }
+#: loggers that report, when bitsandbytes is imported, its failed download of an optional CPU
+#: kernel from the hub (it falls back to its own kernels): a warning of many lines, every time
+NOISY_LOGGERS = ("bitsandbytes", "kernels")
+
+
+def quiet_loggers() -> None:
+    """Limit the noisy loggers to errors, unless the user set their level."""
+    for name in NOISY_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.ERROR)
 
 
 def offline_and_quiet() -> None:
     """Keep the Hugging Face libraries offline and quiet (errors only, no progress bars)."""
     for key, value in SETTINGS.items():
         os.environ.setdefault(key, value)
+    quiet_loggers()
     # Libraries imported before this call (by a test or a Python caller) read their settings already.
     if "transformers" in sys.modules:
         import transformers

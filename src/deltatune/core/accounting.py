@@ -8,6 +8,8 @@
 - ``changed``: base parameters that differ from the original once merged (d x k per merged
   LoRA layer): the third count the PEFT literature asks for.
 - ``method_figures``: what the method adds about itself (the ranks AdaLoRA kept).
+- ``quantized`` / ``quantized_bytes``: values the base holds quantised, and the bytes they take
+  in memory with their scales (0 for a base in full precision).
 - ``regenerable``: frozen tensors the adapter needs that its config rebuilds exactly (VeRA's
   random projections, from a seed); in ``stored`` too when the file also holds them. Not
   parameters, so not in ``total``.
@@ -22,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from .method import deltas_of
-from .quantized import values_held
+from .quantized import is_quantized, quantized_tensors, values_held
 from .verbs import adapter_state, adapter_state_dict, require_state, trainable_parameters
 
 
@@ -37,6 +39,8 @@ class ParameterReport:
     per_module: dict[str, dict[str, int]] = field(default_factory=dict)
     regenerable: int = 0
     method_figures: dict[str, Any] = field(default_factory=dict)
+    quantized: int = 0
+    quantized_bytes: int = 0
 
     @property
     def trainable_percent(self) -> float:
@@ -57,6 +61,8 @@ class ParameterReport:
                 f"stored params: {self.stored:,} ({_size(self.stored_bytes)}) || "
                 f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}"
                 + (f" || regenerable from the config: {self.regenerable:,}" if self.regenerable else "")
+                + (f"\nquantised base: {self.quantized:,} values in {_size(self.quantized_bytes)} "
+                   f"({8 * self.quantized_bytes / self.quantized:.2f} bits each, scales included)" if self.quantized else "")
                 + "".join(f"\n{name.replace('_', ' ')}: {value:,}" for name, value in self.method_figures.items()
                           if isinstance(value, int)))
 
@@ -78,9 +84,12 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     total = sum(values_held(p) for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     state = adapter_state(model)
+    quantized = _quantized_layers(model)
+    held = {"quantized": sum(values_held(m.weight) for m in quantized),
+            "quantized_bytes": _bytes({t.data_ptr(): t for m in quantized for t in quantized_tensors(m)}.values())}
     if state is None or not state.methods:
         nbytes = sum(p.numel() * p.element_size() for p in params.values())
-        return ParameterReport(total, trainable, total, 0, total, nbytes)
+        return ParameterReport(total, trainable, total, 0, total, nbytes, **held)
     name = adapter_name or (state.active[0] if state.active else next(iter(state.methods)))
     require_state(model)
     stored = adapter_state_dict(model, name)
@@ -98,7 +107,18 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         per_module=_per_module(trainable_parameters(model, name), stored),
         regenerable=sum(t.numel() for t in method.regenerable(model, name).values()),
         method_figures=method.report_figures(model, name),
+        **held,
     )
+
+
+def _bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _quantized_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose own weight is stored quantised."""
+    return [m for m in model.modules()
+            if m._parameters.get("weight") is not None and is_quantized(m._parameters["weight"])]
 
 
 def _per_module(trainable: dict[str, nn.Parameter], stored: dict) -> dict[str, dict[str, int]]:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import quantized
 from .errors import ConfigError, MergeError
 
 BASE = "__base__"  # a row's adapter name for "no adapter": the bare base model
@@ -184,6 +185,7 @@ class DeltaLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.merged: list[str] = []
         self._adapter_state = state
+        self._codes: Any = None  # a quantised base's codes while merged: unmerging restores them exactly
 
     def add_delta(self, adapter_name: str, delta: Delta) -> None:
         self.deltas[adapter_name] = delta
@@ -245,13 +247,23 @@ class DeltaLayer(nn.Module):
             raise MergeError(f"adapter '{adapter_name}' rescales the original weight, which '{self.merged[-1]}' "
                              "has already changed by merging first.",
                              f"make '{adapter_name}' the first active adapter, or merge it alone.")
-        self.deltas[adapter_name].merge(self.base_layer)
+        if not self.merged:
+            self._codes = quantized.snapshot(self.base_layer)
+        with quantized.weight_in_float(self.base_layer):  # a quantised weight: dequantised, merged, quantised again
+            self.deltas[adapter_name].merge(self.base_layer)
         self.merged.append(adapter_name)
 
     def unmerge(self) -> None:
-        """Undo merges in reverse order, so stacked merges restore the base exactly."""
-        while self.merged:
-            self.deltas[self.merged.pop()].unmerge(self.base_layer)
+        """Undo merges in reverse order, so stacked merges restore the base exactly; a quantised
+        base gets its original codes back (the deltas still unmerge, for what they changed beside)."""
+        if not self.merged and self._codes is None:
+            return
+        with quantized.weight_in_float(self.base_layer):
+            while self.merged:
+                self.deltas[self.merged.pop()].unmerge(self.base_layer)
+        if self._codes is not None:
+            quantized.restore(self.base_layer, self._codes)
+            self._codes = None
 
     def __getattr__(self, name: str) -> Any:
         # Code around the wrapper (e.g. `attn.query.weight`, `embeddings.word_embeddings.weight`)

@@ -182,7 +182,6 @@ def merge(model: nn.Module) -> None:
                              "serve it unmerged, or train a mergeable method ("
                              f"{', '.join(n for n, c in registered().items() if c.mergeable)}).")
     _refuse_if_tied(model, state.active)
-    _refuse_if_quantized(model, state.active)
     with torch.no_grad():
         try:
             for name in state.active:
@@ -194,18 +193,6 @@ def merge(model: nn.Module) -> None:
             for _, layer in iter_layers(model):
                 layer.unmerge()
             raise
-
-
-def _refuse_if_quantized(model: nn.Module, adapter_names: list[str]) -> None:
-    """A weight stored quantised (packed integers) cannot take a delta without being dequantised."""
-    for adapter_name in adapter_names:
-        for name, layer, _ in deltas_of(model, adapter_name):
-            weight = getattr(layer.base_layer, "weight", None)
-            if weight is not None and is_quantized(weight):
-                raise MergeError(f"'{name}' holds its weight quantised ({type(weight).__name__}): merging into it would "
-                                 "mean dequantising and quantising again, which deltatune does not do yet.",
-                                 "serve the adapter unmerged on the quantised base, or load the base without "
-                                 "quantization_config, load_adapter() and merge there.")
 
 
 def _refuse_if_tied(model: nn.Module, adapter_names: list[str]) -> None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.layer import Delta, DeltaLayer
+from ..core.quantized import values_held
 
 
 def linear_types() -> tuple[type, ...]:
@@ -92,4 +93,4 @@ class WeightDelta(Delta):
         weight.copy_(weight - self.delta_weight().detach())
 
     def changed_numel(self, base: nn.Module) -> int:
-        return base.weight.numel()
+        return values_held(base.weight)

@@ -30,6 +30,7 @@ from ..core.verbs import (
     set_adapter,
 )
 from ..hf.layers import weight_is_transposed
+from ..hf.quantization import base_quantization
 from ..version import __version__
 from . import peft_format
 from .atomic import atomic_write, atomic_write_text
@@ -61,6 +62,8 @@ def _describe(model: nn.Module, adapter_name: str) -> dict[str, Any]:
         "base_model_type": getattr(base_config, "model_type", None),
         "base_model_class": type(model).__name__,
         "base_fingerprint": base_fingerprint(model, adapter_name),
+        # how the base it trained on was quantised (BitsAndBytesConfig's names); null: full precision
+        "base_quantization": base_quantization(model),
         # peft's fan_in_fan_out: the adapted weights are stored (in, out), as GPT-2's Conv1D.
         "fan_in_fan_out": any(weight_is_transposed(layer.base_layer) for _, layer, _ in deltas_of(model, adapter_name)),
     }

@@ -22,6 +22,17 @@ def convert(source: str | Path, target: str | Path, to: str) -> Path:
     return Path(target)
 
 
+def _quantization(recorded: dict[str, Any] | None) -> str:
+    """``4-bit nf4, double quantisation, compute bfloat16`` from an adapter's base_quantization."""
+    if not recorded:
+        return "full precision (or not recorded)"
+    if recorded.get("load_in_8bit"):
+        return f"8-bit ({recorded.get('quant_method', 'bitsandbytes')})"
+    double = ", double quantisation" if recorded.get("bnb_4bit_use_double_quant") else ""
+    return (f"4-bit {recorded.get('bnb_4bit_quant_type', '?')}{double}, compute "
+            f"{recorded.get('bnb_4bit_compute_dtype', '?')} ({recorded.get('quant_method', 'bitsandbytes')})")
+
+
 def inspect_adapter(path: str | Path) -> str:
     """A readable description: method, config, base model, fingerprint, tensors and sizes."""
     description, tensors = read_adapter(path)
@@ -33,6 +44,7 @@ def inspect_adapter(path: str | Path) -> str:
              f"base model:  {description.get('base_model_name_or_path') or 'unknown'} "
              f"({base_class(description) or '?'})",
              f"fingerprint: {description.get('base_fingerprint') or '-'}",
+             f"base held:   {_quantization(description.get('base_quantization'))}",
              "config:      " + ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method"),
              f"tensors:     {len(tensors)}, {total:,} parameters, {nbytes:,} bytes"]
     width = max((len(k) for k in tensors), default=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 import transformers
 from torch import nn
 
@@ -22,6 +23,8 @@ from .adapter_files import load_read_adapter, read_adapter
 from .atomic import atomic_write_text, follow_umask
 from .run_folder import RUN_CONFIG, RunRecord, locate, read_record, run_yaml
 
+#: what ``--dtype`` may ask for an export
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HEADS = ("classifier.weight", "classifier.out_proj.weight", "score.weight", "qa_outputs.weight")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -51,7 +54,8 @@ def base_class(description: dict[str, Any]) -> str | None:
 def base_for(adapter: Path, description: dict[str, Any], tensors: dict[str, Any], base: str | None = None,
              run: RunRecord | None = None) -> nn.Module:
     """The base model an adapter (read from ``adapter``) was saved from, loaded from a local folder
-    (never the hub), with the run's label names and config overrides when there is a run."""
+    (never the hub) in full precision (a base the adapter trained on quantised too: the merged
+    export is a plain model), with the run's label names and config overrides when there is a run."""
     path = base or description.get("base_model_name_or_path")
     if not path or not Path(path).is_dir():
         raise AdapterFileError(f"the base model of '{adapter}' is not a local folder ({path!r}).",
@@ -65,7 +69,10 @@ def base_for(adapter: Path, description: dict[str, Any], tensors: dict[str, Any]
     if head is not None and "Classification" in class_name:
         kwargs["num_labels"] = head.shape[0]
         kwargs.update(_label_maps(run.labels if run else [], head.shape[0], run))
-    return model_class.from_pretrained(path, **kwargs)
+    stored = transformers.AutoConfig.from_pretrained(path).dtype
+    model = model_class.from_pretrained(path, dtype=torch.float32, **kwargs)
+    model.config.dtype = stored  # what the export writes unless told otherwise (the merge computes in float32)
+    return model
 
 
 def _label_maps(labels: list[str], outputs: int, run: RunRecord | None) -> dict[str, dict]:
@@ -77,13 +84,15 @@ def _label_maps(labels: list[str], outputs: int, run: RunRecord | None) -> dict[
     return {"id2label": dict(enumerate(labels)), "label2id": {label: i for i, label in enumerate(labels)}}
 
 
-def export_merged(adapter: str | Path, output: str | Path, base: str | None = None) -> Path:
+def export_merged(adapter: str | Path, output: str | Path, base: str | None = None, dtype: str | None = None) -> Path:
     """Merge the adapter into its base and save model, config, tokenizer and a model card to ``output``.
 
     Args:
         adapter: an adapter folder (deltatune or peft format), or a run folder (its ``adapter``).
         output: the folder to write; ``from_pretrained`` and ``pipeline`` load it without deltatune.
         base: the base model's folder, if not the one the adapter records.
+        dtype: ``float32`` or ``bfloat16`` for the written weights; default: the dtype of the base
+            checkpoint. The merge computes in float32 either way and rounds once.
 
     Raises:
         MergeError: the method cannot merge (adapters, prompts, prefixes); nothing is written.
@@ -105,12 +114,19 @@ def export_merged(adapter: str | Path, output: str | Path, base: str | None = No
                                "or add the task_type peft uses for it to adapter_config.json.") from error
     method = adapter_state(model).methods["default"]
     plain = unload(model) if method.in_place else merge_and_unload(model)
+    plain = plain.to(EXPORT_DTYPES[dtype] if dtype else _checkpoint_dtype(plain))
     output = Path(output)
     plain.save_pretrained(output)
     tokenizer = _save_tokenizer(base or description.get("base_model_name_or_path"), output)
     atomic_write_text(output / "README.md", model_card(description, plain, run, base, tokenizer))
     follow_umask(*output.iterdir())  # save_pretrained's safetensors files are 0o600
     return output
+
+
+def _checkpoint_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype the base checkpoint stores its weights in (its config's ``dtype``), float32 if unsaid."""
+    recorded = getattr(model.config, "dtype", None)
+    return recorded if isinstance(recorded, torch.dtype) else getattr(torch, str(recorded or "float32"), torch.float32)
 
 
 def _save_tokenizer(path: str | None, output: Path) -> bool:

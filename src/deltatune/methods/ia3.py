@@ -32,6 +32,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, joined, per_row
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, targets_from_peft
+from ..core.quantized import values_held
 from ..core.targets import matches
 from ..hf.anatomy import ANATOMIES, anatomy_of, model_type
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
@@ -118,7 +119,7 @@ class IA3Delta(Delta):
 
     def changed_numel(self, base: nn.Module) -> int:
         _, bias = self._factors(base)
-        return base.weight.numel() + (base.bias.numel() if bias is not None else 0)
+        return values_held(base.weight) + (base.bias.numel() if bias is not None else 0)
 
 
 class IA3Peft(PeftCodec):

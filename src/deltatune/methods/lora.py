@@ -52,7 +52,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
-from ..core.quantized import is_quantized
+from ..core.quantized import is_quantized, values_held, weight_values
 from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
@@ -159,7 +159,7 @@ class LoraDelta(Delta):
         weight.copy_(weight - self.delta_weight().detach())
 
     def changed_numel(self, base: nn.Module) -> int:
-        return base.weight.numel()
+        return values_held(base.weight)
 
     def factor_roles(self) -> dict[str, str]:
         # LoRA+ as peft groups it: B of linear and Conv1D layers.
@@ -317,7 +317,7 @@ class Dora(LoraDelta):
         super().__init__(base, *args, **kwargs)
         self._merged_norm: torch.Tensor | None = None  # n while merged: the merged weight no longer gives it
         # m starts at ||W0 + s B A||_c, so m/n = 1: the outputs do not change
-        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.oriented(base.weight)))
+        self.lora_magnitude_vector = nn.Parameter(self.weight_norm(self.oriented(weight_values(base))))
 
     def weight_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """n = ||W0 + s B A||_c, (d_out,), detached: no gradient flows through it (section 4.3)."""
@@ -327,7 +327,7 @@ class Dora(LoraDelta):
         """out + (m/n - 1) W0 x' + (m/n) s B A x' (peft's order)."""
         x = self.adapter_input(args[0])
         base = self._base[0]
-        weight = self.oriented(base.weight)
+        weight = self.oriented(weight_values(base))  # a quantised W0 dequantised at every forward, as peft does
         factor = self.lora_magnitude_vector / self.weight_norm(weight)  # (d_out,)
         if self.dropout_active:
             base_out = F.linear(x, weight.to(x.dtype))  # W0 sees the same dropped-out x as B A
@@ -449,8 +449,8 @@ class Lora(Method):
         names = self.targets(model, entries, (*linear_types(), nn.Embedding), linear_types=linear_types())
         if self.config.pissa:
             check_pissa_targets(model, names, self.config)
-        if self.config.pissa or self.config.use_dora:
-            check_not_quantized(model, names, self.config.variant)
+        if self.config.pissa:
+            check_not_quantized(model, names)
         return names
 
     def inject(self, model: nn.Module, adapter_name: str, state: AdapterState, plan: list[str]) -> None:
@@ -493,15 +493,16 @@ class Lora(Method):
     peft = LoraPeft()
 
 
-def check_not_quantized(model: nn.Module, names: list[str], variant: str) -> None:
-    """DoRA and PiSSA read W0's values (its norms, its singular vectors): a quantised layer holds codes."""
+def check_not_quantized(model: nn.Module, names: list[str]) -> None:
+    """PiSSA rewrites W0 as its residual W0 - B0 A0: on a quantised layer that residual would be
+    quantised again at once, losing what PiSSA keeps (peft refuses it too)."""
     for name in names:
         module = model.get_submodule(name)
         weight = getattr(getattr(module, "base_layer", module), "weight", None)
         if weight is not None and is_quantized(weight):
-            raise ConfigError(f"{variant} reads the values of W0, and '{name}' holds them quantised "
-                              f"({type(weight).__name__}), which deltatune does not dequantise yet.",
-                              "train a plain LoRA on the quantised base, or load the base without quantization_config.")
+            raise ConfigError(f"PiSSA rewrites W0 as the residual of its top singular vectors, and '{name}' holds W0 "
+                              f"quantised ({type(weight).__name__}): the residual would be rounded again at once.",
+                              "train PiSSA on the unquantised base, or a plain LoRA or DoRA on the quantised one.")
 
 
 def check_pissa_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:

@@ -33,6 +33,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
 from ..core.peft_keys import modules_with, refuse_unsupported, targets_from_peft
+from ..core.quantized import values_held
 from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, oriented_weight
 
@@ -160,7 +161,7 @@ class OrthogonalDelta(Delta):
         weight.copy_(torch.linalg.solve(rotation, weight.to(rotation.dtype).T).T)  # W Mᵀ = W' for W
 
     def changed_numel(self, base: nn.Module) -> int:
-        return base.weight.numel()
+        return values_held(base.weight)
 
 
 class OFTPeft(PeftCodec):

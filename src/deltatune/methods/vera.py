@@ -41,6 +41,7 @@ from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta
 from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, deltas_of, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
+from ..core.quantized import values_held
 from ..hf.anatomy import query_and_value
 from ..hf.layers import linear_shape, linear_types, weight_is_transposed
 
@@ -131,7 +132,7 @@ class VeraDelta(Delta):
         base.weight.data -= self.delta_weight()
 
     def changed_numel(self, base: nn.Module) -> int:
-        return base.weight.numel()
+        return values_held(base.weight)
 
 
 def projections_of(model: nn.Module, adapter_name: str) -> VeraProjections:

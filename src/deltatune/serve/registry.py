@@ -10,6 +10,7 @@ keeps a model from changing while a batch runs on it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -160,8 +161,9 @@ def instance_key(name: str, config: RunConfig, task: Any, precision: str) -> tup
     biases) or cannot run per row (layer tuning) has its own."""
     method = method_for(config.method)
     own = name if method.in_place or method.row_refusal() else None
-    overrides = json.dumps(config.model.config_overrides, sort_keys=True)
-    return task.name, len(getattr(task, "labels", [])), overrides, own, precision
+    quantization = config.model.quantization and dataclasses.asdict(config.model.quantization)
+    settings = json.dumps({"overrides": config.model.config_overrides, "quantization": quantization}, sort_keys=True)
+    return task.name, len(getattr(task, "labels", [])), settings, own, precision
 
 
 def _folder(name_or_path: str) -> Path:

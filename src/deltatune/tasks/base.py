@@ -23,6 +23,7 @@ from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..core.targets import HEAD_NAMES
 from ..data.config import DataConfig
+from ..hf.quantization import QuantizationConfig, quantization_kwargs
 from .batching import chunks, gather_logits, pad_collator
 
 # task.type -> (module in deltatune.tasks, class)
@@ -46,6 +47,10 @@ class ModelConfig:
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
+    quantization: QuantizationConfig | None = help_field(
+        None, "Load the frozen base quantised by bitsandbytes (QLoRA), with transformers' BitsAndBytesConfig "
+              "names, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4}; the task head stays unquantised. "
+              "Needs deltatune[quant].")
 
 
 @dataclass
@@ -131,11 +136,18 @@ class TaskBase:
     #: what ``prepare`` learns from the data and keeps on the task (the label set, the tokenizer
     #: evaluation decodes with): a task built again for the same data takes these over.
     derived: tuple[str, ...] = ()
+    #: modules a quantised base keeps in full precision: the heads, and what trains with them
+    unquantized: tuple[str, ...] = HEAD_NAMES
 
     def __init__(self, config: RunSections):
         self.config = config
         self.options = config.task
         self.labels: list[str] = [str(label) for label in config.data.labels or []]
+
+    def pretrained_kwargs(self) -> dict[str, Any]:
+        """What ``from_pretrained`` takes beside the path: the config overrides and the quantisation."""
+        model = self.config.model
+        return {**model.config_overrides, **quantization_kwargs(model.quantization, self.unquantized)}
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return [name for name, _ in model.named_children() if name in HEAD_NAMES]

@@ -110,7 +110,7 @@ class CausalLanguageModeling(TaskBase):
         return tokenizer(prompt)["input_ids"]
 
     def load_model(self, path: str) -> nn.Module:
-        return AutoModelForCausalLM.from_pretrained(path, **self.config.model.config_overrides)
+        return AutoModelForCausalLM.from_pretrained(path, **self.pretrained_kwargs())
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return []  # the LM head is pre-trained, not new: methods adapt it only where targeted

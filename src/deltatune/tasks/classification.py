@@ -23,6 +23,7 @@ class SequenceClassification(TaskBase):
     primary_metric = "accuracy"
     metric_names = ("accuracy", "f1", "loss")
     derived = ("labels",)
+    unquantized = (*HEAD_NAMES, r".*\.pooler")  # the pooler trains with the head (head_modules); a pattern, as transformers matches
 
     def prepare(self, splits: DatasetDict, tokenizer: Any, config: RunSections) -> DatasetDict:
         data = config.data
@@ -55,7 +56,7 @@ class SequenceClassification(TaskBase):
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id={label: i for i, label in enumerate(self.labels)},
-            **self.config.model.config_overrides)
+            **self.pretrained_kwargs())
 
     def head_modules(self, model: nn.Module) -> list[str]:
         """The classifier, and the body's pooler where the head reads it (BERT-style [CLS] pooling).

@@ -118,7 +118,7 @@ class QuestionAnswering(TaskBase):
         return out, offsets, samples
 
     def load_model(self, path: str) -> nn.Module:
-        return AutoModelForQuestionAnswering.from_pretrained(path, **self.config.model.config_overrides)
+        return AutoModelForQuestionAnswering.from_pretrained(path, **self.pretrained_kwargs())
 
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         """Exact match and F1 of the best span per question; the features' extra columns

@@ -76,7 +76,7 @@ class SequenceToSequence(TaskBase):
                             for name, split in splits.items()})
 
     def load_model(self, path: str) -> nn.Module:
-        return AutoModelForSeq2SeqLM.from_pretrained(path, **self.config.model.config_overrides)
+        return AutoModelForSeq2SeqLM.from_pretrained(path, **self.pretrained_kwargs())
 
     def head_modules(self, model: nn.Module) -> list[str]:
         return []  # the LM head is pre-trained, not new

@@ -127,7 +127,7 @@ class TokenClassification(TaskBase):
         return AutoModelForTokenClassification.from_pretrained(
             path, num_labels=len(self.labels), id2label=dict(enumerate(self.labels)),
             label2id={label: i for i, label in enumerate(self.labels)},
-            **self.config.model.config_overrides)
+            **self.pretrained_kwargs())
 
     def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         predictions = logits.argmax(-1)

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -185,9 +186,20 @@ def did_you_mean(key: Any, known: list[str]) -> str:
 
 def _section(kind: type, data: dict[str, Any], where: str) -> Any:
     check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
+    data = {key: _subsection(kind, key, value, where) for key, value in data.items()}
     section = kind(**data)
     check_fields(section, where)  # types, then ranges: before anything is written
     return section
+
+
+def _subsection(kind: type, key: str, value: Any, where: str) -> Any:
+    """A mapping given for a field whose type is a section of its own (``model.quantization``), read
+    as that section; any other value as it is."""
+    if not isinstance(value, dict):
+        return value
+    hint = typing.get_type_hints(kind)[key]
+    sections = [t for t in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(t)]
+    return _section(sections[0], value, f"{where}.{key}") if sections else value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
