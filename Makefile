@@ -52,7 +52,7 @@ $(VENV)/.installed: pyproject.toml Makefile | $(BIN)/python
 
 # Chromium (Debian's) for the report.html browser test; installing it needs root, as CI has.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) install -e ".[test,bench]"
+	$(PIP) install -e ".[test,bench,quant]"
 	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 	  echo "note: Chromium is not installed (needs root): the report.html browser test is skipped"

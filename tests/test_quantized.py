@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, 
 
 import deltatune as dt
 from deltatune.core.quantized import weight_values
-from tiny import VOCAB, inputs, output, perturb, snapshot
+from tiny import VOCAB, assert_close_ulps, inputs, output, perturb, snapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bitsandbytes looks for a hub kernel on import
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -198,3 +198,141 @@ def test_pissa_which_rewrites_w0_is_refused_on_quantised_layers(llama_dir, kind)
     with pytest.raises(dt.ConfigError, match=r"(?s)PiSSA rewrites W0.*holds W0 quantised.*unquantised base.*DoRA"):
         dt.apply(model, dt.LoraConfig(r=2, init="pissa", target_modules=["q_proj"]))
     assert not hasattr(model, "_deltatune_state")
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_the_report_counts_the_quantised_bytes_with_their_scales(llama_dir, kind):
+    model = dt.apply(quantized(llama_dir, kind), dt.LoraConfig(r=2, target_modules=["q_proj"]))
+    linears = [m for n, m in llama().named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    values = sum(m.weight.numel() for m in linears)
+    if kind == "nf4":  # half a byte a value, a float32 absmax per 64 values, the 16-level code table per layer
+        expected = sum(m.weight.numel() // 2 + m.weight.numel() // 64 * 4 + 16 * 4 for m in linears)
+    else:  # a byte a value and a float32 scale per row
+        expected = sum(m.weight.numel() + m.out_features * 4 for m in linears)
+    report = dt.parameter_report(model)
+    assert (report.quantized, report.quantized_bytes) == (values, expected)
+    floats = sum(p.numel() * 4 for n, p in llama().named_parameters() if "proj" not in n)  # embeddings, norms, head
+    assert report.frozen_bytes == expected + floats
+    assert report.changed == 64 * 64 * 2  # values of the two q_proj weights a merge changes, not their packed bytes
+    assert f"quantised: {values:,} values" in str(report)
+    plain = dt.parameter_report(dt.apply(llama(), dt.LoraConfig(r=2, target_modules=["q_proj"])))
+    assert (plain.quantized, plain.quantized_bytes) == (0, 0) and "quantised" not in str(plain)
+    assert plain.frozen_bytes == sum(p.numel() * 4 for p in llama().parameters())
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_adapters_share_a_quantised_base_row_by_row(llama_dir, kind):
+    model, batch = quantized(llama_dir, kind), inputs("llama", batch=3)
+    dt.apply(model, dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), adapter_name="a")
+    dt.apply(model, dt.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+             adapter_name="b")
+    perturb(model)
+    alone = {}
+    for name in ("a", "b"):
+        dt.set_adapter(model, name)
+        alone[name] = output(model, batch)
+    with dt.disable_adapters(model):
+        alone["__base__"] = output(model, batch)
+    names = ["b", "__base__", "a"]
+    with dt.mixed_batch(model, names):
+        mixed = output(model, batch)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=0, atol=1e-6)
+
+
+def test_model_quantization_reads_bitsandbytes_names_and_refuses_what_it_cannot_be():
+    from deltatune.tasks.base import task_for
+    from deltatune.train.config import RunConfig, load_config
+
+    config = load_config(None, ["model.quantization.load_in_4bit=true", "model.quantization.bnb_4bit_quant_type=nf4",
+                                "model.quantization.bnb_4bit_use_double_quant=true"])
+    assert RunConfig.from_dict(config.to_dict()) == config  # run.yaml reads back as the same run
+    quantization = task_for(config).pretrained_kwargs()["quantization_config"]
+    assert isinstance(quantization, BitsAndBytesConfig) and quantization.load_in_4bit
+    assert (quantization.bnb_4bit_quant_type, quantization.bnb_4bit_use_double_quant) == ("nf4", True)
+    assert quantization.bnb_4bit_compute_dtype == torch.float32
+    assert {"classifier", "score", r".*\.pooler"} <= set(quantization.llm_int8_skip_modules)  # the head trains
+    for overrides, message in [
+            (["model.quantization.load_in_3bit=true"], r"unknown key 'model.quantization.load_in_3bit'.*did you mean 'load_in_8bit'"),
+            (["model.quantization.load_in_4bit=true", "model.quantization.load_in_8bit=true"], "both load_in_4bit and load_in_8bit"),
+            (["model.quantization.bnb_4bit_quant_type=nf4"], "neither load_in_4bit nor load_in_8bit"),
+            (["model.quantization.load_in_4bit=true", "model.quantization.bnb_4bit_quant_type=int4"],
+             r"model.quantization.bnb_4bit_quant_type = 'int4' has the wrong type.*'fp4' \| 'nf4'"),
+            (["model.quantization=4"], r"model.quantization = 4 has the wrong type")]:
+        with pytest.raises(dt.ConfigError, match=f"(?s){message}"):
+            load_config(None, overrides)
+
+
+def test_a_missing_bitsandbytes_is_one_line_saying_what_to_install(monkeypatch):
+    from deltatune.hf.quantization import QuantizationConfig, quantization_kwargs
+
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    with pytest.raises(dt.ConfigError, match=r"(?s)needs bitsandbytes, which is not installed.*pip install 'deltatune\[quant\]'"):
+        quantization_kwargs(QuantizationConfig(load_in_4bit=True))
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"])
+def test_a_qlora_adapter_exports_merged_into_the_unquantised_base(llama_dir, dtype, tmp_path):
+    from deltatune.io.export import export_merged
+
+    model = dt.apply(quantized(llama_dir, "nf4"), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    perturb(model)
+    dt.save_adapter(model, tmp_path / "adapter")
+    assert dt.read_adapter(tmp_path / "adapter")[0]["base_quantization"] == {
+        "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": False, "bnb_4bit_compute_dtype": "float32"}
+    from deltatune.io.convert import inspect_adapter
+
+    assert "base held:   4-bit nf4, compute float32 (bitsandbytes)" in inspect_adapter(tmp_path / "adapter").splitlines()
+    export_merged(tmp_path / "adapter", tmp_path / "merged", dtype=dtype)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype="auto").eval()
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16 if dtype else torch.float32}
+    assert not any(type(m).__module__.startswith("bitsandbytes") for m in merged.modules())
+    full = dt.load_adapter(AutoModelForCausalLM.from_pretrained(llama_dir), tmp_path / "adapter").eval()
+    batch = inputs("llama")
+    if dtype is None:  # the adapter merged into the full-precision weights: the unquantised base with the adapter
+        assert_close_ulps(output(merged, batch), output(full, batch))
+    else:
+        dt.merge(full)
+        for name, param in merged.named_parameters():
+            assert torch.equal(param, full.get_parameter(name.replace("q_proj.", "q_proj.base_layer.").replace(
+                "v_proj.", "v_proj.base_layer.")).to(torch.bfloat16))  # merged in float32, rounded once
+
+
+@pytest.mark.slow
+def test_a_qlora_run_of_the_bundled_model_resumes_reloads_quantised_and_says_so(tmp_path, sentiment_csv, monkeypatch):
+    """deltatune train with model.quantization on the real MiniLM: the run resumes to the same adapter
+    as a straight run, records and reloads its 4-bit base, and its report counts the quantised base."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from deltatune.train.config import load_config
+    from deltatune.train.inference import evaluate_run, load_run
+    from deltatune.train.loop import train
+    from tiny import interrupt_at_step
+
+    def config(folder):
+        return load_config(None, [
+            "model.name_or_path=minilm-l6", "model.max_length=32", f"data.train_file={sentiment_csv}",
+            "data.validation_size=0.15", "data.test_size=0.15", f"training.output_dir={folder}",
+            "training.batch_size=16", "training.learning_rate=5e-3", "training.max_steps=10", "training.save_steps=3",
+            "training.progress=false", "method.r=4", "method.lora_dropout=0.1", "training.precision=fp32",
+            "model.quantization.load_in_4bit=true", "model.quantization.bnb_4bit_quant_type=nf4"])
+
+    straight = train(config(tmp_path / "a"))
+    assert straight.metrics["test_accuracy"] > 0.6  # it learns on the 4-bit base (chance: 0.5)
+    restore_step = interrupt_at_step(monkeypatch, 7)
+    assert train(config(tmp_path / "b")).interrupted
+    restore_step()
+    train(config(tmp_path / "b"), resume=True)
+    a, b = (load_file(tmp_path / x / "adapter" / "adapter_model.safetensors") for x in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # same kernels, same order: bitwise
+    report = json.loads((tmp_path / "a" / "report.json").read_text())["parameters"]
+    assert report["quantized"] > 20_000_000 * 0.5 and 4 < 8 * report["quantized_bytes"] / report["quantized"] < 5
+    described = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
+    assert described["base_quantization"]["bnb_4bit_quant_type"] == "nf4"
+    *_, model = load_run(tmp_path / "a")
+    assert type(model.bert.encoder.layer[0].attention.self.query.base_layer).__name__ == "Linear4bit"
+    assert type(model.classifier.deltas["default"].copy).__name__ == "Linear"  # the head in full precision
+    assert evaluate_run(tmp_path / "a")["test_accuracy"] == pytest.approx(straight.metrics["test_accuracy"])

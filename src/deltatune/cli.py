@@ -203,7 +203,8 @@ def _train(args: argparse.Namespace) -> int:
           f"{result.peak_memory_mb:.0f} MB")
     print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
           f"stored params: {report.stored:,} ({result.adapter_bytes:,} bytes on disk)"
-          + (f" || quantised base: {report.quantized:,} values in {report.quantized_bytes:,} bytes" if report.quantized else ""))
+          + f" || frozen weights: {report.frozen_bytes / 2**20:,.1f} MiB in memory"
+          + (f", {report.quantized:,} values quantised" if report.quantized else ""))
     for key, value in result.metrics.items():
         print(f"  {key:<16} {value:.4f}")
     print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")

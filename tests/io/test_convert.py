@@ -31,11 +31,12 @@ def test_inspect_lists_method_base_config_and_every_tensor(tmp_path):
     assert lines[:3] == [f"adapter:     {tmp_path / 'a'} (deltatune format)", "method:      lora",
                          "base model:  unknown (BertForSequenceClassification)"]
     assert re.fullmatch(r"fingerprint: sha256:[0-9a-f]{16}", lines[3])
-    assert lines[4] == ("config:      modules_to_save=[], r=2, lora_alpha=4, lora_dropout=0.0, target_modules=['query'], "
+    assert lines[4] == "base held:   full precision"
+    assert lines[5] == ("config:      modules_to_save=[], r=2, lora_alpha=4, lora_dropout=0.0, target_modules=['query'], "
                         "bias='none', use_rslora=False, use_dora=False, init='kaiming'")
-    assert lines[5] == "tensors:     4, 256 parameters, 1,024 bytes"
+    assert lines[6] == "tensors:     4, 256 parameters, 1,024 bytes"
     width = len(KEY.format(0, "A"))
-    assert lines[6:] == [f"  {KEY.format(i, ab):<{width}}  {shape:<14} float32"
+    assert lines[7:] == [f"  {KEY.format(i, ab):<{width}}  {shape:<14} float32"
                          for i in (0, 1) for ab, shape in (("A", "(2, 32)"), ("B", "(32, 2)"))]
 
 
@@ -47,7 +48,7 @@ def test_inspect_of_a_file_emptied_of_tensors_says_it_holds_none(tmp_path):
     with safe_open(weights, "pt") as f:
         metadata = f.metadata()
     save_file({}, weights, metadata=metadata)
-    assert inspect_adapter(tmp_path / "a").splitlines()[5:] == ["tensors:     0, 0 parameters, 0 bytes"]
+    assert inspect_adapter(tmp_path / "a").splitlines()[6:] == ["tensors:     0, 0 parameters, 0 bytes"]
 
 
 def test_inspect_of_a_peft_file_that_records_no_model_class(tmp_path):
@@ -56,7 +57,8 @@ def test_inspect_of_a_peft_file_that_records_no_model_class(tmp_path):
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     config.pop("auto_mapping")
     (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(config))
-    assert inspect_adapter(tmp_path / "peft").splitlines()[2] == "base model:  unknown (?)"
+    lines = inspect_adapter(tmp_path / "peft").splitlines()
+    assert lines[2] == "base model:  unknown (?)" and lines[4] == "base held:   not recorded"  # peft does not record it
 
 
 def test_inspect_names_the_base_model_by_its_path(tmp_path):

@@ -10,6 +10,8 @@
 - ``method_figures``: what the method adds about itself (the ranks AdaLoRA kept).
 - ``quantized`` / ``quantized_bytes``: values the base holds quantised, and the bytes they take
   in memory with their scales (0 for a base in full precision).
+- ``frozen_bytes``: what every frozen parameter takes in memory as it is held (bf16, fp32, or
+  quantised with its scales): the base's weights.
 - ``regenerable``: frozen tensors the adapter needs that its config rebuilds exactly (VeRA's
   random projections, from a seed); in ``stored`` too when the file also holds them. Not
   parameters, so not in ``total``.
@@ -41,6 +43,7 @@ class ParameterReport:
     method_figures: dict[str, Any] = field(default_factory=dict)
     quantized: int = 0
     quantized_bytes: int = 0
+    frozen_bytes: int = 0
 
     @property
     def trainable_percent(self) -> float:
@@ -61,7 +64,8 @@ class ParameterReport:
                 f"stored params: {self.stored:,} ({_size(self.stored_bytes)}) || "
                 f"trained, not stored: {self.not_stored:,} || changed params: {self.changed:,}"
                 + (f" || regenerable from the config: {self.regenerable:,}" if self.regenerable else "")
-                + (f"\nquantised base: {self.quantized:,} values in {_size(self.quantized_bytes)} "
+                + (f"\nfrozen weights in memory: {_size(self.frozen_bytes)}" if self.frozen_bytes else "")
+                + (f" || quantised: {self.quantized:,} values in {_size(self.quantized_bytes)} "
                    f"({8 * self.quantized_bytes / self.quantized:.2f} bits each, scales included)" if self.quantized else "")
                 + "".join(f"\n{name.replace('_', ' ')}: {value:,}" for name, value in self.method_figures.items()
                           if isinstance(value, int)))
@@ -85,8 +89,10 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
     state = adapter_state(model)
     quantized = _quantized_layers(model)
-    held = {"quantized": sum(values_held(m.weight) for m in quantized),
-            "quantized_bytes": _bytes({t.data_ptr(): t for m in quantized for t in quantized_tensors(m)}.values())}
+    codes = {t.data_ptr(): t for m in quantized for t in quantized_tensors(m)}
+    floats = {p.data_ptr(): p for p in params.values() if not p.requires_grad and not is_quantized(p)}
+    held = {"quantized": sum(values_held(m.weight) for m in quantized), "quantized_bytes": _bytes(codes.values()),
+            "frozen_bytes": _bytes(codes.values()) + _bytes(floats.values())}
     if state is None or not state.methods:
         nbytes = sum(p.numel() * p.element_size() for p in params.values())
         return ParameterReport(total, trainable, total, 0, total, nbytes, **held)

@@ -22,10 +22,13 @@ def convert(source: str | Path, target: str | Path, to: str) -> Path:
     return Path(target)
 
 
-def _quantization(recorded: dict[str, Any] | None) -> str:
+def _quantization(description: dict[str, Any]) -> str:
     """``4-bit nf4, double quantisation, compute bfloat16`` from an adapter's base_quantization."""
+    if "base_quantization" not in description:  # a peft file, or one written before deltatune recorded it
+        return "not recorded"
+    recorded = description["base_quantization"]
     if not recorded:
-        return "full precision (or not recorded)"
+        return "full precision"
     if recorded.get("load_in_8bit"):
         return f"8-bit ({recorded.get('quant_method', 'bitsandbytes')})"
     double = ", double quantisation" if recorded.get("bnb_4bit_use_double_quant") else ""
@@ -44,7 +47,7 @@ def inspect_adapter(path: str | Path) -> str:
              f"base model:  {description.get('base_model_name_or_path') or 'unknown'} "
              f"({base_class(description) or '?'})",
              f"fingerprint: {description.get('base_fingerprint') or '-'}",
-             f"base held:   {_quantization(description.get('base_quantization'))}",
+             f"base held:   {_quantization(description)}",
              "config:      " + ", ".join(f"{k}={v!r}" for k, v in config.items() if k != "method"),
              f"tensors:     {len(tensors)}, {total:,} parameters, {nbytes:,} bytes"]
     width = max((len(k) for k in tensors), default=0)
