@@ -336,3 +336,22 @@ def test_a_qlora_run_of_the_bundled_model_resumes_reloads_quantised_and_says_so(
     assert type(model.bert.encoder.layer[0].attention.self.query.base_layer).__name__ == "Linear4bit"
     assert type(model.classifier.deltas["default"].copy).__name__ == "Linear"  # the head in full precision
     assert evaluate_run(tmp_path / "a")["test_accuracy"] == pytest.approx(straight.metrics["test_accuracy"])
+
+    from fastapi.testclient import TestClient
+
+    from deltatune.serve.app import Settings, create_app
+    from deltatune.serve.registry import Registry
+    from deltatune.train.inference import predict_texts
+
+    texts = ["a wonderful film", "dull and far too long", "superb"]
+    registry = Registry(tmp_path / "a", precision="fp32")
+    registry.load("a", tmp_path / "a")
+    registry.load("b", tmp_path / "b")  # the same base settings: one quantised instance holds both
+    (instance,) = registry.instances.values()
+    assert type(instance.model.bert.encoder.layer[0].attention.self.query.base_layer).__name__ == "Linear4bit"
+    with TestClient(create_app(registry, Settings(max_wait_ms=200))) as http:
+        served = http.post("/v1/predict", json={"adapter": "a", "inputs": texts}).json()["outputs"]
+    alone = predict_texts(tmp_path / "a", texts, precision="fp32")
+    assert [row["label"] for row in served] == [row["label"] for row in alone]
+    assert all(abs(got["probabilities"][k] - want["probabilities"][k]) <= 1e-5
+               for got, want in zip(served, alone) for k in want["probabilities"])

@@ -26,6 +26,7 @@ _HOMES = {
     **dict.fromkeys(["active_adapters", "adapter_state_dict", "apply", "delete_adapter", "disable_adapters",
                      "merge", "merge_and_unload", "set_adapter", "unload", "unmerge"], "core.verbs"),
     "mixed_batch": "core.rows",  # each row of a batch runs its own adapter
+    "combine_adapters": "core.combine",  # several adapters as one (peft's add_weighted_adapter)
     "TrainerCallback": "train.trainer_callback",
     "training_hooks": "train.setup",  # AdaLoRA's schedule (any method's hooks), for any training loop
     "loraplus_param_groups": "train.optim",  # LoRA+'s optimizer groups, for any training loop

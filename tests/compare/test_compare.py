@@ -157,3 +157,25 @@ def test_evaluations_out_of_range_are_refused(tmp_path):
     path.write_text(yaml.safe_dump({"evaluations": 1, "output_dir": str(tmp_path)}))
     with pytest.raises(ConfigError, match="evaluations = 1 is out of range"):
         load_compare_config(path)
+
+
+def test_a_qlora_row_trains_on_a_quantised_base_against_the_unquantised_reference(tmp_path):
+    path = tmp_path / "compare.yaml"
+    quantization = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    path.write_text(yaml.safe_dump({**SMALL, "output_dir": str(tmp_path / "out"), "methods": [
+        {"method": "lora", "quantization": quantization, "learning_rate": 3e-3},
+        {"method": "lora", "quantization": {"load_in_8bit": True}, "learning_rate": 3e-3}]}))
+    config = load_compare_config(path)
+    run = config.run_config(config.methods[0], 42, None, None, tmp_path / "cell", 3e-3)
+    assert run.model.quantization.bnb_4bit_quant_type == "nf4" and run.method.to_dict() == \
+        RunConfig.from_dict({"method": {"method": "lora"}}).method.to_dict()
+    report = compare(config, echo=lambda *_: None)
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"qlora", "lora-int8"}
+    adapter = tmp_path / "out" / "runs"
+    recorded = [json.loads(p.read_text())["base_quantization"] for p in adapter.glob("*/adapter/adapter_config.json")]
+    assert sorted(bool(q.get("load_in_4bit")) for q in recorded) == [False, True]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"methods": [{"method": "lora", "quantization": {"load_in_4bits": True}}]}))
+    with pytest.raises(ConfigError, match=r"unknown key 'methods\[lora\].quantization.load_in_4bits'"):
+        load_compare_config(bad)

@@ -29,7 +29,8 @@ from ..core.errors import ConfigError
 from ..core.fields import SEEDS, check_fields, check_value, help_field
 from ..core.method import config_from_dict, method_class
 from ..core.yaml12 import read_yaml
-from ..train.config import RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus
+from ..hf.quantization import QuantizationConfig
+from ..train.config import RunConfig, TrainingConfig, apply_override, check_keys, check_loraplus, read_section
 
 # `deltatune compare` with no config (and `make run`; examples/compare.yaml says the same): every
 # method on 1,600 Rotten Tomatoes snippets, 100 steps of 16, its learning rate searched on 128
@@ -46,6 +47,9 @@ LEARNING_RATE = next(f for f in dataclasses.fields(TrainingConfig) if f.name == 
 LORAPLUS = next(f for f in dataclasses.fields(TrainingConfig) if f.name == "loraplus_lr_ratio")
 #: keys of a methods entry that set the run's training section, not the method's config
 TRAINING_KEYS = ("learning_rate", "loraplus_lr_ratio")
+#: keys of a methods entry that set the run's model section: ``quantization`` makes a QLoRA row
+MODEL_KEYS = ("quantization",)
+ENTRY_KEYS = TRAINING_KEYS + MODEL_KEYS
 GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
              "search", "evaluations"]
 
@@ -82,11 +86,13 @@ class CompareConfig:
                    folder: Path, learning_rate: float) -> RunConfig:
         """The run config of one cell of the grid at one learning rate."""
         data = copy.deepcopy(self.base)
-        data["method"] = {k: v for k, v in method.items() if k not in TRAINING_KEYS}
+        data["method"] = {k: v for k, v in method.items() if k not in ENTRY_KEYS}
         data.setdefault("training", {}).update(seed=seed, learning_rate=learning_rate, output_dir=str(folder),
                                                progress=False, eval_steps=1 / self.evaluations)
         if "loraplus_lr_ratio" in method:
             data["training"]["loraplus_lr_ratio"] = method["loraplus_lr_ratio"]
+        if "quantization" in method:
+            data.setdefault("model", {})["quantization"] = method["quantization"]
         if size is not None:
             data.setdefault("data", {})["max_train_samples"] = size
         if model is not None:
@@ -121,22 +127,29 @@ def default_methods() -> list[str]:
 def _method_entry(entry: Any) -> dict[str, Any]:
     entry = {"method": entry} if isinstance(entry, str) else dict(entry)
     where = f"methods[{entry.get('method')}]"
-    checked = {k: v for k, v in entry.items() if k not in TRAINING_KEYS}
+    checked = {k: v for k, v in entry.items() if k not in ENTRY_KEYS}
     config_from_dict(checked, where=where)  # fail now, not mid-way
     if "learning_rate" in entry:  # a pinned rate has training.learning_rate's type and range
         check_value(LEARNING_RATE, float, entry["learning_rate"], f"{where}.learning_rate")
     if "loraplus_lr_ratio" in entry:  # training.loraplus_lr_ratio's type and range, for this entry alone
         check_value(LORAPLUS, float | None, entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
         check_loraplus(entry["method"], entry["loraplus_lr_ratio"], f"{where}.loraplus_lr_ratio")
+    if "quantization" in entry:  # model.quantization's keys and values, for this entry alone
+        read_section(QuantizationConfig, entry["quantization"], f"{where}.quantization")
     return entry
 
 
 def entry_name(entry: dict[str, Any]) -> str:
     """A methods entry's name in cells, folders and the report: its method's name for its config
-    (``MethodConfig.variant``: ``dora`` for ``{method: lora, use_dora: true}``), ``+RATIO`` with LoRA+."""
+    (``MethodConfig.variant``: ``dora`` for ``{method: lora, use_dora: true}``), ``+RATIO`` with LoRA+,
+    ``q`` before it on a 4-bit base (``qlora``) and ``-int8`` after it on an 8-bit one."""
     ratio = entry.get("loraplus_lr_ratio")
-    name = config_from_dict({k: v for k, v in entry.items() if k not in TRAINING_KEYS}).variant
-    return name if ratio is None else f"{name}+{ratio:g}"
+    name = config_from_dict({k: v for k, v in entry.items() if k not in ENTRY_KEYS}).variant
+    name = name if ratio is None else f"{name}+{ratio:g}"
+    quantization = entry.get("quantization")
+    if not quantization:
+        return name
+    return f"q{name}" if quantization.get("load_in_4bit") else f"{name}-int8"
 
 
 def _validate(config: CompareConfig) -> None:

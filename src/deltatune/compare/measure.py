@@ -9,6 +9,7 @@ a missing number is never silent.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ class Reference:
 
     def __init__(self, config: RunConfig, task: Any, tokenizer: Any, latency_batches: int, forgetting_texts: int):
         path = resolve_model_path(config.model.name_or_path)
-        self.model = compute_in(task.load_model(path), resolve(config.training.precision)).eval()
+        self.model = compute_in(unquantized(task).load_model(path), resolve(config.training.precision)).eval()
         splits = tokenised(config, task, tokenizer, path)
         #: validation metrics of the trivial predictor (the majority class), where the task has one
         self.baseline = task.baseline(splits["train"], splits["validation"])
@@ -47,6 +48,14 @@ class Reference:
         distribution, suffix, pin, _ = BUNDLED[GENERAL]
         if dist_file(distribution, suffix) is None:
             self.notes["forgetting"] = f"not measured: the bundled '{GENERAL}' set is not installed ({pin})"
+
+
+def unquantized(task: Any) -> Any:
+    """The task loading its base in full precision: a quantised run (qlora) is measured against the
+    base as it was pre-trained, so its latency and forgetting include what quantising costs."""
+    plain = copy.copy(task)
+    plain.config = dataclasses.replace(task.config, model=dataclasses.replace(task.config.model, quantization=None))
+    return plain
 
 
 def _spread_batches(data: Any, collate: Any, size: int, count: int) -> list[dict]:

@@ -232,6 +232,24 @@ class Method:
         nothing; most methods are fixed functions of their parameters)."""
         return None
 
+    #: the ways ``combine_adapters`` combines this method's adapters (core/combine.py's names);
+    #: empty: they cannot be combined
+    combinations: ClassVar[tuple[str, ...]] = ()
+
+    def combine_refusal(self, how: str) -> str:
+        """Why this adapter cannot be combined ``how`` (""; it can)."""
+        if how in self.combinations:
+            return ""
+        return "deltatune does not combine this method's adapters" if not self.combinations else \
+            f"its adapters combine with how = {', '.join(self.combinations)} only"
+
+    def combine(self, model: nn.Module, sources: dict[str, tuple["Method", float]],
+                combination: Any) -> tuple[MethodConfig, dict[str, dict[str, torch.Tensor]]]:
+        """The adapters named in ``sources`` (name -> (their method, weight)) combined as
+        ``combination`` (core.combine.Combination) says: the new adapter's config, and each wrapped
+        module's stored tensors (``Delta.stored_state``'s keys) by module name."""
+        raise NotImplementedError(f"{type(self).__name__}.combine")
+
     #: how its adapter files read and write in Hugging Face peft's format; None: peft has none.
     peft: ClassVar[PeftCodec | None] = None
 

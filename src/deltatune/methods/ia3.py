@@ -30,7 +30,7 @@ from torch import nn
 from ..core.errors import ConfigError, MergeError
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, joined, per_row
-from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, iter_layers, register
 from ..core.peft_keys import modules_with, targets_from_peft
 from ..core.quantized import values_held
 from ..core.targets import matches
@@ -149,6 +149,22 @@ class IA3(Method):
     count_formula = "d_out per output-scaled layer + d_in per feed-forward layer"
     # the (IA)^3 paper's; its vectors need larger steps than LoRA
     tuning = Tuning(default_learning_rate=3e-3, learning_rates=(1e-3, 3e-3, 1e-2))
+    # a scale per feature: its weighted sum is the only combination peft defines (weights summing to
+    # 1 keep the result a scale near 1)
+    combinations = ("linear",)
+
+    def combine(self, model: nn.Module, sources: dict[str, tuple[Method, float]],
+                combination: Any) -> tuple[IA3Config, dict[str, dict[str, torch.Tensor]]]:
+        """peft's IA3 add_weighted_adapter: each layer's vector is the weighted sum of the vectors
+        the adapters have there."""
+        tensors, feedforward = {}, []
+        for module, layer in iter_layers(model):
+            present = [(layer.deltas[n], w) for n, (_, w) in sources.items()
+                       if isinstance(layer.deltas[n] if n in layer.deltas else None, IA3Delta)]
+            if present:
+                tensors[module] = {"ia3_l": sum(d.ia3_l.detach() * w for d, w in present)}
+                feedforward += [module] if present[0][0].feedforward else []
+        return IA3Config(target_modules=list(tensors), feedforward_modules=feedforward), tensors
 
     def plan(self, model: nn.Module) -> dict[str, bool]:
         """Module name -> whether it scales its input (feed-forward) rather than its output."""

@@ -47,10 +47,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.combine import COMBINATIONS, Combination, merged, truncated
 from ..core.errors import AdapterFileError, ConfigError, warn_user
 from ..core.fields import help_field
 from ..core.layer import AdapterState, Delta, DeltaLayer, joined, per_row
-from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, register
+from ..core.method import Method, MethodConfig, PeftCodec, Tuning, add_deltas, iter_layers, register
 from ..core.peft_keys import TUNER_PREFIX, modules_with, refuse_unsupported, targets_from_peft
 from ..core.quantized import is_quantized, values_held, weight_values
 from ..hf.anatomy import query_and_value
@@ -115,6 +116,8 @@ class LoraDelta(Delta):
     #: True when the update is s B A x alone: fused into the base output's matmul, and computed
     #: for every adapter of a per-row batch at once (``post_rows``)
     plain: ClassVar[bool] = False
+    #: the stored keys of A (r, d_in) and B (d_out, r), in peft's layout
+    factor_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
 
     def __init__(self, base: nn.Module, scaling: float, dropout: float = 0.0):
         super().__init__()
@@ -234,6 +237,8 @@ class PlainLora(LoraDelta):
 class EmbeddingLora(LoraDelta):
     """``s (A^T[ids]) B^T`` beside an embedding, in peft's layout: A (r, vocab) starts at zero and
     B (d, r) random, so the update is zero at the start too. No dropout: the inputs are ids."""
+
+    factor_keys = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(self, base: nn.Embedding, r: int, scaling: float):
         super().__init__(base, scaling)
@@ -490,7 +495,74 @@ class Lora(Method):
         alpha = config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2)
         return dataclasses.replace(config, r=2 * config.r, lora_alpha=alpha, init="kaiming")
 
+    combinations = COMBINATIONS
+
+    def combine_refusal(self, how: str) -> str:
+        if self.config.use_dora:
+            return ("DoRA's trained magnitudes rescale W0 plus each adapter's own update, so they do not add up "
+                    "(peft keeps the first adapter's settings and starts the result's magnitudes again from W0)")
+        return super().combine_refusal(how)
+
+    def combine(self, model: nn.Module, sources: dict[str, tuple[Method, float]],
+                combination: Combination) -> tuple[LoraConfig, dict[str, dict[str, torch.Tensor]]]:
+        """peft's add_weighted_adapter: the factors combined (linear, ties, dare_*, magnitude_prune:
+        A with sign(w s) sqrt(|w s|), B with sqrt(|w s|); cat: side by side, A times w s), or each
+        layer's update s B A (the *svd ways) combined and truncated by SVD. The result's scaling is
+        1 (lora_alpha = r). PiSSA adapters combine as the plain rank-2r LoRA they store."""
+        ranks = {n: m.saved_config(model, n).r for n, (m, _) in sources.items()}
+        rank = combined_rank(ranks, combination)
+        generator = torch.Generator().manual_seed(combination.seed)
+        tensors = {}
+        for module, layer in iter_layers(model):
+            present = [(layer.deltas[n], w) for n, (_, w) in sources.items()
+                       if isinstance(layer.deltas[n] if n in layer.deltas else None, LoraDelta)]
+            if present:
+                a, b = combined_factors(present, rank, combination, generator)
+                tensors[module] = dict(zip(present[0][0].factor_keys, (a, b)))
+        config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(tensors), lora_dropout=self.config.lora_dropout)
+        return config, tensors
+
     peft = LoraPeft()
+
+
+def combined_rank(ranks: dict[str, int], combination: Combination) -> int:
+    """The rank of a combination: the sum for cat, the svd_rank (or the largest) for *svd, else the
+    one rank the factors share."""
+    if combination.how == "cat":
+        return sum(ranks.values())
+    if combination.on_updates:
+        return combination.svd_rank or max(ranks.values())
+    if len(set(ranks.values())) > 1:
+        listed = ", ".join(f"{n}: r={r}" for n, r in ranks.items())
+        raise ConfigError(f"how = '{combination.how}' combines the factors A and B themselves, which needs one rank; "
+                          f"the adapters have {listed}.", "use how='cat' (exact; the ranks add up) or an *_svd "
+                          "way (svd_rank sets the result's rank).")
+    return next(iter(ranks.values()))
+
+
+def combined_factors(present: list[tuple[LoraDelta, float]], rank: int, combination: Combination,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's (A, B) of the combination, from its adapters' deltas and weights (in order)."""
+    stored = [(d.stored_state(), d, w) for d, w in present]
+    keys = present[0][0].factor_keys
+    if combination.how == "cat":
+        a = torch.cat([s[keys[0]] * w * d.scaling for s, d, w in stored])
+        b = torch.cat([s[keys[1]] for s, d, w in stored], dim=1)
+        a_full, b_full = a.new_zeros(rank, a.shape[1]), b.new_zeros(b.shape[0], rank)
+        a_full[:len(a)], b_full[:, :b.shape[1]] = a, b  # adapters missing here leave their rows zero
+        return a_full, b_full
+    if combination.on_updates:  # in the weight's stored layout, as peft draws DARE's masks over it
+        transposed = present[0][0].transposed
+        weights = torch.tensor([w for _, w in present])
+        updates = [d.delta_weight().T if transposed else d.delta_weight() for d, _ in present]
+        update = merged(updates, weights, combination, generator)
+        return truncated(update.T if transposed else update, rank, combination.svd_clamp)
+    scaled = [w * d.scaling for d, w in present]  # the sign on A alone, or it would cancel in B A
+    weights_a = torch.tensor([math.copysign(math.sqrt(abs(x)), x) if x else 0.0 for x in scaled])
+    weights_b = torch.tensor([math.sqrt(abs(x)) for x in scaled])
+    a = merged([s[keys[0]] for s, _, _ in stored], weights_a, combination, generator)
+    b = merged([s[keys[1]] for s, _, _ in stored], weights_b, combination, generator)
+    return a, b
 
 
 def check_not_quantized(model: nn.Module, names: list[str]) -> None:

@@ -96,7 +96,7 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         check_keys(data, [f.name for f in dataclasses.fields(cls)], "")
         data = {**data, "training": _precision_alias(data.get("training") or {})}
-        sections = {name: _section(kind, data.get(name) or {}, name)
+        sections = {name: read_section(kind, data.get(name) or {}, name)
                     for name, kind in (("model", ModelConfig), ("task", _task_kind(data.get("task"))),
                                        ("data", DataConfig), ("training", TrainingConfig))}
         method = data.get("method") or {}
@@ -184,7 +184,7 @@ def did_you_mean(key: Any, known: list[str]) -> str:
     return f"did you mean '{close[0]}'? " if close else ""
 
 
-def _section(kind: type, data: dict[str, Any], where: str) -> Any:
+def read_section(kind: type, data: dict[str, Any], where: str) -> Any:
     check_keys(data, [f.name for f in dataclasses.fields(kind)], where)
     data = {key: _subsection(kind, key, value, where) for key, value in data.items()}
     section = kind(**data)
@@ -199,7 +199,7 @@ def _subsection(kind: type, key: str, value: Any, where: str) -> Any:
         return value
     hint = typing.get_type_hints(kind)[key]
     sections = [t for t in (typing.get_args(hint) or (hint,)) if dataclasses.is_dataclass(t)]
-    return _section(sections[0], value, f"{where}.{key}") if sections else value
+    return read_section(sections[0], value, f"{where}.{key}") if sections else value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
