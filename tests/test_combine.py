@@ -185,3 +185,30 @@ def test_a_combination_keeps_one_named_head_or_refuses_heads_that_differ(tmp_pat
     dt.save_adapter(model, tmp_path / "peft", adapter_name="ab", format="peft")
     theirs_model = peft.PeftModel.from_pretrained(build("bert"), tmp_path / "peft").eval()
     assert_close_ulps(output(theirs_model, batch), expected)
+
+
+def test_the_cli_combines_run_folders_into_a_run_that_evaluates_and_predicts_like_any(tmp_path, tiny_model_dir, sentiment_csv):
+    from deltatune.cli import main
+    from deltatune.core.combine import COMBINATIONS as ALL
+    from deltatune.cli import COMBINATIONS as LISTED
+    from deltatune.train.config import load_config
+    from deltatune.train.inference import evaluate_run, predict_texts
+    from deltatune.train.loop import train
+
+    assert LISTED == ALL
+    runs = []
+    for seed in (1, 2):
+        folder = tmp_path / f"run{seed}"
+        train(load_config(None, [f"model.name_or_path={tiny_model_dir}", f"data.train_file={sentiment_csv}", "data.max_train_samples=32", "data.max_eval_samples=8",
+                                 "training.max_steps=2", "training.batch_size=8", "training.warmup_steps=0",
+                                 f"training.seed={seed}", f"training.output_dir={folder}", "training.progress=false",
+                                 "method.r=2"]))
+        runs.append(str(folder))
+    assert main(["combine", *runs, "--weights", "0.5", "0.5", "--how", "cat", "--output", str(tmp_path / "soup")]) != 0
+    assert main(["combine", *runs, "--weights", "0.5", "0.5", "--how", "cat", "--head", "1",
+                 "--output", str(tmp_path / "soup")]) == 0
+    described = dt.read_adapter(tmp_path / "soup" / "adapter")[0]
+    assert described["config"]["r"] == 4 and described["config"]["modules_to_save"] == ["bert.pooler", "classifier"]
+    assert set(evaluate_run(tmp_path / "soup")) >= {"test_accuracy", "test_loss"}
+    assert predict_texts(tmp_path / "soup", ["a great film"])[0]["label"] in predict_texts(runs[1], ["x"])[0]["probabilities"]
+    assert main(["combine", runs[0], "--weights", "0.5", "0.5", "--output", str(tmp_path / "x")]) != 0

@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING, Any
 from .core.errors import AdapterFileError, ConfigError, DeltatuneError
 from .env import offline_and_quiet
 
+#: the ways `deltatune combine` takes (core/combine.py's COMBINATIONS; listed here so that --help imports no torch)
+COMBINATIONS = ("svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd",
+                "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd")
+
 if TYPE_CHECKING:
     from .io.run_folder import Located
 
@@ -120,7 +124,7 @@ def _run_commands(sub: Any) -> None:
 
 
 def _adapter_commands(sub: Any) -> None:
-    """Commands on adapter files and the registry: convert, inspect, export, methods, demo."""
+    """Commands on adapter files and the registry: convert, inspect, combine, export, methods, demo."""
     convert = sub.add_parser("convert", help="convert an adapter between deltatune and peft formats")
     convert.add_argument("adapter", metavar="ADAPTER", help=ADAPTER_HELP)
     convert.add_argument("output", metavar="OUTPUT", help="the folder to write the converted adapter to")
@@ -139,6 +143,22 @@ def _adapter_commands(sub: Any) -> None:
                         "base checkpoint's); the merge computes in float32 and rounds once. A base the adapter "
                         "trained on quantised is loaded unquantised for the merge.")
     export.set_defaults(run=_export)
+
+    combine = sub.add_parser("combine", help="combine several adapters into one (peft's add_weighted_adapter)")
+    combine.add_argument("adapters", metavar="ADAPTER", nargs="+", help=ADAPTER_HELP)
+    combine.add_argument("--weights", type=float, nargs="+", required=True,
+                         help="one weight per adapter, in order; a negative weight subtracts")
+    combine.add_argument("--how", default="svd", choices=COMBINATIONS, help="the way to combine (default: %(default)s)")
+    combine.add_argument("--output", required=True, help="the folder to write (a run folder where the adapters are runs)")
+    combine.add_argument("--density", type=float, help="ties, dare_*, magnitude_prune: the fraction of values kept")
+    combine.add_argument("--svd-rank", type=int, help="*svd: the result's rank (default: the largest combined)")
+    combine.add_argument("--svd-clamp", type=float, help="*svd: clamp the factors to this quantile of their values")
+    combine.add_argument("--majority-sign-method", default="total", choices=("total", "frequency"),
+                         help="ties: how each value's sign is elected (default: %(default)s)")
+    combine.add_argument("--seed", type=int, default=0, help="dare_*: the seed of the random masks (default: %(default)s)")
+    combine.add_argument("--head", type=int, help="where the adapters train different task heads: the position "
+                         "(0, 1, ...) of the adapter whose head the result keeps")
+    combine.set_defaults(run=_combine)
 
     methods = sub.add_parser("methods", help="list the registered methods by PEFT family")
     methods.set_defaults(run=_methods)
@@ -278,6 +298,17 @@ def _inspect(args: argparse.Namespace) -> int:
     from .io.convert import inspect_adapter
 
     print(inspect_adapter(locate_adapter(args.adapter).adapter))
+    return 0
+
+
+def _combine(args: argparse.Namespace) -> int:
+    from .io.combine import combine_folders
+
+    folders = [locate_adapter(path) for path in args.adapters]  # says which adapter each path gives
+    written = combine_folders([f.run or f.adapter for f in folders], args.weights, args.output, how=args.how,
+                              head=args.head, density=args.density, svd_rank=args.svd_rank, svd_clamp=args.svd_clamp,
+                              majority_sign_method=args.majority_sign_method, seed=args.seed)
+    print(f"wrote the combined adapter ({args.how}) to {written}")
     return 0
 
 
