@@ -188,9 +188,9 @@ def test_a_combination_keeps_one_named_head_or_refuses_heads_that_differ(tmp_pat
 
 
 def test_the_cli_combines_run_folders_into_a_run_that_evaluates_and_predicts_like_any(tmp_path, tiny_model_dir, sentiment_csv):
+    from deltatune.cli import COMBINATIONS as LISTED
     from deltatune.cli import main
     from deltatune.core.combine import COMBINATIONS as ALL
-    from deltatune.cli import COMBINATIONS as LISTED
     from deltatune.train.config import load_config
     from deltatune.train.inference import evaluate_run, predict_texts
     from deltatune.train.loop import train
