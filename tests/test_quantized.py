@@ -55,12 +55,13 @@ def test_the_report_counts_the_values_a_quantised_base_holds(llama_dir, kind):
 
 @pytest.mark.parametrize("kind", QUANTIZATIONS)
 @pytest.mark.parametrize("config", [dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+                                    dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], use_rslora=True),
                                     dt.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
                                                  feedforward_modules=["down_proj"]),
                                     dt.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
                                     dt.AdapterConfig(bottleneck=8), dt.PromptTuningConfig(num_virtual_tokens=3),
                                     dt.PrefixTuningConfig(num_virtual_tokens=3)],
-                         ids=["lora", "ia3", "vera", "adapter", "prompt", "prefix"])
+                         ids=["lora", "rslora", "ia3", "vera", "adapter", "prompt", "prefix"])
 def test_frozen_base_methods_train_save_and_load_on_a_quantised_base(llama_dir, kind, config, tmp_path):
     model, batch = dt.apply(quantized(llama_dir, kind), config), inputs("llama")
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -355,3 +356,13 @@ def test_a_qlora_run_of_the_bundled_model_resumes_reloads_quantised_and_says_so(
     assert [row["label"] for row in served] == [row["label"] for row in alone]
     assert all(abs(got["probabilities"][k] - want["probabilities"][k]) <= 1e-5
                for got, want in zip(served, alone) for k in want["probabilities"])
+
+
+def test_lora_plus_groups_a_quantised_base_s_adapter_and_leaves_the_codes_out(llama_dir):
+    model = dt.apply(quantized(llama_dir, "nf4"), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    groups = dt.loraplus_param_groups(model, lr=1e-3, ratio=16)
+    grouped = {id(p): g["lr"] for g in groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grouped) == {id(p) for p in trainable.values()}  # every trained tensor once, no quantised one
+    assert {grouped[id(p)] for n, p in trainable.items() if "lora_B" in n} == {16e-3}
+    assert {grouped[id(p)] for n, p in trainable.items() if "lora_A" in n} == {1e-3}
