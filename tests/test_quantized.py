@@ -366,3 +366,18 @@ def test_lora_plus_groups_a_quantised_base_s_adapter_and_leaves_the_codes_out(ll
     assert set(grouped) == {id(p) for p in trainable.values()}  # every trained tensor once, no quantised one
     assert {grouped[id(p)] for n, p in trainable.items() if "lora_B" in n} == {16e-3}
     assert {grouped[id(p)] for n, p in trainable.items() if "lora_A" in n} == {1e-3}
+
+
+def test_the_values_of_a_4bit_layer_read_the_same_after_bitsandbytes_repacks_it_for_the_cpu(llama_dir):
+    """At the first inference forward on an AVX-512 BF16 CPU, bitsandbytes repacks 4-bit codes and
+    stores each block's absmax transposed, in bf16. down_proj has 128 inputs: two blocks a row, so a
+    transposed absmax would scale the wrong values."""
+    model, batch = quantized(llama_dir, "nf4"), inputs("llama")
+    layer = model.model.layers[0].mlp.down_proj
+    before = weight_values(layer).float().clone()
+    output(model, batch)
+    if not getattr(layer.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU's bitsandbytes kernel does not repack (no AVX-512 BF16)")
+    after = weight_values(layer).float()
+    assert_close_ulps(after, before, ulps=2 ** 16)  # absmax rounded to bf16: 2^-8 relative, 2^15 float32 ulps
+    assert (after - before).abs().max() <= before.abs().max() * 2.0 ** -8

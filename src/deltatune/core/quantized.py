@@ -97,6 +97,9 @@ def weight_values(module: nn.Module) -> torch.Tensor:
     if getattr(state, "packing_format_for_cpu", False):  # repacked for the CPU kernel at an inference forward
         state = copy.deepcopy(state)  # the inverse rewrites the state it is given
         data, state = bnb.functional._convert_weight_packed_for_cpu_inverse(data, state)
+        if not state.nested:  # bitsandbytes 0.50's inverse restores a nested absmax only: the packing
+            # stored it transposed, (in / block, out), in bf16 (what the CPU kernel computes with)
+            state.absmax = state.absmax.T.reshape(-1).to(torch.float32)
     return bnb.functional.dequantize_4bit(data, state)
 
 
