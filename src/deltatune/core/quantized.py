@@ -9,7 +9,6 @@ import contextlib
 import copy
 import importlib
 import math
-import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -17,30 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..env import quiet_loggers
-from .errors import ConfigError
 
-
-def import_bitsandbytes() -> ModuleType:
-    """bitsandbytes, imported without asking the Hugging Face hub for kernels (deltatune never
-    downloads), or one line saying what to install.
-
-    Raises:
-        ConfigError: bitsandbytes is not installed.
-    """
-    quiet_loggers()
-    offline = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return importlib.import_module("bitsandbytes")
-    except ImportError as error:
-        raise ConfigError("a quantised base needs bitsandbytes, which is not installed.",
-                          "pip install 'deltatune[quant]' (bitsandbytes 0.50.2).") from error
-    finally:
-        if offline is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = offline
+def bitsandbytes() -> ModuleType:
+    """bitsandbytes, which a model holding its layers is loaded with already."""
+    return importlib.import_module("bitsandbytes")
 
 
 def is_quantized(param: torch.Tensor) -> bool:
@@ -89,7 +68,7 @@ def weight_values(module: nn.Module) -> torch.Tensor:
     weight = module.weight
     if not is_quantized(weight):
         return weight
-    bnb = import_bitsandbytes()
+    bnb = bitsandbytes()
     if weight.dtype == torch.int8:  # LLM.int8(): codes per row, one scale per row (kept on the layer after a forward)
         scale = weight.SCB if weight.SCB is not None else module.state.SCB
         return bnb.functional.int8_vectorwise_dequant(weight.data, scale)
@@ -117,7 +96,7 @@ def snapshot(module: nn.Module) -> Any:
 def restore(module: nn.Module, held: Any) -> None:
     if isinstance(held, tuple):
         codes, scale = held
-        bnb = import_bitsandbytes()
+        bnb = bitsandbytes()
         module.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=scale)
     else:
         module.weight = held
@@ -127,7 +106,7 @@ def restore(module: nn.Module, held: Any) -> None:
 
 def requantize(module: nn.Module, values: torch.Tensor, like: torch.Tensor) -> None:
     """Quantise ``values`` into ``module``'s weight the way ``like`` (its former weight) was quantised."""
-    bnb = import_bitsandbytes()
+    bnb = bitsandbytes()
     if like.dtype == torch.int8:
         fresh = bnb.nn.Int8Params(values, requires_grad=False, has_fp16_weights=False)
     else:

@@ -5,13 +5,16 @@ is always left unquantised: it trains."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any, Literal
 
 from ..core.errors import ConfigError
 from ..core.fields import help_field
-from ..core.quantized import import_bitsandbytes
 from ..core.targets import HEAD_NAMES
+from ..env import quiet_loggers
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -51,6 +54,28 @@ class QuantizationConfig:
             return "8-bit (LLM.int8())"
         double = ", double quantisation" if self.bnb_4bit_use_double_quant else ""
         return f"4-bit {self.bnb_4bit_quant_type}{double}, compute {self.bnb_4bit_compute_dtype or 'float32'}"
+
+
+def import_bitsandbytes() -> ModuleType:
+    """bitsandbytes, imported without asking the Hugging Face hub for kernels (deltatune never
+    downloads), or one line saying what to install.
+
+    Raises:
+        ConfigError: bitsandbytes is not installed.
+    """
+    quiet_loggers()
+    offline = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError as error:
+        raise ConfigError("a quantised base needs bitsandbytes, which is not installed.",
+                          "pip install 'deltatune[quant]' (bitsandbytes 0.50.2).") from error
+    finally:
+        if offline is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = offline
 
 
 def quantization_kwargs(config: QuantizationConfig | None, unquantized: tuple[str, ...] = HEAD_NAMES) -> dict[str, Any]:
