@@ -173,7 +173,7 @@ def test_a_qlora_row_trains_on_a_quantised_base_against_the_unquantised_referenc
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"qlora", "lora-int8"}
     adapter = tmp_path / "out" / "runs"
-    recorded = [json.loads(p.read_text())["base_quantization"] for p in adapter.glob("*/adapter/adapter_config.json")]
+    recorded = [json.loads(p.read_text())["base_quantization"] for p in adapter.glob("*/*/adapter/adapter_config.json")]
     assert sorted(bool(q.get("load_in_4bit")) for q in recorded) == [False, True]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"methods": [{"method": "lora", "quantization": {"load_in_4bits": True}}]}))

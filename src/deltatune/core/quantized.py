@@ -133,3 +133,12 @@ def weight_in_float(module: nn.Module) -> Iterator[None]:
         restore(module, held)
         raise
     requantize(module, module.weight.data, like=weight)
+
+
+def keep_training_layout(model: nn.Module) -> None:
+    """Stop bitsandbytes repacking 4-bit codes for its CPU inference kernel at the first eval-mode
+    forward: its training forward (0.50) cannot run on the repacked codes (an in-place bias add on
+    a tensor autograd tracks), so a run that evaluates and then trains on would fail."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False

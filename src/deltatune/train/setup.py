@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, get_scheduler
 from .. import assets
 from ..core.errors import ConfigError
 from ..core.method import TrainingHooks
+from ..core.quantized import keep_training_layout
 from ..core.state import require_state
 from ..core.verbs import active_adapters, apply
 from ..data.loading import load_splits
@@ -104,6 +105,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     resolved = Resolved(precision, best_model_metric(config), list(task.labels) or None)
     set_seed(training.seed)  # the head's initialisation does not depend on data loading
     model = build_model(config, task, path)
+    keep_training_layout(model)
     hooks = training_hooks(model)
     hold_frozen(model, precision)
     if precision == "bf16":  # fp16: accelerate's autocast, with its loss scaling
