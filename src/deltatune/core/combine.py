@@ -164,17 +164,19 @@ def _kept_modules(model: nn.Module, state, sources: list[str], head: str | None)
     if head is not None:
         return head if copies[head] else None
     first = copies[sources[0]]
-    same = all(c.keys() == first.keys() and all(all(torch.equal(c[m][k], first[m][k]) for k in first[m]) for m in first)
-               for c in copies.values())
-    if not same:
-        differ = next(s for s in sources[1:] if copies[s].keys() != first.keys() or any(
-            not torch.equal(copies[s][m][k], first[m][k]) for m in first for k in first[m]))
+    differ = next((s for s in sources[1:] if not _same_modules(copies[s], first)), None)
+    if differ is not None:
         modules = ", ".join(sorted(set(first) | set(copies[differ])))
         raise ConfigError(f"adapters '{sources[0]}' and '{differ}' train their own {modules} (modules_to_save, the "
                           "task head): a combination of the adapters' updates has no one head to keep.",
                           f"pass head='{sources[0]}' (or another adapter's name) to keep that adapter's; peft "
                           "refuses these, or gives the result an untrained copy of the base's.")
     return sources[0] if first else None
+
+
+def _same_modules(a: dict[str, dict], b: dict[str, dict]) -> bool:
+    """Two adapters' trained modules: the same modules, with equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[m][k], b[m][k]) for m in a for k in a[m])
 
 
 def _combinable_hint(method) -> str:

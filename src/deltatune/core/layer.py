@@ -258,7 +258,7 @@ class DeltaLayer(nn.Module):
         base gets its original codes back (the deltas still unmerge, for what they changed beside)."""
         if not self.merged and self._codes is None:
             return
-        with quantized.weight_in_float(self.base_layer):
+        with quantized.weight_in_float(self.base_layer, requantize_after=self._codes is None):
             while self.merged:
                 self.deltas[self.merged.pop()].unmerge(self.base_layer)
         if self._codes is not None:

@@ -117,10 +117,11 @@ def requantize(module: nn.Module, values: torch.Tensor, like: torch.Tensor) -> N
 
 
 @contextlib.contextmanager
-def weight_in_float(module: nn.Module) -> Iterator[None]:
+def weight_in_float(module: nn.Module, requantize_after: bool = True) -> Iterator[None]:
     """Within the block a quantised layer's weight is its dequantised values, which may be changed
-    in place (a merge); they are quantised again at the end, or on an error the codes are put back
-    untouched. Nothing happens for a layer whose weight is plain floats."""
+    in place (a merge); they are quantised again at the end (unless ``requantize_after`` is False:
+    the caller puts codes back itself), or on an error the codes are put back untouched. Nothing
+    happens for a layer whose weight is plain floats."""
     weight = getattr(module, "weight", None)
     if weight is None or not is_quantized(weight):
         yield
@@ -132,7 +133,8 @@ def weight_in_float(module: nn.Module) -> Iterator[None]:
     except BaseException:
         restore(module, held)
         raise
-    requantize(module, module.weight.data, like=weight)
+    if requantize_after:
+        requantize(module, module.weight.data, like=weight)
 
 
 def keep_training_layout(model: nn.Module) -> None:
