@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 
 from deltatune import ConfigError, parameter_report, registered
 from deltatune.compare.config import default_methods, load_compare_config
+from deltatune.compare.noise import proportion_interval
 from deltatune.compare.runner import compare
 from deltatune.tasks import task_for
 from deltatune.train import setup
@@ -73,7 +74,19 @@ def test_the_default_methods_compared_and_the_report_matches_the_runs(small):
         assert isinstance(row["latency_ratio"], float)  # a timing: its value is never asserted
         assert (row["merged_latency_ratio"] is not None) == registered()[row["method"]].mergeable
         assert row["verdict"] in ("converged", "still rising", "not learning", "too short")
-        assert [c["learning_rate"] for c in row["candidates"]] == list(registered()[row["method"]].tuning.learning_rates)
+        grid = list(registered()[row["method"]].tuning.learning_rates)
+        # the grid, then at most one rate a grid step beyond the edge (widen: 1) where an edge rate won
+        assert [c["learning_rate"] for c in row["candidates"]] == grid + row["search"]["widened"]
+        for rate in row["search"]["widened"]:  # rounded to 3 significant figures: within 0.5%
+            assert rate == pytest.approx(grid[0] ** 2 / grid[1], rel=5e-3) or rate == pytest.approx(
+                grid[-1] ** 2 / grid[-2], rel=5e-3)
+        # 16 validation rows: a standard error of 0.11, so after 2 steps no candidate is beyond
+        # chance of the majority class: the search waits out the first rung (1 of 4 evaluations)
+        assert row["search"]["waited"] == [1]
+        assert ("cut by noise" in row["flags"]) == bool(row["search"]["noisy_cuts"])
+        # one seed: the interval is the accuracy's on the test rows the run scored
+        assert row["test_rows"] == run_report["rows"]["test"] > 0
+        assert row["interval"] == list(proportion_interval(row["accuracy"], row["test_rows"]))
         assert row["learning_rate"] in [c["learning_rate"] for c in row["candidates"]]
         assert len(row["curve"]) == 4 and row["curve"][-1][1] == 8  # evaluations: 4, the last at step 8
     by_method = {r["method"]: r for r in rows}
@@ -83,7 +96,9 @@ def test_the_default_methods_compared_and_the_report_matches_the_runs(small):
         assert (folder / "out" / name).stat().st_size > 1000
     text = (folder / "out" / "report.md").read_text()
     for row in rows:  # each row with the rate its search chose, and that rate marked in the search table
-        assert f"| {row['method']} | {row['learning_rate']:g} | {row['verdict']} |" in text
+        assert (f"| {row['method']} | {row['learning_rate']:g} | {row['verdict']} | {row['accuracy']:.3f}"
+                in text.replace(" ≈", "").replace("**", ""))
+        assert f"{row['interval'][0]:.3f} to {row['interval'][1]:.3f} | {', '.join(row['flags']) or '-'} |" in text
         assert f"{row['learning_rate']:g}: " in text.split(f"| {row['method']} | ")[-1].split("\n")[0]
     assert "**The answer**" in text and "Learning-rate search" in text
 
@@ -139,7 +154,9 @@ def test_a_pinned_learning_rate_skips_the_search_and_seeds_reuse_the_choice(tmp_
     rows = {r["method"]: r for r in report["rows"]}
     assert [c["learning_rate"] for c in rows["bitfit"]["candidates"]] == [2e-3]
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "cells").glob("*.json")}
-    assert len(cells["ia3-seed1"]["candidates"]) == 3  # the first seed searched
+    # the first seed searched: IA3's three rates, and one beyond the edge where an edge rate won
+    assert len(cells["ia3-seed1"]["candidates"]) == 3 + len(cells["ia3-seed1"]["search"]["widened"])
+    assert cells["ia3-seed2"]["search"]["widened"] == []  # a pinned rate is never widened
     assert [c["learning_rate"] for c in cells["ia3-seed2"]["candidates"]] == [cells["ia3-seed1"]["learning_rate"]]
     assert rows["ia3"]["seeds"] == [1, 2] and "±" in (tmp_path / "out" / "report.md").read_text()
 

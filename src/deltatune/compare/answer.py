@@ -2,8 +2,9 @@
 
 Quality is the task's primary test metric (higher is better; perplexity and loss are negated
 here so that the same comparisons hold). Margins: with several seeds, a row "ties" the best when
-a paired t-test across seeds cannot tell them apart (p >= 0.05); with one seed, when it is
-within ``MARGIN`` (one point of accuracy) of the best.
+a paired t-test across seeds cannot tell them apart (p >= 0.05); with one seed, when the two
+scores are within chance of each other on the test rows (``noise.Noise``: accuracy), or, for
+metrics without a noise estimate, within ``MARGIN`` (one point) of the best.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from scipy.stats import ttest_rel
 
 from ..tasks.base import lower_is_better
+from .noise import PROPORTIONS, Noise
 
 MARGIN = 0.01  # one point of accuracy / F1; for unbounded metrics, 1% of the best value
 ORDER = {"converged": 0, "too short": 1, "still rising": 2, "not learning": 3}
@@ -65,6 +67,9 @@ def mark_ties(rows: list[dict[str, Any]], metric: str) -> None:
 def _ties(best: dict[str, Any], row: dict[str, Any], metric: str, sign: int) -> bool:
     seeds = [s for s in best["seeds"] if s in row["seeds"]]
     if len(seeds) < 2:
+        noise = Noise(metric, row.get("test_rows", 0))
+        if noise.known:
+            return not noise.differ(best[metric], row[metric])
         return sign * (best[metric] - row[metric]) <= MARGIN * max(1.0, abs(best[metric]))
     a = [best["per_seed"][str(s)] for s in seeds]
     b = [row["per_seed"][str(s)] for s in seeds]
@@ -95,14 +100,56 @@ def answer(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
             "pareto_time": pareto(rows, metric, "train_seconds"),
             "picks": {k: r["method"] for k, r in picks.items()},
             "caveats": [f"{r['method']} had not converged ({r['verdict']}): a longer run may rank it higher"
-                        for r in rows if r["verdict"] != "converged"]}
+                        for r in rows if r["verdict"] != "converged"] + [_flag_caveat(r) for r in rows if r.get("flags")],
+            "next": next_steps(rows)}
+
+
+def flags(row: dict[str, Any]) -> list[str]:
+    """Why a row may move in a longer run: its search's flags, and a tie with the best."""
+    return [*row.get("search", {}).get("flags", []), *(["within noise of the best"] if row.get("ties_best")
+                                                       and not row.get("best") else [])]
+
+
+def _flag_caveat(row: dict[str, Any]) -> str:
+    return f"{row['method']}: {', '.join(row['flags'])}"
+
+
+def next_steps(rows: list[dict[str, Any]]) -> list[str]:
+    """What would settle the table, with the minutes estimated from this run's own timings."""
+    steps = []
+    tied = [r for r in rows if r.get("ties_best")]
+    if len(tied) > 1:
+        seeds = len(tied[0]["seeds"])
+        more = max(3, 2 * seeds) - seeds  # seeds to add: to three, or twice as many
+        seconds = sum(_run_seconds(r) for r in tied) * more
+        listed = sorted(set(tied[0]["seeds"]) | {max(tied[0]["seeds"]) + i + 1 for i in range(more)})
+        steps.append(f"to separate {', '.join(r['method'] for r in tied)}, run them with `seeds: {listed}` "
+                     f"(about {_duration(seconds)}: {more} more runs each at the rates chosen here)")
+    for row in rows:
+        if "rate at the grid's" in " ".join(row.get("search", {}).get("flags", [])):
+            steps.append(f"to place {row['method']}'s learning rate, run it with a larger `widen:` or its "
+                         f"`learning_rate` pinned beyond {row['learning_rate']:g} "
+                         f"(about {_duration(_run_seconds(row))} a rate)")
+    return steps
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} minutes"
+
+
+def _run_seconds(row: dict[str, Any]) -> float:
+    """One run of the row's method at its chosen rate, measured: its phases over its seeds, per seed."""
+    seconds = row["seconds"]
+    return sum(v for k, v in seconds.items() if not isinstance(v, dict)) / len(row["seeds"])
 
 
 def answer_text(result: dict[str, Any], metric: str, seeds: int) -> str:
-    within = "within the seeds' noise of" if seeds > 1 else f"within {MARGIN:g} {metric} of"
+    within = ("within the seeds' noise of" if seeds > 1 else "within the test rows' noise of"
+              if metric in PROPORTIONS else f"within {MARGIN:g} {metric} of")
     lines = [f"- best {metric}: **{result['picks']['best quality']}**",
              f"- smallest file {within} the best: **{result['picks']['smallest file']}**",
              f"- fastest training {within} the best: **{result['picks']['fastest training']}**",
              f"- Pareto front, {metric} against stored parameters: {', '.join(result['pareto_storage'])}",
              f"- Pareto front, {metric} against training time: {', '.join(result['pareto_time'])}"]
-    return "\n".join(lines + [f"- caveat: {c}" for c in result["caveats"]])
+    return "\n".join(lines + [f"- caveat: {c}" for c in result["caveats"]]
+                     + [f"- next: {step}" for step in result.get("next", [])])

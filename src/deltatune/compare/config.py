@@ -51,7 +51,7 @@ TRAINING_KEYS = ("learning_rate", "loraplus_lr_ratio")
 MODEL_KEYS = ("quantization",)
 ENTRY_KEYS = TRAINING_KEYS + MODEL_KEYS
 GRID_KEYS = ["methods", "seeds", "train_sizes", "models", "output_dir", "latency_batches", "forgetting_texts",
-             "search", "evaluations"]
+             "search", "evaluations", "widen"]
 
 
 @dataclass
@@ -67,6 +67,8 @@ class CompareConfig:
     forgetting_texts: int = help_field(128, "General texts whose embeddings measure forgetting.", range="[1, inf)")
     #: search each method's learning rate (its file's grid) on the first seed; false: its default.
     search: bool = True
+    widen: int = help_field(1, "Learning rates tried beyond a grid's edge when its smallest or largest wins, "
+                                "each one grid step further out and a whole run; 0: never.", range="[0, 10]")
     evaluations: int = help_field(6, "Validation passes per run, evenly spaced: the learning curve and "
                                      "the halving rungs.", range="[2, 100]")
 

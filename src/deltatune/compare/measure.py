@@ -17,15 +17,26 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
 from ..assets import dist_file
 from ..core.verbs import adapter_state, merge_and_unload
 from ..data.bundled import BUNDLED, read_bundled
+from ..tasks import task_for
 from ..train.config import RunConfig
 from ..train.precision import compute_in, resolve
 from ..train.setup import resolve_model_path, tokenised
 
 GENERAL = "bbc-news"  # the general text whose embeddings measure forgetting
+
+
+def validation_baseline(config: RunConfig) -> dict[str, float]:
+    """The trivial predictor's validation metrics (the majority class) for a run config's data,
+    where its task has one; the data is tokenised once per process (``tokenised``)."""
+    path = resolve_model_path(config.model.name_or_path)
+    task = task_for(config)
+    splits = tokenised(config, task, AutoTokenizer.from_pretrained(path), path)
+    return task.baseline(splits["train"], splits["validation"])
 
 
 class Reference:

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..io.atomic import atomic_write_text
 from .answer import answer_text
+from .report import interval_text
 
 #: table columns: (row key, heading); the quality columns come first, from the rows
 COLUMNS = [("learning_rate", "lr"), ("verdict", "verdict"), ("stored_params", "stored params"),
@@ -82,10 +83,12 @@ def write_page(path: Path, report: dict[str, Any]) -> Path:
     rows = report["rows"]
     metric = rows[0]["metric"] if rows else "accuracy"
     qualities = [metric, *sorted(k[:-4] for k in (rows[0] if rows else {}) if k.endswith("_std") and k[:-4] != metric)]
-    columns = [("method", "method"), *[(q, f"test {q}") for q in qualities], *COLUMNS]
+    columns = [("method", "method"), (metric, f"test {metric}"), ("interval", "95% interval"),
+               ("flags", "may move because"), *[(q, f"test {q}") for q in qualities[1:]], *COLUMNS]
     keys = {key for key, _ in columns}
     data = {"metric": metric, "columns": columns, "costs": COSTS,
-            "rows": [{**{k: v for k, v in r.items() if k in keys}, "notes": r.get("notes", {})} for r in rows]}
+            "rows": [{**{k: v for k, v in r.items() if k in keys}, "interval": interval_text(r),
+                      "flags": ", ".join(r.get("flags", [])) or "-", "notes": r.get("notes", {})} for r in rows]}
     seeds = max((len(r["seeds"]) for r in rows), default=1)
     answers = "".join(f"<pre>{html.escape(answer_text(a, metric, seeds).replace('**', ''))}</pre>" for a in report["answers"])
     text = PAGE.format(title=html.escape(f"{rows[0]['model']} ({len(rows)} methods)" if rows else ""),

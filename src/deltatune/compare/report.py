@@ -13,7 +13,8 @@ from typing import Any
 from ..io.atomic import atomic_write_text
 from ..tasks.base import lower_is_better
 from ..train.loop import PHASES
-from .answer import answer, answer_text, convergence, mark_ties, worst
+from .answer import answer, answer_text, convergence, flags, mark_ties, worst
+from .noise import Noise, proportion_interval, seed_interval
 
 
 def rows_from_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -36,6 +37,9 @@ def _row(runs: list[dict]) -> dict[str, Any]:
         row[name] = statistics.fmean(values)
         row[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
     row["per_seed"] = {str(r["seed"]): r["result"]["metrics"][f"test_{metric}"] for r in runs}
+    row["test_rows"] = results[0].get("rows", {}).get("test", 0)  # cells written before rows existed: 0
+    row["interval"] = _interval(list(row["per_seed"].values()), metric, row["test_rows"])
+    row["search"] = first.get("search", {})
     row["verdict"] = worst([convergence(r["curve"], metric, r.get("baseline")) for r in runs])
     row.update(trainable_params=params["trainable"], stored_params=params["stored"],
                not_stored_params=params["not_stored"], changed_params=params["changed"],
@@ -50,6 +54,16 @@ def _row(runs: list[dict]) -> dict[str, Any]:
     row["curve"] = first["curve"]
     row["seconds"] = _summed([r["seconds"] for r in runs])
     return row
+
+
+def _interval(values: list[float], metric: str, rows: int) -> list[float] | None:
+    """The 95% interval of the row's test metric: across seeds, else from its test rows where
+    the metric has a noise estimate (accuracy); None where neither is known."""
+    if len(values) > 1:
+        return list(seed_interval(values))
+    if Noise(metric, rows).known:
+        return list(proportion_interval(values[0], rows))
+    return None
 
 
 def _notes(runs: list[dict]) -> dict[str, str]:
@@ -78,6 +92,8 @@ def write_report(folder: Path, records: list[dict[str, Any]], wall_seconds: floa
     answers = []
     for (model, size), group in groups.items():
         mark_ties(group, group[0]["metric"])
+        for row in group:
+            row["flags"] = flags(row)
         answers.append({"model": model, "train_size": size, **answer(group, group[0]["metric"])})
     report = {"rows": rows, "answers": answers, "seconds": _seconds(rows, wall_seconds, ran)}
     previous = folder / "report.json"
@@ -121,7 +137,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         return "(no rows)"
     metrics = [rows[0]["metric"], *sorted(k[:-4] for k in rows[0] if k.endswith("_std") and k[:-4] != rows[0]["metric"])]
     header = ["method", *(["model"] if len({r["model"] for r in rows}) > 1 else []),
-              *(["train size"] if any(r["train_size"] for r in rows) else []), "lr", "verdict", *metrics,
+              *(["train size"] if any(r["train_size"] for r in rows) else []), "lr", "verdict", *metrics[:1],
+              "95% interval", "may move because", *metrics[1:],
               "trainable", "stored (% of base)", "trained, not stored", "adapter file", "train s", "s/step",
               "peak MB", "latency x", "merged x", "forgetting"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -130,7 +147,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         quality = f"**{quality}**" if r.get("best") else f"{quality} ≈" if r.get("ties_best") else quality
         cells = [r["method"], *([r["model"]] if "model" in header else []),
                  *([str(r["train_size"])] if "train size" in header else []),
-                 f"{r['learning_rate']:g}", r["verdict"], quality,
+                 f"{r['learning_rate']:g}", r["verdict"], quality, interval_text(r),
+                 ", ".join(r.get("flags", [])) or "-",
                  *[_mean_std(r[m], r[f"{m}_std"], len(r["seeds"])) for m in metrics[1:]],
                  f"{r['trainable_params']:,}", f"{r['stored_params']:,} ({100 * r['stored_params'] / r['base_params']:.2f}%)",
                  f"{r['not_stored_params']:,}", _bytes(r["adapter_bytes"]), f"{r['train_seconds']:.0f}",
@@ -163,6 +181,11 @@ def search_table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{c['learning_rate']:g}: {score} @ {c['steps']}{chosen}")
         lines.append(f"| {r['method']} | {'; '.join(cells)} |")
     return "\n".join(lines)
+
+
+def interval_text(row: dict[str, Any]) -> str:
+    interval = row.get("interval")
+    return "-" if interval is None else f"{interval[0]:.3f} to {interval[1]:.3f}"
 
 
 def _mean_std(mean: float, std: float, n: int) -> str:

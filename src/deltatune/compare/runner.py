@@ -27,7 +27,7 @@ from ..train.loop import PHASES
 from ..train.precision import describe
 from .config import CompareConfig, entry_name
 from .halving import Candidate, halve
-from .measure import Reference, measure
+from .measure import Reference, measure, validation_baseline
 from .report import write_report
 
 
@@ -91,10 +91,14 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
     """Search (first seed) or reuse the learning rate, train, measure; a JSON-ready record."""
     rates = _rates(config, cell, folder)
     metric = _metric(config)
-    winner, candidates = halve(
-        rates, lambda rate, run_folder: config.run_config(cell.method, cell.seed, cell.size, cell.model,
-                                                          run_folder, rate),
-        folder / "runs" / cell.key, config.evaluations, metric, echo)
+    def config_for(rate: float, run_folder: Path) -> RunConfig:
+        return config.run_config(cell.method, cell.seed, cell.size, cell.model, run_folder, rate)
+
+    searching = len(rates) > 1
+    search = halve(rates, config_for, folder / "runs" / cell.key, config.evaluations, metric, echo,
+                   wait_out_noise=searching, baseline=validation_baseline(config_for(rates[0], folder)).get(metric),
+                   widen=config.widen if searching else 0)
+    winner, candidates = search.winner, search.candidates
     result = winner.legs[-1]
     tick = time.perf_counter()
     run_config, task, tokenizer, adapted = load_run(result.output_dir)
@@ -105,7 +109,7 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
     measured = measure(references[model_key], adapted)
     return {"key": cell.key, "method": entry_name(cell.method), "seed": cell.seed,
             "train_size": cell.size, "model": model_key, "metric": metric, "learning_rate": winner.learning_rate,
-            "candidates": [c.to_dict() for c in candidates], "result": result.to_dict(),
+            "candidates": [c.to_dict() for c in candidates], "search": search.to_dict(), "result": result.to_dict(),
             "base_params": sum(p.numel() for p in references[model_key].model.parameters()),
             "peak_memory_mb": max(leg.peak_memory_mb for leg in winner.legs),
             "train_seconds": sum(leg.seconds["train"] for leg in winner.legs),

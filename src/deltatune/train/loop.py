@@ -66,6 +66,8 @@ class RunResult:
     #: training.cache_frozen: the block whose inputs were kept, how many examples' and their size,
     #: and how many batches skipped the blocks below it
     frozen_cache: dict[str, Any] | None = None
+    #: rows of each split after tokenising (a QA context cut into windows counts once per window)
+    rows: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -352,7 +354,8 @@ def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResu
         best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
         interrupted=stopped == "interrupted", paused=stopped == "paused",
         seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),
-        frozen_cache=run.frozen.summary() if run.frozen else None)
+        frozen_cache=run.frozen.summary() if run.frozen else None,
+        rows={name: len(split) for name, split in run.data.items()})
     if run.accelerator.is_main_process:
         atomic_write_text(folder / RUN_REPORT, json.dumps(result.to_dict(), indent=2) + "\n")
         if not result.paused:
