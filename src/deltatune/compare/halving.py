@@ -122,7 +122,8 @@ def halve(rates: list[float], config_for: Callable[[float, Path], RunConfig], fo
                 continue
             search.noisy_cuts.append(min(rung, evaluations))
         alive = ranked[:keep]
-        echo("  kept " + ", ".join(f"lr {c.learning_rate:g}" for c in alive) + f" after {rung} evaluations")
+        echo("  kept " + ", ".join(f"lr {c.learning_rate:g}" for c in alive)
+             + f" after {min(rung, evaluations)} evaluations")
         rung *= KEEP
     search.winner = alive[0]
     _leg(search.winner, config_for, metric, pause_after=None)
