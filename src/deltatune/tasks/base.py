@@ -47,6 +47,10 @@ class ModelConfig:
     max_length: int = help_field(128, "Tokens per example; longer inputs are truncated.", range="[1, inf)")
     config_overrides: dict = help_field({}, "Values passed to from_pretrained to change the model's "
                                         "config, e.g. {hidden_dropout_prob: 0.0}.")
+    dropout: float | None = help_field(
+        None, "Set every dropout probability of the pre-trained model (hidden, attention, residual, "
+              "embedding, head: whatever its architecture names them) to this value; the method's own "
+              "dropout (lora_dropout...) apart. null: the model's own.", range="[0, 1)")
     quantization: QuantizationConfig | None = help_field(
         None, "Load the frozen base quantised by bitsandbytes (QLoRA), with transformers' BitsAndBytesConfig "
               "names, e.g. {load_in_4bit: true, bnb_4bit_quant_type: nf4}; the task head stays unquantised. "

@@ -26,6 +26,7 @@ from ..core.quantized import keep_training_layout
 from ..core.state import require_state
 from ..core.verbs import active_adapters, apply
 from ..data.loading import load_splits
+from ..hf.dropout import set_base_dropout
 from ..io.run_folder import Resolved
 from ..tasks import Task, task_for
 from .batches import ResumableBatchSampler
@@ -82,6 +83,8 @@ def resolve_model_path(name_or_path: str) -> str:
 def build_model(config: RunConfig, task: Task, path: str) -> torch.nn.Module:
     """The pre-trained model with the task head, adapted by the configured method."""
     model = task.load_model(path)
+    if config.model.dropout is not None:
+        set_base_dropout(model, config.model.dropout)
     method = config.method
     heads = [h for h in task.head_modules(model) if h not in method.modules_to_save]
     method = dataclasses.replace(method, modules_to_save=method.modules_to_save + heads)  # a copy: the config stays
