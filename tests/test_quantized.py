@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from deltatune.core.layer import DeltaLayer
 from deltatune.core.quantized import weight_values
 from tiny import VOCAB, assert_close_ulps, inputs, output, perturb, snapshot
 
@@ -107,6 +108,20 @@ def quantisation_bound(values: torch.Tensor, weight: torch.Tensor) -> torch.Tens
     blocks = values.reshape(-1, weight.quant_state.blocksize)
     absmax = blocks.abs().amax(dim=1, keepdim=True)
     return (absmax * (levels.diff().max() / 2) * (1 + 2.0**-20)).expand_as(blocks).reshape(values.shape)
+
+
+@pytest.mark.parametrize("kind", QUANTIZATIONS)
+def test_merge_and_unload_of_a_quantised_base_is_the_merged_model_without_wrappers(llama_dir, kind):
+    model, batch = dt.apply(quantized(llama_dir, kind), dt.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])), inputs("llama")
+    perturb(model)
+    dt.merge(model)
+    merged = output(model, batch)
+    dt.unmerge(model)
+    plain = dt.merge_and_unload(model)  # the same re-quantisation, then the wrappers removed
+    assert not any(isinstance(m, DeltaLayer) for m in plain.modules())
+    assert torch.equal(output(plain, batch), merged)
+    # trainable as a loaded model is, except the integer codes, which cannot require gradients
+    assert all(p.requires_grad == p.is_floating_point() for p in plain.parameters())
 
 
 @pytest.mark.parametrize("kind", QUANTIZATIONS)

@@ -189,6 +189,8 @@ def test_a_qlora_row_trains_on_a_quantised_base_against_the_unquantised_referenc
     report = compare(config, echo=lambda *_: None)
     rows = {r["method"]: r for r in report["rows"]}
     assert set(rows) == {"qlora", "lora-int8"}
+    for row in rows.values():  # every measurement made: merged latency too (merge re-quantises)
+        assert row["notes"] == {} and row["latency_ratio"] is not None and row["merged_latency_ratio"] is not None
     adapter = tmp_path / "out" / "runs"
     recorded = [json.loads(p.read_text())["base_quantization"] for p in adapter.glob("*/*/adapter/adapter_config.json")]
     assert sorted(bool(q.get("load_in_4bit")) for q in recorded) == [False, True]

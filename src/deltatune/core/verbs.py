@@ -238,7 +238,9 @@ def unload(model: nn.Module) -> nn.Module:
     delattr(model, STATE_ATTR)
     drop_adapter_names(model)
     for param in model.parameters():
-        param.requires_grad_(True)
+        # a plain model again, trainable as loaded; a quantised base's integer codes cannot be
+        if param.is_floating_point():
+            param.requires_grad_(True)
     return model
 
 
