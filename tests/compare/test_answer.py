@@ -248,7 +248,7 @@ def test_one_seed_ties_read_from_the_test_rows_noise():
 def test_next_steps_estimate_minutes_from_the_runs_own_seconds():
     group = rows(full=0.80, lora=0.795, bitfit=0.60, prompt=0.60)
     mark_ties(group, "accuracy")  # no test rows: within one point ties
-    group[2]["search"] = {"flags": ["rate at the grid's largest"]}
+    group[2]["search"] = {"edge": "largest", "flags": ["rate at the grid's largest"]}
     group[2]["learning_rate"] = 3e-3
     # full's run: 1 + 50 + 2 + 3 = 56 s, lora's 1 + 20 + 2 + 3 = 26 s (the search's seconds are not
     # a run's); two more seeds each: 2 x 82 s = 164 s, about 3 minutes; bitfit's run 24 s

@@ -20,9 +20,8 @@ pytestmark = pytest.mark.slow
 
 def _settings(csv, out):
     return {
-        "model": {"name_or_path": "minilm-l6", "max_length": 32,
-                  # Dropout off: the two processes draw different masks than one process would.
-                  "config_overrides": {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+        # Dropout off: the two processes draw different masks than one process would.
+        "model": {"name_or_path": "minilm-l6", "max_length": 32, "dropout": 0.0},
         "data": {"train_file": str(csv), "max_train_samples": 160, "validation_size": 0.1, "test_size": 0.1},
         "method": {"method": "lora", "r": 4},
         "training": {"output_dir": str(out), "batch_size": 8, "epochs": 1, "learning_rate": 5e-3,

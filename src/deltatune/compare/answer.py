@@ -126,7 +126,7 @@ def next_steps(rows: list[dict[str, Any]]) -> list[str]:
         steps.append(f"to separate {', '.join(r['method'] for r in tied)}, run them with `seeds: {listed}` "
                      f"(about {_duration(seconds)}: {more} more runs each at the rates chosen here)")
     for row in rows:
-        if "rate at the grid's" in " ".join(row.get("search", {}).get("flags", [])):
+        if row.get("search", {}).get("edge"):
             steps.append(f"to place {row['method']}'s learning rate, run it with a larger `widen:` or its "
                          f"`learning_rate` pinned beyond {row['learning_rate']:g} "
                          f"(about {_duration(_run_seconds(row))} a rate)")

@@ -138,7 +138,7 @@ def _within_noise(ranked: list[Candidate], keep: int, metric: str, noise: Noise)
     """Whether cutting after the first ``keep`` of ``ranked`` would be chance: the last kept and
     the best cut cannot be told apart, or the best of all cannot be told from the majority class."""
     sign = -1 if lower_is_better(metric) else 1
-    scores = [sign * c.best(metric) for c in ranked]
+    scores = [sign * c.best(metric) for c in ranked]  # best() is signed: the metric's own values again
     if any(math.isinf(score) for score in scores[:keep + 1]):
         return False  # a failed candidate is cut for its failure, not its score
     return not noise.beats_baseline(scores[0]) or not noise.differ(scores[keep - 1], scores[keep])
@@ -148,13 +148,12 @@ def _widen(search: Search, config_for: Callable[[float, Path], RunConfig], metri
            echo: Callable[[str], Any]) -> None:
     """While the winner is the smallest or largest rate tried, train one grid step beyond it
     (at most ``widen`` times); a better result there becomes the winner."""
-    for _ in range(widen + 1):
+    while True:
         rates = sorted(c.learning_rate for c in search.candidates)
-        edge, beyond = _beyond_edge(search.winner.learning_rate, rates)
-        search.edge = edge
-        if not edge or len(search.widened) == widen:
+        search.edge, beyond = _beyond_edge(search.winner.learning_rate, rates)
+        if not search.edge or len(search.widened) == widen:
             return
-        echo(f"  lr {search.winner.learning_rate:g} is the grid's {edge}: trying lr {beyond:g}")
+        echo(f"  lr {search.winner.learning_rate:g} is the grid's {search.edge}: trying lr {beyond:g}")
         extra = Candidate(beyond, search.winner.folder.with_name(f"lr-{beyond:g}"))
         _leg(extra, config_for, metric, pause_after=None)
         search.candidates.append(extra)

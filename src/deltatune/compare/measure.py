@@ -40,15 +40,13 @@ def validation_baseline(config: RunConfig) -> dict[str, float]:
 
 
 class Reference:
-    """The base model, a few test batches, the task's trivial baseline and (made for the first
-    run measured) the base's embeddings of held-out general text."""
+    """The base model, a few test batches and (made for the first run measured) the base's
+    embeddings of held-out general text."""
 
     def __init__(self, config: RunConfig, task: Any, tokenizer: Any, latency_batches: int, forgetting_texts: int):
         path = resolve_model_path(config.model.name_or_path)
         self.model = compute_in(unquantized(task).load_model(path), resolve(config.training.precision)).eval()
         splits = tokenised(config, task, tokenizer, path)
-        #: validation metrics of the trivial predictor (the majority class), where the task has one
-        self.baseline = task.baseline(splits["train"], splits["validation"])
         self.batches = _spread_batches(splits["test"], task.collator(tokenizer), config.training.eval_batch_size,
                                        latency_batches)
         self.tokenizer, self.max_length, self.forgetting_texts = tokenizer, config.model.max_length, forgetting_texts

@@ -95,9 +95,9 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
         return config.run_config(cell.method, cell.seed, cell.size, cell.model, run_folder, rate)
 
     searching = len(rates) > 1
+    baseline = validation_baseline(config_for(rates[0], folder)).get(metric)
     search = halve(rates, config_for, folder / "runs" / cell.key, config.evaluations, metric, echo,
-                   wait_out_noise=searching, baseline=validation_baseline(config_for(rates[0], folder)).get(metric),
-                   widen=config.widen if searching else 0)
+                   wait_out_noise=searching, baseline=baseline, widen=config.widen if searching else 0)
     winner, candidates = search.winner, search.candidates
     result = winner.legs[-1]
     tick = time.perf_counter()
@@ -115,7 +115,7 @@ def run_cell(config: CompareConfig, cell: Cell, folder: Path, references: dict[s
             "train_seconds": sum(leg.seconds["train"] for leg in winner.legs),
             "seconds": {**_phases(winner.legs), "search": _search_seconds(candidates, winner),
                         "measure": round(time.perf_counter() - tick, 3)},
-            "curve": _curve(result.output_dir, metric), "baseline": references[model_key].baseline.get(metric),
+            "curve": _curve(result.output_dir, metric), "baseline": baseline,
             **measured}
 
 

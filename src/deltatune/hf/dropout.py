@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from torch import nn
+from transformers import PretrainedConfig
 
 _DROPOUT_NAME = re.compile(r"dropout|pdrop", re.IGNORECASE)
 
@@ -29,12 +30,12 @@ def set_base_dropout(model: nn.Module, p: float) -> list[str]:
     return keys
 
 
-def _set_config(config, p: float, prefix: str = "") -> list[str]:
+def _set_config(config: PretrainedConfig, p: float, prefix: str = "") -> list[str]:
     """Every float ``*dropout*`` / ``*pdrop`` entry of a config and of its sub-configs
     (an encoder-decoder's encoder and decoder)."""
     keys = []
     for name, value in vars(config).items():
-        if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a nested PretrainedConfig
+        if isinstance(value, PretrainedConfig):
             keys += _set_config(value, p, f"{prefix}{name}.")
         elif _DROPOUT_NAME.search(name) and (isinstance(value, float) or (value is None and name == "classifier_dropout")):
             setattr(config, name, p)
