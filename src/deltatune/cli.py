@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -208,26 +209,29 @@ def _train(args: argparse.Namespace) -> int:
     from .train.loop import train
     from .train.precision import describe
 
+    # under torchrun every process runs this; one of them speaks
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *_, **__: None)
+
     overrides = list(args.set) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
     config = load_config(args.config, overrides)
     if args.config is None:
-        print(f"No config given: training the bundled default ({config.method.method} on "
+        say(f"No config given: training the bundled default ({config.method.method} on "
               f"{config.model.name_or_path}, {config.data.source}).")
-    print(describe(config.training.precision))
+    say(describe(config.training.precision))
     if config.model.quantization:
-        print(f"base: quantised by bitsandbytes, {config.model.quantization.describe()} (the task head unquantised)")
+        say(f"base: quantised by bitsandbytes, {config.model.quantization.describe()} (the task head unquantised)")
     result = train(config, resume=args.resume)
     report = result.parameters
-    print(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
+    say(f"\n{'interrupted; resume with --resume' if result.interrupted else 'done'}: {result.steps} steps "
           f"in {result.train_seconds:.1f} s ({result.step_seconds:.3f} s/step), peak memory "
           f"{result.peak_memory_mb:.0f} MB")
-    print(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
+    say(f"trainable params: {report.trainable:,} || all params: {report.total:,} || "
           f"stored params: {report.stored:,} ({result.adapter_bytes:,} bytes on disk)"
           + f" || frozen weights: {report.frozen_bytes / 2**20:,.1f} MiB in memory"
           + (f", {report.quantized:,} values quantised" if report.quantized else ""))
     for key, value in result.metrics.items():
-        print(f"  {key:<16} {value:.4f}")
-    print(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
+        say(f"  {key:<16} {value:.4f}")
+    say(f"results: {Path(result.output_dir).resolve()} (report.json, metrics.jsonl, curves.png, adapter/)")
     return 130 if result.interrupted else 0
 
 

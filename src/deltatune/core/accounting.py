@@ -90,7 +90,7 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
     state = adapter_state(model)
     quantized = _quantized_layers(model)
     codes = {t.data_ptr(): t for m in quantized for t in quantized_tensors(m)}
-    floats = {p.data_ptr(): p for p in params.values() if not p.requires_grad and not is_quantized(p)}
+    floats = {t.data_ptr(): t for t in map(_held_here, params.values()) if not t.requires_grad and not is_quantized(t)}
     held = {"quantized": sum(values_held(m.weight) for m in quantized), "quantized_bytes": _bytes(codes.values()),
             "frozen_bytes": _bytes(codes.values()) + _bytes(floats.values())}
     if state is None or not state.methods:
@@ -115,6 +115,11 @@ def parameter_report(model: nn.Module, adapter_name: str | None = None) -> Param
         method_figures=method.report_figures(model, name),
         **held,
     )
+
+
+def _held_here(tensor: nn.Parameter) -> Any:
+    """What this process holds of a parameter: all of it, or its shard (training.distributed: fsdp)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _bytes(tensors: Any) -> int:

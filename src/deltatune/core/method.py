@@ -159,6 +159,9 @@ class Method:
     tuning: ClassVar[Tuning] = Tuning()
     #: why merging is impossible, for non-mergeable methods.
     merge_refusal: ClassVar[str] = "it adds computation that no base weight can hold"
+    #: why it cannot train with its parameters sharded across processes (training.distributed:
+    #: fsdp); "": it can.
+    shard_refusal: ClassVar[str] = ""
     def __init__(self, config: MethodConfig):
         self.config = config
 

@@ -303,6 +303,8 @@ class AdaLora(Method):
     mergeable = True
     tuning = Tuning(learning_rates=(1e-3, 3e-3, 1e-2))
     count_formula = "init_r * (d_in + d_out + 1) per adapted layer (the file: the kept triplets)"
+    shard_refusal = ("its rank allocator reads every triplet's whole weights and gradients between optimizer "
+                     "steps and cuts ranks, which sharded parameters do not allow")
 
     def plan(self, model: nn.Module) -> list[str]:
         entries = self.config.target_modules or query_and_value(model, "AdaLoRA")

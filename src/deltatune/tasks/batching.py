@@ -86,7 +86,16 @@ def gather_logits(model: torch.nn.Module, loader: Any, accelerator: Any) -> tupl
         labels.append(batch_labels.cpu().numpy())
         losses.append(out.loss.item())
         sizes.append(len(batch["labels"]))
-    return concat_padded(logits, 0.0), concat_padded(labels, -100), float(np.average(losses, weights=sizes))
+    return concat_padded(logits, 0.0), concat_padded(labels, -100), mean_loss(losses, sizes, accelerator)
+
+
+def mean_loss(losses: list[float], sizes: list[int], accelerator: Any) -> float:
+    """The batches' losses averaged by batch size over every process's batches (an example that a
+    process repeats to run as many batches as the others counts twice)."""
+    totals = torch.tensor([float(np.dot(losses, sizes)), float(sum(sizes))], dtype=torch.float64)
+    if accelerator.num_processes > 1:
+        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
+    return float(totals[0] / totals[1])
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

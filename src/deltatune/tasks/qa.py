@@ -20,7 +20,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from datasets import Dataset, DatasetDict
 from torch import nn
@@ -30,7 +29,7 @@ from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import feature_rows, pad_collator
+from .batching import feature_rows, mean_loss, pad_collator
 from .spans import Offset, best_span, squad_scores, token_span
 
 Answer = tuple[str, int]  # (text, first character in the context)
@@ -140,7 +139,7 @@ class QuestionAnswering(TaskBase):
         golds = dict(zip(features["example_id"], features["answer_texts"]))
         order = sorted(golds)
         return {**squad_scores([answers[k][0] for k in order], [golds[k] for k in order]),
-                "loss": float(np.average(losses, weights=sizes))}
+                "loss": mean_loss(losses, sizes, accelerator)}
 
     def _best_answers(self, starts: list, ends: list, offsets: list[list[Offset]], examples: list[int],
                       contexts: list[str]) -> dict[int, tuple[str, int, int, float]]:

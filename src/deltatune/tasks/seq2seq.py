@@ -20,7 +20,7 @@ from transformers import AutoModelForSeq2SeqLM
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import feature_rows, pad_collator
+from .batching import feature_rows, mean_loss, pad_collator
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -95,7 +95,7 @@ class SequenceToSequence(TaskBase):
             generated += out.tolist()
             targets += labels.masked_fill(labels == -100, pad).tolist()
         texts = [self.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in (generated, targets)]
-        return {**rouge_scores(*texts), "loss": float(np.average(losses, weights=sizes))}
+        return {**rouge_scores(*texts), "loss": mean_loss(losses, sizes, accelerator)}
 
     def _generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,

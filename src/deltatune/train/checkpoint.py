@@ -28,6 +28,7 @@ from torch import nn
 
 from ..core.errors import DeltatuneError
 from ..io.atomic import follow_umask, fsync_dir
+from .sharding import copy_whole, is_sharded, reshard, shard_like, whole
 
 PREFIX = "step-"
 HOOKS_FILE = "hooks.safetensors"
@@ -41,20 +42,34 @@ def save_checkpoint(folder: Path, step: int, model: nn.Module, optimizer: torch.
     ``rng`` is torch's RNG state as of that step (default: now); ``hooks`` each adapter's
     training-hook state (``TrainingHooks.state_dict``).
     """
+    return write_checkpoint(folder, step, trained_state(model, optimizer), state, rng, keep, hooks)
+
+
+def trained_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The trainable parameters and AdamW's moments, whole, on the CPU, and its groups' settings. Of a sharded model every
+    process gathers them (training.distributed: fsdp), so every process calls this together."""
+    reshard(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = {n: whole(p).cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {"params": params, "moments": _optimizer_tensors(optimizer, names), "param_groups": _groups(optimizer)}
+
+
+def write_checkpoint(folder: Path, step: int, tensors: dict[str, Any], state: dict[str, Any],
+                     rng: torch.Tensor | None = None, keep: set[Path] = frozenset(),
+                     hooks: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """``save_checkpoint`` of tensors already gathered by ``trained_state``."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
-        names = {id(p): n for n, p in model.named_parameters()}
-        params = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(params, tmp / "trainable.safetensors")
-        save_file(_optimizer_tensors(optimizer, names), tmp / "optimizer.safetensors")
+        save_file(tensors["params"], tmp / "trainable.safetensors")
+        save_file(tensors["moments"], tmp / "optimizer.safetensors")
         save_file({"torch": torch.get_rng_state() if rng is None else rng}, tmp / "rng.safetensors")
         hook_tensors = {f"{name}/{key}": t.detach().cpu().contiguous()
                         for name, tensors in (hooks or {}).items() for key, t in tensors.items()}
         if hook_tensors:
             save_file(hook_tensors, tmp / HOOKS_FILE)
-        state = {**state, "step": step, "param_groups": _groups(optimizer), "python_rng": _py_rng()}
+        state = {**state, "step": step, "param_groups": tensors["param_groups"], "python_rng": _py_rng()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         follow_umask(tmp, *tmp.iterdir())  # the renamed folder and its files keep these modes
         fsync_dir(tmp)
@@ -103,9 +118,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
         raise DeltatuneError(f"checkpoint '{path}' cannot be read ({error}).",
                              "delete it to resume from the one before, or start again.") from error
     own = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in params.items():
-            own[name].copy_(value)
+    for name, value in params.items():
+        copy_whole(own[name], value)
     _restore_optimizer(optimizer, moments, {id(p): n for n, p in own.items()}, state["param_groups"])
     torch.set_rng_state(rng["torch"])
     version, internal, gauss = state["python_rng"]
@@ -131,9 +145,10 @@ def load_hook_states(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer, names: dict[int, str]) -> dict[str, torch.Tensor]:
     tensors = {}
-    for param, values in optimizer.state.items():
-        for key, value in values.items():
-            tensors[f"{names[id(param)]}::{key}"] = torch.as_tensor(value).detach().cpu().clone()
+    # in the groups' order, the same on every process (a sharded model's moments are gathered)
+    for param in (p for group in optimizer.param_groups for p in group["params"]):
+        for key, value in optimizer.state.get(param, {}).items():
+            tensors[f"{names[id(param)]}::{key}"] = whole(torch.as_tensor(value)).cpu().clone()
     return tensors
 
 
@@ -145,7 +160,14 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
             prefix = f"{names[id(param)]}::"
             values = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
             if values:
-                optimizer.state[param] = {k: v.to(param.device) for k, v in values.items()}
+                optimizer.state[param] = {k: _like(v, param) for k, v in values.items()}
+
+
+def _like(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A moment as the optimizer keeps it for ``param``: on its device, sharded as it is."""
+    if is_sharded(param) and value.shape == param.shape:
+        return shard_like(value, param)
+    return value.to(param.device)
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> list[dict]:

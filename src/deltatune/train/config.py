@@ -72,6 +72,10 @@ class TrainingConfig:
         True, "On CPUs, dropout masks from 16-bit random numbers (a quarter of torch's draws; p rounded to a "
               "multiple of 2^-16), and attention with dropout computed outside sdpa's slow path: torch's "
               "dropout in distribution, other masks. false: torch's own.")
+    distributed: Literal["ddp", "fsdp"] = help_field(
+        "ddp", "How several processes (torchrun, accelerate launch) share the model. ddp: each holds all of it "
+               "and they average gradients; fsdp: each holds 1/N of every weight (torch's FSDP2), gathering a "
+               "block's weights while it computes. One process: ddp.")
     progress: bool = help_field(True, "Show a progress bar.")
 
 

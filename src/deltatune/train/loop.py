@@ -23,12 +23,13 @@ from ..io.adapter_files import WEIGHTS_NAME, restore_adapter, save_adapter
 from ..io.atomic import atomic_write_text
 from ..io.run_folder import CHECKPOINTS, RUN_ADAPTER, RUN_CONFIG, RUN_REPORT, run_yaml
 from ..tasks.base import lower_is_better
-from .checkpoint import list_checkpoints, load_checkpoint, load_hook_states, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, load_hook_states, trained_state, write_checkpoint
 from .config import RunConfig, config_hash
 from .frozen_cache import INDEX
 from .logs import MetricsLog, plot_curves
 from .memory import peak_memory_mb, reset_peak
 from .setup import Run, setup
+from .sharding import gathered, reshard
 
 
 class TrainingError(DeltatuneError):
@@ -50,6 +51,7 @@ class RunResult:
     adapter_bytes: int
     train_seconds: float
     step_seconds: float
+    #: the whole run's peak (loading the model included); see train/memory.py for what it measures
     peak_memory_mb: float
     #: what it computed in (training.precision with auto decided): fp32, bf16 or fp16
     precision: str
@@ -68,6 +70,10 @@ class RunResult:
     frozen_cache: dict[str, Any] | None = None
     #: rows of each split after tokenising (a QA context cut into windows counts once per window)
     rows: dict[str, int] = field(default_factory=dict)
+    #: the peak from the first training step on: the model built (and sharded), loading's copies freed
+    train_peak_memory_mb: float = 0.0
+    #: processes that trained together (torchrun); the memory figures are the first one's
+    processes: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -117,8 +123,11 @@ def train(config: RunConfig, resume: bool = False,
     folder = Path(config.training.output_dir)
     check_output_folder(folder, resume)
     started = time.perf_counter()
-    reset_peak(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reset_peak(device)
     run = setup(config)  # every config and data error surfaces here, before anything is written
+    setup_peak = peak_memory_mb(device)
+    reset_peak(device)
     run.on_evaluate = on_evaluate
     folder.mkdir(parents=True, exist_ok=True)
     progress = _restore(run, folder) if resume else Progress()
@@ -136,7 +145,7 @@ def train(config: RunConfig, resume: bool = False,
         stopped = "paused"
     finally:
         log.close()
-    return _finish(run, progress, folder, stopped)
+    return _finish(run, progress, folder, stopped, setup_peak)
 
 
 @contextmanager
@@ -270,6 +279,7 @@ def evaluate(model: torch.nn.Module, loader: Any, task: Any, accelerator: Any, p
     model.eval()
     with torch.no_grad():
         metrics = task.evaluate(model, loader, accelerator)
+    reshard(model)  # sharded: a pass without backward leaves the root's weights whole
     model.train(was_training)
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
@@ -292,8 +302,7 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
         if progress.best_metric is None or value > progress.best_metric:
             progress.best_metric, progress.best_step, progress.best_eval = value, progress.step, metrics
             progress.evals_without_improvement = 0
-            if run.accelerator.is_main_process:
-                save_adapter(run.accelerator.unwrap_model(run.model), folder / RUN_ADAPTER)
+            _save_best(run, folder)
         else:
             progress.evals_without_improvement += 1
         _checkpoint(run, progress, folder)
@@ -303,17 +312,27 @@ def _evaluate_and_keep_best(run: Run, progress: Progress, log: MetricsLog, folde
     return patience is not None and progress.evals_without_improvement >= patience
 
 
+def _save_best(run: Run, folder: Path) -> None:
+    model = run.accelerator.unwrap_model(run.model)
+    with gathered(model):  # sharded: every process gathers the adapter, one writes it
+        if run.accelerator.is_main_process:
+            save_adapter(model, folder / RUN_ADAPTER)
+
+
 def _checkpoint(run: Run, progress: Progress, folder: Path) -> None:
     run.accelerator.wait_for_everyone()
-    if not run.accelerator.is_main_process:
+    main = run.accelerator.is_main_process
+    if not main and run.sharded_blocks is None:
+        return
+    optimizer = run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer
+    tensors = trained_state(run.accelerator.unwrap_model(run.model), optimizer)  # sharded: every process gathers
+    if not main:
         return
     # seconds are per leg: a resumed run reports the time of its own leg
     state = {k: v for k, v in dataclasses.asdict(progress).items() if k not in ("step", "rng", "seconds")}
     state["config_hash"] = config_hash(run.config)
-    save_checkpoint(folder / CHECKPOINTS, progress.step, run.accelerator.unwrap_model(run.model),
-                    run.optimizer.optimizer if hasattr(run.optimizer, "optimizer") else run.optimizer,
-                    {**state, "scheduler": run.scheduler.state_dict()}, rng=progress.rng,
-                    hooks={name: h.state_dict() for name, h in run.hooks.items()})
+    write_checkpoint(folder / CHECKPOINTS, progress.step, tensors, {**state, "scheduler": run.scheduler.state_dict()},
+                     rng=progress.rng, hooks={name: h.state_dict() for name, h in run.hooks.items()})
 
 
 def _restore(run: Run, folder: Path) -> Progress:
@@ -332,30 +351,33 @@ def _write_run_config(run: Run, folder: Path) -> None:
         atomic_write_text(folder / RUN_CONFIG, dumps(run_yaml(run.config.to_dict(), run.resolved)))
 
 
-def _finish(run: Run, progress: Progress, folder: Path, stopped: str) -> RunResult:
+def _finish(run: Run, progress: Progress, folder: Path, stopped: str, setup_peak: float) -> RunResult:
     model = run.accelerator.unwrap_model(run.model)
     # Counted as trained, before the best adapter is reloaded: a reload drops training-only parts.
-    parameters = parameter_report(model)
+    with gathered(model):
+        parameters = parameter_report(model)
     metrics: dict[str, float] = {}
     adapter_file = folder / RUN_ADAPTER / WEIGHTS_NAME
     if not stopped:
         with _timed(progress, "evaluate"):
             if adapter_file.is_file():
-                restore_adapter(model, folder / RUN_ADAPTER)
+                with gathered(model, write_back=True):
+                    restore_adapter(model, folder / RUN_ADAPTER)
             metrics = {**progress.best_eval, **_evaluate_split(run, "test")}
     loop_seconds = sum(progress.seconds[p] for p in ("train", "evaluate", "save"))
+    train_peak = peak_memory_mb(run.accelerator.device)
     result = RunResult(
         output_dir=str(folder), metrics=metrics, parameters=parameters,
         adapter_bytes=adapter_file.stat().st_size if adapter_file.is_file() else 0,
         train_seconds=round(loop_seconds, 3),
         step_seconds=round(statistics.median(progress.step_times), 4) if progress.step_times else 0.0,
-        peak_memory_mb=round(peak_memory_mb(run.accelerator.device), 1),
+        peak_memory_mb=round(max(setup_peak, train_peak), 1), train_peak_memory_mb=round(train_peak, 1),
         precision=run.resolved.precision, steps=progress.step,
         best_step=progress.best_step, stopped_early=progress.step < run.total_steps and not stopped,
         interrupted=stopped == "interrupted", paused=stopped == "paused",
         seconds={k: round(v, 3) for k, v in progress.seconds.items()}, config=run.config.to_dict(),
         frozen_cache=run.frozen.summary() if run.frozen else None,
-        rows={name: len(split) for name, split in run.data.items()})
+        rows={name: len(split) for name, split in run.data.items()}, processes=run.accelerator.num_processes)
     if run.accelerator.is_main_process:
         atomic_write_text(folder / RUN_REPORT, json.dumps(result.to_dict(), indent=2) + "\n")
         if not result.paused:

@@ -35,6 +35,7 @@ from .fast_dropout import use_fast_dropout
 from .frozen_cache import FrozenPrefix, Indexed, indexed_collate, plan
 from .optim import loraplus_param_groups, param_groups
 from .precision import ACCELERATE, autocast_forward, hold_frozen, resolve
+from .sharding import check_shardable, shard
 
 
 @dataclass
@@ -63,6 +64,8 @@ class Run:
     hooks: dict[str, TrainingHooks] = field(default_factory=dict)
     #: called with (step, eval metrics) after each validation pass; see ``train(on_evaluate=...)``.
     on_evaluate: Callable[[int, dict[str, float]], None] | None = None
+    #: training.distributed: fsdp: the blocks sharded as their own units (the root is one more)
+    sharded_blocks: list[str] | None = None
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -97,6 +100,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     # cpu=True where there is no GPU: accelerate then runs torchrun's processes as DDP over gloo.
     accelerator = accelerator or Accelerator(mixed_precision=ACCELERATE[precision],
                                              cpu=not torch.cuda.is_available())
+    if training.distributed == "fsdp":
+        check_shardable(config, accelerator.num_processes)
     set_seed(training.seed)
     path = resolve_model_path(config.model.name_or_path)
     task = task_for(config)
@@ -132,9 +137,14 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
                     for name in ("validation", "test")}
     # fused: one pass per tensor instead of a dozen; a full fine-tuning step of the bundled model
     # spends 15 ms in it instead of 150 (docs/performance.md), results equal to rounding
+    # Sharded before the optimizer is built: it must hold the shards, not the whole parameters.
+    sharded_blocks = shard(model, accelerator.device) if training.distributed == "fsdp" else None
     optimizer = torch.optim.AdamW(_optimizer_groups(model, training), lr=training.learning_rate, fused=True)
-    model, optimizer, train_loader, *loaders = accelerator.prepare(
-        model, optimizer, train_loader, *eval_loaders.values())
+    if sharded_blocks is None:
+        model, optimizer, train_loader, *loaders = accelerator.prepare(
+            model, optimizer, train_loader, *eval_loaders.values())
+    else:  # accelerate would wrap the sharded model in DDP as well
+        optimizer, train_loader, *loaders = accelerator.prepare(optimizer, train_loader, *eval_loaders.values())
     # After prepare: with several processes each one sees its share of the batches.
     steps_per_epoch = math.ceil(len(train_loader) / training.gradient_accumulation_steps)
     total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
@@ -149,7 +159,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
                tokenizer=tokenizer, model=model, data=data, sampler=sampler, train_loader=train_loader,
                eval_loaders=dict(zip(eval_loaders, loaders)), optimizer=optimizer, scheduler=scheduler,
                steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
-               data_seconds=data_seconds, frozen=frozen, hooks=hooks)
+               data_seconds=data_seconds, frozen=frozen, hooks=hooks, sharded_blocks=sharded_blocks)
 
 
 def training_hooks(model: torch.nn.Module) -> dict[str, TrainingHooks]:
