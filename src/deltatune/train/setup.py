@@ -100,8 +100,7 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     # cpu=True where there is no GPU: accelerate then runs torchrun's processes as DDP over gloo.
     accelerator = accelerator or Accelerator(mixed_precision=ACCELERATE[precision],
                                              cpu=not torch.cuda.is_available())
-    if training.distributed == "fsdp":
-        check_shardable(config, accelerator.num_processes)
+    check_shardable(config, accelerator.num_processes)
     set_seed(training.seed)
     path = resolve_model_path(config.model.name_or_path)
     task = task_for(config)
@@ -140,11 +139,8 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
     # Sharded before the optimizer is built: it must hold the shards, not the whole parameters.
     sharded_blocks = shard(model, accelerator.device) if training.distributed == "fsdp" else None
     optimizer = torch.optim.AdamW(_optimizer_groups(model, training), lr=training.learning_rate, fused=True)
-    if sharded_blocks is None:
-        model, optimizer, train_loader, *loaders = accelerator.prepare(
-            model, optimizer, train_loader, *eval_loaders.values())
-    else:  # accelerate would wrap the sharded model in DDP as well
-        optimizer, train_loader, *loaders = accelerator.prepare(optimizer, train_loader, *eval_loaders.values())
+    model, optimizer, train_loader, *loaders = _prepare(accelerator, model, optimizer, train_loader,
+                                                       list(eval_loaders.values()), sharded=sharded_blocks is not None)
     # After prepare: with several processes each one sees its share of the batches.
     steps_per_epoch = math.ceil(len(train_loader) / training.gradient_accumulation_steps)
     total = training.max_steps or math.ceil(training.epochs * steps_per_epoch)
@@ -152,14 +148,27 @@ def setup(config: RunConfig, accelerator: Accelerator | None = None) -> Run:
                               num_training_steps=total)
     for adapter_hooks in hooks.values():
         adapter_hooks.start(total)
-    eval_steps = training.eval_steps
-    if eval_steps and eval_steps < 1:  # a fraction of the run, as in transformers
-        eval_steps = max(1, math.ceil(eval_steps * total))
+    eval_steps = _eval_steps(training, total)
     return Run(config=config, resolved=resolved, folder=Path(training.output_dir), accelerator=accelerator, task=task,
                tokenizer=tokenizer, model=model, data=data, sampler=sampler, train_loader=train_loader,
                eval_loaders=dict(zip(eval_loaders, loaders)), optimizer=optimizer, scheduler=scheduler,
                steps_per_epoch=steps_per_epoch, total_steps=total, eval_steps=eval_steps,
                data_seconds=data_seconds, frozen=frozen, hooks=hooks, sharded_blocks=sharded_blocks)
+
+
+def _eval_steps(training: TrainingConfig, total: int) -> int | None:
+    """training.eval_steps in steps: below 1 it is a fraction of the run, as in transformers."""
+    if training.eval_steps and training.eval_steps < 1:
+        return max(1, math.ceil(training.eval_steps * total))
+    return training.eval_steps
+
+
+def _prepare(accelerator: Accelerator, model: torch.nn.Module, optimizer: Any, train_loader: DataLoader,
+             eval_loaders: list[DataLoader], sharded: bool) -> list[Any]:
+    """accelerate's prepare; a sharded model is left out of it (accelerate would wrap it in DDP too)."""
+    if not sharded:
+        return accelerator.prepare(model, optimizer, train_loader, *eval_loaders)
+    return [model, *accelerator.prepare(optimizer, train_loader, *eval_loaders)]
 
 
 def training_hooks(model: torch.nn.Module) -> dict[str, TrainingHooks]:

@@ -33,12 +33,14 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 
 def check_shardable(config, processes: int) -> None:
-    """Refuse, before anything loads, what cannot train sharded.
+    """Under training.distributed: fsdp, refuse before anything loads what cannot train sharded.
 
     Raises:
         ConfigError: one process, a method that reads its parameters between steps, or a
             quantised base (bitsandbytes' packed codes are not tensors FSDP can split).
     """
+    if config.training.distributed != "fsdp":
+        return
     fix = "set training.distributed: ddp (the whole model on every process)"
     if processes < 2:
         raise ConfigError(f"training.distributed: fsdp shards the model across processes; this run has {processes}.",
