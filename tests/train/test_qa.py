@@ -7,12 +7,14 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from datasets import Dataset, DatasetDict
+from transformers import BertConfig, BertForQuestionAnswering
 
 from deltatune import DeltatuneError
 from deltatune.data.loading import read_file
 from deltatune.tasks.base import task_class
-from deltatune.tasks.qa import QuestionAnswering, answer_list
+from deltatune.tasks.qa import QuestionAnswering, answer_list, span_nll
 from deltatune.tasks.spans import best_span, exact_match, f1, normalize_answer, squad_scores, token_span
 from deltatune.train.config import load_config
 from deltatune.train.inference import predict_texts
@@ -155,3 +157,16 @@ def test_qa_trains_end_to_end_over_windows_and_predicts_spans(tmp_path):
     assert result.metrics["test_f1"] >= result.metrics["test_exact_match"]
     [answer] = predict_texts(tmp_path / "run", [{"question": rows[0]["question"], "context": rows[0]["context"]}])
     assert answer["answer"] and rows[0]["context"][answer["start"]:answer["end"]] == answer["answer"]
+
+
+def test_span_losses_per_feature_add_up_to_the_heads_loss_skipping_positions_past_the_window():
+    torch.manual_seed(0)
+    model = BertForQuestionAnswering(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                num_attention_heads=2, intermediate_size=32)).eval()
+    starts, ends = torch.tensor([1, 3, 9, 0]), torch.tensor([2, 5, 9, 7])  # 9: past a window of 8
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(1, 50, (4, 8)), start_positions=starts, end_positions=ends)
+    (start, start_scored), (end, end_scored) = span_nll(out.start_logits, starts), span_nll(out.end_logits, ends)
+    assert start_scored.tolist() == end_scored.tolist() == [1, 1, 0, 1]
+    loss = (start.sum() / start_scored.sum() + end.sum() / end_scored.sum()) / 2
+    assert loss.item() == pytest.approx(out.loss.item(), rel=16 * torch.finfo(torch.float32).eps)

@@ -4,14 +4,18 @@ metric, predictions and evaluation from a finished run, padding and gathering he
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
+import torch
+from accelerate import Accelerator
+from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 
 from deltatune import DeltatuneError
 from deltatune.core.errors import ConfigError
 from deltatune.tasks.base import lower_is_better, task_class, task_for
-from deltatune.tasks.batching import concat_padded, pad_collator
+from deltatune.tasks.batching import concat_padded, gather_logits, label_nll, pad_collator
 from deltatune.train.config import load_config
 from deltatune.train.inference import evaluate_run, predict_texts, read_texts
 from deltatune.train.loop import train
@@ -51,6 +55,32 @@ def test_padding_keeps_only_model_keys_and_pads_labels_with_minus_100():
 def test_token_outputs_of_different_lengths_concatenate():
     out = concat_padded([np.ones((2, 3)), np.zeros((1, 5))], -100)
     assert out.shape == (3, 5) and out[0, 3] == -100 and out[2, 4] == 0
+
+
+def test_label_nll_sums_each_rows_cross_entropy_and_skips_minus_100():
+    rows, scored = label_nll(torch.tensor([[0.0, math.log(3)], [0.0, 0.0]]), torch.tensor([1, -100]))
+    assert rows.tolist() == pytest.approx([-math.log(3 / 4), 0.0]) and scored.tolist() == [1, 0]
+    tokens, counted = label_nll(torch.tensor([[[0.0, math.log(3)], [math.log(2), 0.0], [5.0, 1.0]]]),
+                                torch.tensor([[1, 1, -100]]))
+    assert tokens.tolist() == pytest.approx([-math.log(3 / 4) - math.log(1 / 3)]) and counted.tolist() == [2]
+
+
+@pytest.mark.parametrize("head", [BertForSequenceClassification, BertForTokenClassification])
+def test_a_splits_loss_is_the_models_loss_over_all_its_rows_in_any_batches(head):
+    torch.manual_seed(0)
+    model = head(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, num_labels=3)).eval()
+    ids = torch.randint(1, 50, (7, 6))
+    labels = torch.randint(0, 3, (7,) if head is BertForSequenceClassification else (7, 6))
+    if labels.ndim > 1:  # rows score unequal numbers of tokens: a mean of batch means would be off
+        labels[:4, 2:] = -100
+    with torch.no_grad():
+        whole = model(input_ids=ids, labels=labels).loss.item()
+        batches = [{"input_ids": ids[i:i + 3], "labels": labels[i:i + 3]} for i in range(0, 7, 3)]
+        _, gathered, loss = gather_logits(model, batches, Accelerator(cpu=True))
+    assert gathered.shape == tuple(labels.shape)
+    # the same logits up to a few ulps (other batch shapes), summed in another order
+    assert loss == pytest.approx(whole, rel=64 * torch.finfo(torch.float32).eps)
 
 
 def test_a_classification_run_predicts_from_texts_and_rows_and_evaluates(tmp_path, tiny_model_dir, sentiment_csv):

@@ -72,30 +72,46 @@ def gather_logits(model: torch.nn.Module, loader: Any, accelerator: Any) -> tupl
     Token-level outputs are padded to one length (logits with 0, labels with -100).
 
     Returns:
-        (logits, labels, mean loss weighted by batch size)
+        (logits, labels, the split's mean cross-entropy over its scored labels)
     """
-    logits, labels, losses, sizes = [], [], [], []
+    logits, labels = [], []
     for batch in loader:
-        out = model(**batch)
-        batch_logits, batch_labels = out.logits, batch["labels"]
+        batch_logits, batch_labels = model(**batch).logits, batch["labels"]
         if batch_labels.ndim > 1:  # per token: processes may hold batches of different lengths
             batch_logits = accelerator.pad_across_processes(batch_logits, dim=1)
             batch_labels = accelerator.pad_across_processes(batch_labels, dim=1, pad_index=-100)
         batch_logits, batch_labels = accelerator.gather_for_metrics((batch_logits, batch_labels))
         logits.append(batch_logits.float().cpu().numpy())
         labels.append(batch_labels.cpu().numpy())
-        losses.append(out.loss.item())
-        sizes.append(len(batch["labels"]))
-    return concat_padded(logits, 0.0), concat_padded(labels, -100), mean_loss(losses, sizes, accelerator)
+    logits, labels = concat_padded(logits, 0.0), concat_padded(labels, -100)
+    nll, scored = label_nll(torch.from_numpy(logits), torch.from_numpy(labels))
+    return logits, labels, mean_nll(nll.sum().item(), scored.sum().item())
 
 
-def mean_loss(losses: list[float], sizes: list[int], accelerator: Any) -> float:
-    """The batches' losses averaged by batch size over every process's batches (an example that a
-    process repeats to run as many batches as the others counts twice)."""
-    totals = torch.tensor([float(np.dot(losses, sizes)), float(sum(sizes))], dtype=torch.float64)
-    if accelerator.num_processes > 1:
-        totals = accelerator.reduce(totals.to(accelerator.device), "sum").cpu()
-    return float(totals[0] / totals[1])
+def label_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed cross-entropy and the number of scored labels, per row (labels -100 skipped).
+
+    The loss is computed here, per row, rather than taken from the model: a model's loss is its
+    batch's mean, and the last batch of an evaluation split spread over processes is filled up
+    with repeated rows, which would count twice.
+
+    Args:
+        logits: ``rows x classes``, or ``rows x tokens x classes``.
+        labels: ``rows``, or ``rows x tokens``.
+    """
+    logits = logits.float()
+    if labels.ndim > 1:
+        logits = logits.transpose(1, 2)
+    loss = torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    scored = labels != -100
+    if labels.ndim > 1:
+        return loss.sum(1), scored.sum(1)
+    return loss, scored.long()
+
+
+def mean_nll(total: float, scored: int) -> float:
+    """The mean loss per scored label (0 where nothing was scored)."""
+    return total / scored if scored else 0.0
 
 
 def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

@@ -27,7 +27,7 @@ from transformers import AutoModelForCausalLM
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import pad_id, stack
+from .batching import label_nll, mean_nll, pad_id, stack
 
 
 @dataclass
@@ -66,9 +66,7 @@ def pack(split: Dataset, block: int) -> Dataset:
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token loss and the number of scored tokens, per example (labels -100 skipped)."""
-    logits, labels = logits[:, :-1].float(), labels[:, 1:]
-    loss = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-    return loss.sum(1), (labels != -100).sum(1)
+    return label_nll(logits[:, :-1], labels[:, 1:])
 
 
 class CausalLanguageModeling(TaskBase):
@@ -122,7 +120,7 @@ class CausalLanguageModeling(TaskBase):
             nll, tokens = token_nll(model(**batch).logits, batch["labels"])
             nll, tokens = accelerator.gather_for_metrics((nll, tokens))
             total, count = total + nll.sum().item(), count + int(tokens.sum().item())
-        loss = total / max(count, 1)
+        loss = mean_nll(total, count)
         return {"perplexity": math.exp(min(loss, 700.0)), "loss": loss}
 
     def encode(self, tokenizer: Any, inputs: list[Any]) -> Encoded:

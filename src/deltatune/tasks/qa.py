@@ -29,7 +29,7 @@ from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import feature_rows, mean_loss, pad_collator
+from .batching import feature_rows, label_nll, mean_nll, pad_collator
 from .spans import Offset, best_span, squad_scores, token_span
 
 Answer = tuple[str, int]  # (text, first character in the context)
@@ -56,6 +56,14 @@ def answer_list(value: Any) -> list[Answer]:
     if isinstance(texts, str):
         return [(texts, int(starts))]
     return [(t, int(s)) for t, s in zip(texts or [], starts or [])]
+
+
+def span_nll(logits: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per feature, the cross-entropy of one end of the answer and whether it was scored: as in
+    transformers' question-answering heads, a position past the window is not scored."""
+    width = logits.shape[1]
+    positions = positions.clamp(0, width)
+    return label_nll(logits, positions.masked_fill(positions == width, -100))
 
 
 class QuestionAnswering(TaskBase):
@@ -123,23 +131,25 @@ class QuestionAnswering(TaskBase):
         """Exact match and F1 of the best span per question; the features' extra columns
         (example_id, offset_mapping, context, answer_texts) come from ``loader.dataset``, in
         the order the gathered logits come back in."""
-        starts, ends, losses, sizes = [], [], [], []
+        starts, ends, nll = [], [], torch.zeros(4, dtype=torch.float64)
         for batch in loader:
             out = model(**batch)
+            # summed loss and count of the start and of the end positions, gathered before padding
+            losses = [*span_nll(out.start_logits, batch["start_positions"]),
+                      *span_nll(out.end_logits, batch["end_positions"])]
+            nll += torch.stack([t.sum().double() for t in accelerator.gather_for_metrics(losses)]).cpu()
             logits = [accelerator.pad_across_processes(t, dim=1, pad_index=-1e4)
                       for t in (out.start_logits, out.end_logits)]
             start, end = accelerator.gather_for_metrics(tuple(logits))
             starts += list(start.float().cpu().numpy())
             ends += list(end.float().cpu().numpy())
-            losses.append(out.loss.item())
-            sizes.append(len(batch["input_ids"]))
         features = loader.dataset
         offsets = [[None if x[0] < 0 else tuple(x) for x in row] for row in features["offset_mapping"]]
         answers = self._best_answers(starts, ends, offsets, features["example_id"], features["context"])
         golds = dict(zip(features["example_id"], features["answer_texts"]))
         order = sorted(golds)
         return {**squad_scores([answers[k][0] for k in order], [golds[k] for k in order]),
-                "loss": mean_loss(losses, sizes, accelerator)}
+                "loss": (mean_nll(nll[0].item(), int(nll[1])) + mean_nll(nll[2].item(), int(nll[3]))) / 2}
 
     def _best_answers(self, starts: list, ends: list, offsets: list[list[Offset]], examples: list[int],
                       contexts: list[str]) -> dict[int, tuple[str, int, int, float]]:

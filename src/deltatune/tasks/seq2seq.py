@@ -20,7 +20,7 @@ from transformers import AutoModelForSeq2SeqLM
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import feature_rows, mean_loss, pad_collator
+from .batching import feature_rows, label_nll, mean_nll, pad_collator
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 
@@ -84,10 +84,10 @@ class SequenceToSequence(TaskBase):
     def evaluate(self, model: nn.Module, loader: Any, accelerator: Any) -> dict[str, float]:
         """ROUGE of greedy generations against the targets, and the mean loss."""
         pad = model.config.pad_token_id or 0
-        generated, targets, losses, sizes = [], [], [], []
+        generated, targets, total, count = [], [], 0.0, 0
         for batch in loader:
-            losses.append(model(**batch).loss.item())
-            sizes.append(len(batch["input_ids"]))
+            nll, tokens = accelerator.gather_for_metrics(label_nll(model(**batch).logits, batch["labels"]))
+            total, count = total + nll.sum().item(), count + int(tokens.sum().item())
             out = self._generate(accelerator.unwrap_model(model), batch["input_ids"], batch["attention_mask"])
             out = accelerator.pad_across_processes(out, dim=1, pad_index=pad)
             labels = accelerator.pad_across_processes(batch["labels"], dim=1, pad_index=-100)
@@ -95,7 +95,7 @@ class SequenceToSequence(TaskBase):
             generated += out.tolist()
             targets += labels.masked_fill(labels == -100, pad).tolist()
         texts = [self.tokenizer.batch_decode(rows, skip_special_tokens=True) for rows in (generated, targets)]
-        return {**rouge_scores(*texts), "loss": mean_loss(losses, sizes, accelerator)}
+        return {**rouge_scores(*texts), "loss": mean_nll(total, count)}
 
     def _generate(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, do_sample=False,
