@@ -76,7 +76,7 @@ def gather_logits(model: torch.nn.Module, loader: Any, accelerator: Any) -> tupl
     """
     logits, labels = [], []
     for batch in loader:
-        batch_logits, batch_labels = model(**batch).logits, batch["labels"]
+        batch_logits, batch_labels = model(**without(batch, "labels")).logits, batch["labels"]
         if batch_labels.ndim > 1:  # per token: processes may hold batches of different lengths
             batch_logits = accelerator.pad_across_processes(batch_logits, dim=1)
             batch_labels = accelerator.pad_across_processes(batch_labels, dim=1, pad_index=-100)
@@ -86,6 +86,11 @@ def gather_logits(model: torch.nn.Module, loader: Any, accelerator: Any) -> tupl
     logits, labels = concat_padded(logits, 0.0), concat_padded(labels, -100)
     nll, scored = label_nll(torch.from_numpy(logits), torch.from_numpy(labels))
     return logits, labels, mean_nll(nll.sum().item(), scored.sum().item())
+
+
+def without(batch: dict[str, torch.Tensor], *targets: str) -> dict[str, torch.Tensor]:
+    """The model's inputs without ``targets``: the model then computes no loss that would go unused."""
+    return {key: value for key, value in batch.items() if key not in targets}
 
 
 def label_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ from ..core.errors import ConfigError
 from ..core.fields import help_field
 from ..data.loading import require_columns
 from .base import Encoded, RunSections, TaskBase, TaskConfig
-from .batching import feature_rows, label_nll, mean_nll, pad_collator
+from .batching import feature_rows, label_nll, mean_nll, pad_collator, without
 from .spans import Offset, best_span, squad_scores, token_span
 
 Answer = tuple[str, int]  # (text, first character in the context)
@@ -131,13 +131,14 @@ class QuestionAnswering(TaskBase):
         """Exact match and F1 of the best span per question; the features' extra columns
         (example_id, offset_mapping, context, answer_texts) come from ``loader.dataset``, in
         the order the gathered logits come back in."""
-        starts, ends, nll = [], [], torch.zeros(4, dtype=torch.float64)
+        starts, ends = [], []
+        totals = torch.zeros(2, 2, dtype=torch.float64)  # (start, end) x (summed loss, scored features)
         for batch in loader:
-            out = model(**batch)
-            # summed loss and count of the start and of the end positions, gathered before padding
-            losses = [*span_nll(out.start_logits, batch["start_positions"]),
-                      *span_nll(out.end_logits, batch["end_positions"])]
-            nll += torch.stack([t.sum().double() for t in accelerator.gather_for_metrics(losses)]).cpu()
+            out = model(**without(batch, "start_positions", "end_positions"))
+            for row, (logits, key) in enumerate(((out.start_logits, "start_positions"), (out.end_logits, "end_positions"))):
+                # gathered before padding: the window width decides which positions are scored
+                nll, scored = accelerator.gather_for_metrics(span_nll(logits, batch[key]))
+                totals[row] += torch.stack([nll.sum().double(), scored.sum().double()]).cpu()
             logits = [accelerator.pad_across_processes(t, dim=1, pad_index=-1e4)
                       for t in (out.start_logits, out.end_logits)]
             start, end = accelerator.gather_for_metrics(tuple(logits))
@@ -149,7 +150,7 @@ class QuestionAnswering(TaskBase):
         golds = dict(zip(features["example_id"], features["answer_texts"]))
         order = sorted(golds)
         return {**squad_scores([answers[k][0] for k in order], [golds[k] for k in order]),
-                "loss": (mean_nll(nll[0].item(), int(nll[1])) + mean_nll(nll[2].item(), int(nll[3]))) / 2}
+                "loss": sum(mean_nll(loss.item(), int(scored)) for loss, scored in totals) / 2}
 
     def _best_answers(self, starts: list, ends: list, offsets: list[list[Offset]], examples: list[int],
                       contexts: list[str]) -> dict[int, tuple[str, int, int, float]]:
